@@ -1,0 +1,140 @@
+"""Parameters that know how tensor parallelism splits them.
+
+Each quantized tensor of a layer is a `ShardedParameter`. Its `load_*` methods have the names and
+keyword arguments of SGLang's `weight_loader_v2` protocol (sglang/srt/layers/linear.py), so SGLang's
+parallel linear layers load it directly, and our own SGLang-free layers (`layers/linear.py`) call
+the same methods. A layer built for rank r of tp ranks therefore holds exactly rank r's slice,
+whoever loads it.
+"""
+
+from typing import Optional, Union
+
+import torch
+
+from sgl_ascend.errors import CheckpointError, shape_str
+
+QKV_SHARD_INDEX = {"q": 0, "k": 1, "v": 2}
+
+
+class ShardedParameter(torch.nn.Parameter):
+    """A layer tensor plus its sharding rules.
+
+    output_dim: dim that column-parallel layers split (None: the same on every rank).
+    input_dim: dim that row-parallel layers split (None: replicated on every rank).
+    output_pack_factor: logical output rows per stored row (2 for int4 pairs packed along N).
+    per_shard: one entry per fused shard (per-tensor scales of a fused qkv / gate_up layer).
+    first_rank_only: an additive term of a row-parallel layer; ranks > 0 hold zeros so the
+        all-reduce adds it once.
+    """
+
+    def __new__(cls, data: torch.Tensor, **_):
+        return super().__new__(cls, data, requires_grad=False)
+
+    def __init__(self, data: torch.Tensor, *, name: str, output_dim: Optional[int] = None,
+                 input_dim: Optional[int] = None, output_pack_factor: int = 1,
+                 per_shard: bool = False, first_rank_only: bool = False):
+        self.tensor_name = name
+        self.output_dim = output_dim
+        self.input_dim = input_dim
+        self.output_pack_factor = output_pack_factor
+        self.per_shard = per_shard
+        self.first_rank_only = first_rank_only
+
+    # -- the four SGLang loader entry points -------------------------------------------------
+    def load_column_parallel_weight(self, loaded_weight: torch.Tensor, tp_rank: int = 0,
+                                    use_presharded_weights: bool = False, **_):
+        self._copy_slice(self.data, loaded_weight, self.output_dim, tp_rank, use_presharded_weights)
+
+    def load_merged_column_weight(self, loaded_weight: torch.Tensor, shard_id: Optional[int] = None,
+                                  shard_offset: Optional[int] = None, shard_size: Optional[int] = None,
+                                  tp_rank: int = 0, use_presharded_weights: bool = False, **_):
+        self._load_fused_shard(loaded_weight, shard_id, shard_offset, shard_size,
+                               source_rank=tp_rank, presharded=use_presharded_weights)
+
+    def load_qkv_weight(self, loaded_weight: torch.Tensor, shard_id: Union[str, None] = None,
+                        shard_offset: Optional[int] = None, shard_size: Optional[int] = None,
+                        num_heads: int = 1, tp_rank: int = 0, use_presharded_weights: bool = False, **_):
+        # SGLang passes the kv group's rank for k/v already; num_heads replicas share one slice.
+        source_rank = tp_rank if shard_id == "q" else tp_rank // max(num_heads, 1)
+        index = QKV_SHARD_INDEX[shard_id] if shard_id is not None else None
+        self._load_fused_shard(loaded_weight, index, shard_offset, shard_size,
+                               source_rank=source_rank, presharded=use_presharded_weights)
+
+    def load_row_parallel_weight(self, loaded_weight: torch.Tensor, tp_rank: int = 0,
+                                 use_presharded_weights: bool = False, **_):
+        if self.first_rank_only and tp_rank > 0:
+            self._check_dtype(loaded_weight)
+            self.data.zero_()
+            return
+        self._copy_slice(self.data, loaded_weight, self.input_dim, tp_rank, use_presharded_weights)
+
+    # -- helpers -----------------------------------------------------------------------------
+    def _load_fused_shard(self, loaded, shard_index, shard_offset, shard_size, source_rank, presharded):
+        if self.per_shard:
+            if loaded.numel() != 1:
+                raise CheckpointError(
+                    f"expected a per-tensor value (1 element), got shape {shape_str(loaded.shape)}",
+                    tensor=self._shard_name(shard_index))
+            self._check_dtype(loaded)
+            self.data[0 if shard_index is None else shard_index] = loaded.reshape(())
+            return
+        if self.output_dim is None or shard_offset is None:
+            # Per-layer data that every shard must agree on is loaded whole (e.g. replicated vectors).
+            self._copy_slice(self.data, loaded, None, source_rank, presharded)
+            return
+        factor = self.output_pack_factor
+        if shard_offset % factor or shard_size % factor:
+            raise CheckpointError(
+                f"fused shard at rows {shard_offset}..{shard_offset + shard_size} does not align with "
+                f"{factor} values packed per stored row", tensor=self._shard_name(shard_index))
+        target = self.data.narrow(self.output_dim, shard_offset // factor, shard_size // factor)
+        self._copy_slice(target, loaded, self.output_dim, source_rank, presharded, shard_index)
+
+    def _copy_slice(self, target, loaded, dim, rank, presharded, shard_index=None):
+        self._check_dtype(loaded, shard_index)
+        if loaded.dim() == 0:
+            loaded = loaded.reshape(1)
+        if dim is not None and not presharded:
+            size = target.shape[dim]
+            if loaded.dim() != target.dim() or loaded.shape[dim] < (rank + 1) * size:
+                raise CheckpointError(
+                    f"cannot take rank {rank}'s slice of {size} along dim {dim} from checkpoint shape "
+                    f"{shape_str(loaded.shape)}; expected {target.dim()} dims with at least "
+                    f"{(rank + 1) * size} along dim {dim} (layer slice {shape_str(target.shape)}). "
+                    "Check that the checkpoint matches the model config and tp size.",
+                    tensor=self._shard_name(shard_index))
+            loaded = loaded.narrow(dim, rank * size, size)
+        if loaded.shape != target.shape:
+            if loaded.numel() == target.numel() and loaded.squeeze().shape == target.squeeze().shape:
+                loaded = loaded.reshape(target.shape)  # [N] vs [N, 1] scale layouts
+            else:
+                raise CheckpointError(
+                    f"shape {shape_str(loaded.shape)} does not fit the layer's {shape_str(target.shape)} "
+                    "(after tensor-parallel slicing). Check that the checkpoint matches the model config.",
+                    tensor=self._shard_name(shard_index))
+        target.copy_(loaded)
+
+    def _check_dtype(self, loaded, shard_index=None):
+        want_int = not self.data.dtype.is_floating_point
+        got_int = not loaded.dtype.is_floating_point
+        if want_int != got_int or (want_int and loaded.dtype != self.data.dtype):
+            raise CheckpointError(
+                f"dtype {loaded.dtype} where {self.data.dtype} is expected; the checkpoint's scheme "
+                "does not match this tensor. Re-export it or check quant_model_description.json.",
+                tensor=self._shard_name(shard_index))
+
+    def _shard_name(self, shard_index):
+        return self.tensor_name if shard_index is None else f"{self.tensor_name} (fused shard {shard_index})"
+
+
+def register(layer: torch.nn.Module, attr: str, data: torch.Tensor, **rules) -> ShardedParameter:
+    """Create a ShardedParameter named after the layer and attach it (one line per tensor in schemes)."""
+    prefix = getattr(layer, "prefix", "") or layer.__class__.__name__
+    param = ShardedParameter(data, name=f"{prefix}.{attr}", **rules)
+    layer.register_parameter(attr, param)
+    return param
+
+
+def replace_data(layer: torch.nn.Module, attr: str, data: torch.Tensor) -> None:
+    """Swap a parameter's tensor after loading, keeping one copy (the old storage is released)."""
+    getattr(layer, attr).data = data

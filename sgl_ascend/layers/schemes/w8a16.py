@@ -1,0 +1,44 @@
+"""W8A16: int8 per-channel weights, activations stay in bf16/fp16 (weight-only).
+
+msModelSlim dequantizes as (w - offset) * scale; npu_weight_quant_batchmatmul computes
+(w + antiquant_offset) * antiquant_scale, so a non-zero offset is handed over negated (the fixtures'
+offsets are all zero, so the sign is pinned by tests/test_linear_schemes.py's asymmetric case).
+A zero offset is dropped, the scale is kept in the activation dtype the kernel wants.
+"""
+
+from typing import List, Optional
+
+import torch
+
+from sgl_ascend.layers.parameters import register, replace_data
+from sgl_ascend.layers.schemes.base import LinearScheme
+from sgl_ascend.layers.schemes.common import flatten_channel_scale, to_kernel_layout
+from sgl_ascend.ops import ops
+
+
+class W8A16Linear(LinearScheme):
+    def create_weights(self, layer, input_size_per_partition: int, output_partition_sizes: List[int],
+                       input_size: int, output_size: int, params_dtype: torch.dtype, **_):
+        n, k = sum(output_partition_sizes), input_size_per_partition
+        self.act_dtype = params_dtype
+        register(layer, "weight", torch.empty(n, k, dtype=torch.int8), output_dim=0, input_dim=1)
+        register(layer, "weight_scale", torch.empty(n, 1, dtype=torch.float32), output_dim=0)
+        register(layer, "weight_offset", torch.empty(n, 1, dtype=torch.float32), output_dim=0)
+
+    def process_weights_after_loading(self, layer):
+        replace_data(layer, "weight", to_kernel_layout(layer.weight.data))
+        flatten_channel_scale(layer, "weight_scale")
+        replace_data(layer, "weight_scale", layer.weight_scale.data.to(self.act_dtype))
+        flatten_channel_scale(layer, "weight_offset")
+        if torch.count_nonzero(layer.weight_offset.data):
+            replace_data(layer, "weight_offset", (-layer.weight_offset.data).to(self.act_dtype))
+        else:
+            delattr(layer, "weight_offset")
+
+    def apply_weights(self, layer, x: torch.Tensor, bias: Optional[torch.Tensor] = None):
+        return ops.npu_weight_quant_batchmatmul(x, layer.weight, layer.weight_scale,
+                                                getattr(layer, "weight_offset", None), bias)
+
+    def theoretical_bytes(self, input_size_per_partition: int, output_size_per_partition: int) -> int:
+        scale_bytes = torch.finfo(self.act_dtype).bits // 8
+        return output_size_per_partition * (input_size_per_partition + scale_bytes)
