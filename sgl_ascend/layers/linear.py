@@ -98,12 +98,13 @@ def _divide(size: int, tp_size: int, prefix: str) -> int:
     return size // tp_size
 
 
-def load_linear(layer: ParallelLinear, checkpoint, shards: Dict[ShardId, str]) -> None:
+def load_linear(layer: ParallelLinear, checkpoint, shards: Dict[ShardId, str], process: bool = True) -> None:
     """Load every tensor of the layer's checkpoint shards, then process the layer.
 
     `shards` maps shard id (None for an unfused layer, 0/1 for gate/up, "q"/"k"/"v") to the checkpoint
     prefix. A checkpoint tensor with no place in the layer, or a layer tensor missing from the
-    checkpoint, is an error naming both.
+    checkpoint, is an error naming both. `process=False` stops before processing: `sgl-ascend inspect`
+    loads meta tensors built from the headers to check shapes and dtypes without reading data.
     """
     scheme = layer.scheme
     expected = {name for name, p in layer.named_parameters(recurse=False) if isinstance(p, ShardedParameter)}
@@ -118,10 +119,16 @@ def load_linear(layer: ParallelLinear, checkpoint, shards: Dict[ShardId, str]) -
                     f"tensor {shape_str(info.shape)} {info.dtype} has no place in layer {layer.prefix} "
                     f"({type(scheme).__name__}, which holds {', '.join(sorted(expected))}); the "
                     "description's scheme does not match the tensors.", file=info.file, tensor=info.name)
-            layer.weight_loader(param, checkpoint.get(info.name), shard_id)
+            try:
+                layer.weight_loader(param, checkpoint.get(info.name), shard_id)
+            except CheckpointError as exc:
+                if exc.file:
+                    raise
+                raise CheckpointError(str(exc), file=info.file, tensor=info.name) from exc
         for suffix in sorted(expected - set(present)):
             raise CheckpointError(
                 f"the layer needs {prefix}.{suffix} ({type(scheme).__name__}) but the checkpoint "
                 "does not have it; the checkpoint is incomplete or its description is wrong.",
                 file=checkpoint.path, tensor=f"{prefix}.{suffix}")
-    scheme.process_weights_after_loading(layer)
+    if process:
+        scheme.process_weights_after_loading(layer)

@@ -1,0 +1,153 @@
+"""The `sgl-ascend` console script.
+
+    sgl-ascend inspect PATH [--tp N] [--ep N] [--json]
+    sgl-ascend verify PATH [--reference BF16_PATH] [--threshold X] [--min-top1 F] [--prompts ...] [--json]
+
+Exit codes: 0 fine; 1 verify found errors above the threshold; 2 the checkpoint cannot be served
+as it is (a CheckpointError, printed with file, tensor and what to do).
+"""
+
+import argparse
+import json
+import sys
+from typing import List, Optional
+
+from sgl_ascend.errors import CheckpointError
+
+EXIT_OK, EXIT_ABOVE_THRESHOLD, EXIT_CHECKPOINT_ERROR = 0, 1, 2
+_LIST_LIMIT = 10
+
+
+def _bytes(n: Optional[int]) -> str:
+    if n is None:
+        return "?"
+    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{n} B"
+
+
+def _table(rows: List[List[str]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
+
+
+def _listing(title: str, items: List[dict], fmt) -> List[str]:
+    if not items:
+        return []
+    lines = [f"{title} ({len(items)}):"]
+    lines += [f"  {fmt(i)}" for i in items[:_LIST_LIMIT]]
+    if len(items) > _LIST_LIMIT:
+        lines.append(f"  ... and {len(items) - _LIST_LIMIT} more (see --json)")
+    return lines
+
+
+def format_plan(plan) -> str:
+    data = plan.to_json()
+    mem = data["memory"]
+    per_dev = f"per device (tp={plan.tp}, ep={plan.ep})"
+    rows = [["layers", "module", "scheme", "bf16", "on disk", "resident", per_dev]]
+    for g in data["groups"]:
+        rows.append([g["layers"], g["module"], g["scheme"] + (" (ERROR)" if g["error"] else ""),
+                     _bytes(g["bf16_bytes"]), _bytes(g["disk_bytes"]), _bytes(g["resident_bytes"]),
+                     _bytes(g["resident_bytes_per_device"])])
+    f = data["float_tensors"]
+    rows.append(["-", "embeddings, norms, lm_head, router", "FLOAT", _bytes(f["bf16_bytes"]),
+                 _bytes(f["disk_bytes"]), _bytes(f["resident_bytes"]), _bytes(f["resident_bytes_per_device"])])
+    rows.append(["", "total", "", _bytes(mem["bf16_bytes"]), _bytes(mem["disk_bytes"]),
+                 _bytes(mem["resident_bytes"]), _bytes(mem["resident_bytes_per_device"])])
+    lines = [f"{plan.path}", f"format: {plan.format}   model: {plan.model_type}", "", _table(rows), ""]
+    if mem["resident_over_bf16"] is not None:
+        lines.append(f"resident / bf16: {mem['resident_over_bf16']:.3f} whole model, "
+                     f"{mem['quantized_layers_resident_over_bf16'] or 1.0:.3f} quantized layers")
+    lines += [f"note: {n}" for n in plan.notes]
+    lines += _listing("ignored tensors (in the checkpoint, deliberately not loaded)", data["ignored"],
+                      lambda i: f"{i['tensor']}: {i['reason']}")
+    lines += _listing("missing tensors", data["missing"], lambda i: f"{i['tensor']} (layer {i['layer']})")
+    lines += _listing("unused tensors (no layer takes them)", data["unused"], lambda i: i["tensor"])
+    lines += _listing("errors", [{"e": e} for e in data["errors"]], lambda i: i["e"])
+    lines.append("OK: every layer can be served" if plan.ok else
+                 f"NOT SERVABLE as is: {len(plan.errors)} error(s)")
+    return "\n".join(lines)
+
+
+def cmd_inspect(args) -> int:
+    from sgl_ascend.tools.plan import plan_checkpoint
+
+    plan = plan_checkpoint(args.path, tp=args.tp, ep=args.ep)
+    print(json.dumps(plan.to_json(), indent=2) if args.json else format_plan(plan))
+    return EXIT_OK if plan.ok else EXIT_CHECKPOINT_ERROR
+
+
+def format_verify(report, threshold: float, min_top1: float) -> str:
+    data = report.to_json()
+    rows = [["layer", "scheme", "rel. error", "weight err vs ref", "resident", "theoretical"]]
+    for layer in data["layers"]:
+        w = layer["weight_rel_error"]
+        rows.append([layer["prefix"], layer["scheme"], f"{layer['rel_error']:.4f}",
+                     "-" if w is None else f"{w:.4f}", _bytes(layer["resident_bytes"]),
+                     _bytes(layer["theoretical_bytes"])])
+    lines = [f"{report.path} against {report.reference or 'its own dequantization'}", "",
+             "per-layer relative error on captured activations, worst first:", _table(rows), ""]
+    for p in data["prompts"]:
+        lines.append(f"prompt {p['prompt'][:40]!r}: top-1 {p['top1_agree']}/{p['tokens']}, "
+                     f"logit rel. error {p['logit_rel_error']:.4f}")
+    lines += [f"note: {n}" for n in report.notes]
+    lines.append(f"worst layer error {report.worst_layer_error:.4f} (threshold {threshold}), top-1 agreement "
+                 f"{report.top1_agreement:.3f} (minimum {min_top1})")
+    return "\n".join(lines)
+
+
+def cmd_verify(args) -> int:
+    from sgl_ascend.tools.verify import DEFAULT_PROMPTS, verify_checkpoint
+
+    report = verify_checkpoint(args.path, args.reference, args.prompts or DEFAULT_PROMPTS,
+                               progress=False if args.json else None)
+    passed = report.worst_layer_error <= args.threshold and report.top1_agreement >= args.min_top1
+    if args.json:
+        print(json.dumps({**report.to_json(), "threshold": args.threshold, "min_top1": args.min_top1,
+                          "passed": passed}, indent=2))
+    else:
+        print(format_verify(report, args.threshold, args.min_top1))
+        print("PASS" if passed else "FAIL: above threshold")
+    return EXIT_OK if passed else EXIT_ABOVE_THRESHOLD
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sgl-ascend", description="Inspect and verify quantized checkpoints "
+                                     "(msModelSlim, compressed-tensors) before serving them on Ascend NPUs.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("inspect", help="format, schemes per layer, missing/ignored tensors, memory (headers only)")
+    p.add_argument("path")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel size for the per-device column")
+    p.add_argument("--ep", type=int, default=1, help="expert-parallel size (divides --tp)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_inspect)
+    v = sub.add_parser("verify", help="load through the serving layers on CPU and measure errors")
+    v.add_argument("path")
+    v.add_argument("--reference", help="the original bf16 model folder (default: the checkpoint's own "
+                                       "dequantization)")
+    v.add_argument("--threshold", type=float, default=0.2,
+                   help="largest per-layer relative error accepted (default 0.2; int8 layers are ~0.01-0.04, "
+                        "int4-activation layers ~0.1-0.17)")
+    v.add_argument("--min-top1", type=float, default=0.8, help="smallest top-1 token agreement accepted")
+    v.add_argument("--prompts", nargs="+", help="prompts for the logit comparison")
+    v.add_argument("--json", action="store_true")
+    v.set_defaults(func=cmd_verify)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except CheckpointError as exc:
+        print(f"sgl-ascend {args.command}: checkpoint error: {exc}", file=sys.stderr)
+        return EXIT_CHECKPOINT_ERROR
+    except ValueError as exc:  # bad arguments, e.g. --ep not dividing --tp
+        print(f"sgl-ascend {args.command}: {exc}", file=sys.stderr)
+        return EXIT_CHECKPOINT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,41 @@
+"""A checkpoint's own float weights, by the producer's dequantization convention.
+
+This is the reference `sgl-ascend verify` measures the served layers against when no bf16 model is
+given, so it is written from the format description (msModelSlim: dq = (q - offset) * scale), not
+from the schemes: a scheme that loads or lays out a tensor wrongly then shows up as an error.
+"""
+
+import torch
+
+from sgl_ascend.errors import CheckpointError
+from sgl_ascend.ops.int4 import unpack_int8_pairs
+from sgl_ascend.ops.scales import decode_int64_scale
+
+
+def dequantize_modelslim(checkpoint, prefix: str, kind: str, legacy: bool = False) -> torch.Tensor:
+    """Float32 [N, K] weight of the checkpoint layer `prefix` whose description type is `kind`."""
+
+    def get(suffix):
+        return checkpoint.get(f"{prefix}.{suffix}")
+
+    def has(suffix):
+        return f"{prefix}.{suffix}" in checkpoint
+
+    weight = get("weight")
+    if kind == "FLOAT":
+        return weight.float()
+    if kind == "W4A8_DYNAMIC":
+        if has("weight_scale_second"):
+            raise CheckpointError("group-wise W4A8 (weight_scale_second) is not dequantized by verify yet; "
+                                  "pass --reference with the bf16 model", tensor=f"{prefix}.weight_scale_second")
+        # current writers pack two int4 along the output dim; legacy writers store one per byte
+        weight = weight if legacy else unpack_int8_pairs(weight, dim=0)
+    if kind == "W8A8" and not has("weight_scale"):
+        # deq_scale = input_scale * weight_scale (int64 carrying fp32 bits for fp16 models)
+        scale = decode_int64_scale(get("deq_scale")).float().reshape(-1, 1) / get("input_scale").float()
+        return weight.float() * scale
+    if kind not in ("W8A8", "W8A8_DYNAMIC", "W8A16", "W4A4_DYNAMIC", "W4A8_DYNAMIC"):
+        raise CheckpointError(f"verify cannot dequantize scheme {kind}", tensor=f"{prefix}.weight")
+    scale = get("weight_scale").float().reshape(-1, 1)
+    offset = get("weight_offset").float().reshape(-1, 1) if has("weight_offset") else 0.0
+    return (weight.float() - offset) * scale

@@ -1,0 +1,167 @@
+"""Which linear layers a decoder model has, from its config.json alone (no weights, no transformers).
+
+The layout follows SGLang's module names: q/k/v fused into `qkv_proj`, gate/up into `gate_up_proj`,
+MoE experts as one fused layer per decoder layer. Served families: Llama / Qwen2 / Qwen3 (dense)
+and Qwen2-MoE / Qwen3-MoE.
+"""
+
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Union
+
+import torch
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from sgl_ascend.errors import CheckpointError
+
+DENSE_TYPES = ("llama", "qwen2", "qwen3")
+MOE_TYPES = ("qwen2_moe", "qwen3_moe")
+
+ShardId = Union[int, str, None]
+
+
+class DecoderConfig(BaseModel):
+    """The config.json fields the layout needs; everything else is kept but not read."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    model_type: str
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: Optional[int] = None
+    head_dim: Optional[int] = None
+    intermediate_size: int
+    vocab_size: int
+    attention_bias: bool = False
+    tie_word_embeddings: bool = False
+    torch_dtype: Optional[str] = None
+    dtype: Optional[str] = None
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    decoder_sparse_step: int = 1
+    mlp_only_layers: List[int] = []
+    shared_expert_intermediate_size: int = 0
+    quantization_config: Optional[dict] = None
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_key_value_heads or self.num_attention_heads
+
+    @property
+    def head_size(self) -> int:
+        return self.head_dim or self.hidden_size // self.num_attention_heads
+
+    @property
+    def params_dtype(self) -> torch.dtype:
+        name = self.torch_dtype or self.dtype or "bfloat16"
+        return {"float16": torch.float16, "float32": torch.float32}.get(name, torch.bfloat16)
+
+    def is_moe_layer(self, index: int) -> bool:
+        return (self.model_type in MOE_TYPES and self.num_experts > 0 and index not in self.mlp_only_layers
+                and (index + 1) % self.decoder_sparse_step == 0)
+
+
+def load_config(model_dir: str) -> DecoderConfig:
+    path = os.path.join(model_dir, "config.json")
+    try:
+        with open(path) as f:
+            raw = json.load(f)
+    except FileNotFoundError as exc:
+        raise CheckpointError("config.json is missing; copy it from the original model", file=path) from exc
+    except ValueError as exc:
+        raise CheckpointError(f"config.json is not valid json ({exc})", file=path) from exc
+    try:
+        config = DecoderConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise CheckpointError(f"config.json lacks fields a decoder model needs: {exc}", file=path) from exc
+    if config.model_type not in DENSE_TYPES + MOE_TYPES:
+        raise CheckpointError(
+            f"model_type {config.model_type!r} is not a layout sgl-ascend tools know; known: "
+            f"{', '.join(DENSE_TYPES + MOE_TYPES)}.", file=path)
+    return config
+
+
+@dataclass
+class LinearSpec:
+    """One (possibly fused) linear layer as SGLang builds it."""
+
+    prefix: str                       # e.g. model.layers.0.self_attn.qkv_proj
+    input_size: int
+    output_sizes: List[int]
+    parallel: str                     # column / row / replicated
+    shards: Dict[ShardId, str]        # shard id -> checkpoint prefix
+    qkv: bool = False
+    bias: bool = False
+
+
+@dataclass
+class ExpertsSpec:
+    """The routed experts of one MoE layer: gate/up [I, H] and down [H, I] per expert."""
+
+    prefix: str                       # e.g. model.layers.0.mlp.experts
+    num_experts: int
+    hidden_size: int
+    intermediate_size: int
+    projections: tuple = ("gate_proj", "up_proj", "down_proj")
+
+    def expert_prefix(self, e: int, proj: str) -> str:
+        return f"{self.prefix}.{e}.{proj}"
+
+
+@dataclass
+class FloatSpec:
+    """A tensor that stays in the model dtype (embeddings, norms, lm_head, router)."""
+
+    name: str
+    shape: tuple
+    split: str = "replicated"         # replicated / vocab (split over tp along dim 0)
+
+
+@dataclass
+class ModelLayout:
+    config: DecoderConfig
+    linears: List[LinearSpec] = field(default_factory=list)
+    experts: List[ExpertsSpec] = field(default_factory=list)
+    floats: List[FloatSpec] = field(default_factory=list)
+
+
+def layout_from_config(config: DecoderConfig) -> ModelLayout:
+    c = config
+    layout = ModelLayout(config)
+    h, d = c.hidden_size, c.head_size
+    layout.floats.append(FloatSpec("model.embed_tokens.weight", (c.vocab_size, h), "vocab"))
+    layout.floats.append(FloatSpec("model.norm.weight", (h,)))
+    if not c.tie_word_embeddings:
+        layout.floats.append(FloatSpec("lm_head.weight", (c.vocab_size, h), "vocab"))
+    for i in range(c.num_hidden_layers):
+        p = f"model.layers.{i}"
+        layout.floats += [FloatSpec(f"{p}.input_layernorm.weight", (h,)),
+                          FloatSpec(f"{p}.post_attention_layernorm.weight", (h,))]
+        if c.model_type == "qwen3" or c.model_type == "qwen3_moe":
+            layout.floats += [FloatSpec(f"{p}.self_attn.q_norm.weight", (d,)),
+                              FloatSpec(f"{p}.self_attn.k_norm.weight", (d,))]
+        attn = f"{p}.self_attn"
+        layout.linears.append(LinearSpec(
+            f"{attn}.qkv_proj", h, [c.num_attention_heads * d, c.kv_heads * d, c.kv_heads * d], "column",
+            {s: f"{attn}.{s}_proj" for s in "qkv"}, qkv=True, bias=c.attention_bias))
+        layout.linears.append(LinearSpec(f"{attn}.o_proj", c.num_attention_heads * d, [h], "row",
+                                         {None: f"{attn}.o_proj"}))
+        mlp = f"{p}.mlp"
+        if c.is_moe_layer(i):
+            layout.floats.append(FloatSpec(f"{mlp}.gate.weight", (c.num_experts, h)))
+            layout.experts.append(ExpertsSpec(f"{mlp}.experts", c.num_experts, h, c.moe_intermediate_size))
+            if c.shared_expert_intermediate_size:
+                _add_mlp(layout, f"{mlp}.shared_expert", h, c.shared_expert_intermediate_size)
+                layout.floats.append(FloatSpec(f"{mlp}.shared_expert_gate.weight", (1, h)))
+        else:
+            _add_mlp(layout, mlp, h, c.intermediate_size)
+    return layout
+
+
+def _add_mlp(layout: ModelLayout, mlp: str, hidden: int, inter: int) -> None:
+    layout.linears.append(LinearSpec(f"{mlp}.gate_up_proj", hidden, [inter, inter], "column",
+                                     {0: f"{mlp}.gate_proj", 1: f"{mlp}.up_proj"}))
+    layout.linears.append(LinearSpec(f"{mlp}.down_proj", inter, [hidden], "row", {None: f"{mlp}.down_proj"}))

@@ -1,0 +1,375 @@
+"""What a checkpoint folder holds and what serving it will cost, from the headers alone.
+
+`plan_checkpoint(path, tp, ep)` reads config.json, the quantization description and the safetensors
+headers (never tensor data), builds every linear layer on the meta device with the scheme the
+checkpoint names, and feeds it meta tensors shaped like the checkpoint's through `load_linear`.
+Shape, dtype, missing-tensor and scheme errors therefore come from the very code that loads the
+model, and the resident bytes come from each scheme's `theoretical_bytes`.
+"""
+
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Dict, List, Optional
+
+import torch
+
+from sgl_ascend.errors import CheckpointError
+from sgl_ascend.layers.linear import ParallelLinear, QKVSizes, load_linear
+from sgl_ascend.layers.parameters import ShardedParameter
+from sgl_ascend.layers.schemes import UnquantizedLinear
+from sgl_ascend.quant.checkpoint import SafetensorsCheckpoint, TensorInfo
+from sgl_ascend.quant.modelslim import DESCRIPTION_FILE, ModelSlimConfig
+from sgl_ascend.tools.model_layout import (DecoderConfig, ExpertsSpec, LinearSpec, ModelLayout, layout_from_config,
+                                           load_config)
+
+MSMODELSLIM, COMPRESSED_TENSORS, UNQUANTIZED = "msModelSlim", "compressed-tensors", "unquantized"
+
+
+# -- where each layer's scheme comes from ------------------------------------------------------------
+
+class UnquantizedSource:
+    """A plain bf16/fp16 checkpoint: every linear layer is FLOAT."""
+
+    format = UNQUANTIZED
+
+    def scheme_name(self, prefix: str) -> str:
+        return "FLOAT"
+
+    def get_linear_scheme(self, prefix: str):
+        return UnquantizedLinear()
+
+    def has_float_bias(self, prefix: str) -> bool:
+        return False
+
+    def experts_scheme_name(self, spec: ExpertsSpec) -> str:
+        return "FLOAT"
+
+
+class ModelSlimSource:
+    format = MSMODELSLIM
+
+    def __init__(self, model_dir: str):
+        self.config = ModelSlimConfig.from_dir(model_dir)
+
+    def scheme_name(self, prefix: str) -> str:
+        return self.config.weight_type(prefix)
+
+    def get_linear_scheme(self, prefix: str):
+        return self.config.get_linear_scheme(prefix)
+
+    def has_float_bias(self, prefix: str) -> bool:
+        return self.config.has_float_bias(prefix)
+
+    def experts_scheme_name(self, spec: ExpertsSpec) -> str:
+        kinds = {self.config.types.get(f"{spec.expert_prefix(e, p)}.weight")
+                 for e in range(spec.num_experts) for p in spec.projections}
+        if None in kinds or len(kinds) != 1:
+            raise CheckpointError(
+                f"the experts of {spec.prefix} carry schemes {sorted(map(str, kinds))} in the description; "
+                "a fused MoE layer needs one scheme for all of its experts.",
+                file=self.config.source, tensor=f"{spec.prefix}.*.weight")
+        return kinds.pop()
+
+
+def detect_format(model_dir: str, config: DecoderConfig) -> str:
+    if os.path.exists(os.path.join(model_dir, DESCRIPTION_FILE)):
+        return MSMODELSLIM
+    qc = config.quantization_config
+    if qc is None:
+        return UNQUANTIZED
+    method = qc.get("quant_method")
+    if method == "compressed-tensors":
+        return COMPRESSED_TENSORS
+    raise CheckpointError(
+        f"quantization_config.quant_method is {method!r}; sgl-ascend serves msModelSlim "
+        f"({DESCRIPTION_FILE}) and compressed-tensors checkpoints.", file=os.path.join(model_dir, "config.json"))
+
+
+def scheme_source(model_dir: str, config: DecoderConfig):
+    fmt = detect_format(model_dir, config)
+    if fmt == MSMODELSLIM:
+        return ModelSlimSource(model_dir)
+    if fmt == UNQUANTIZED:
+        return UnquantizedSource()
+    try:
+        from sgl_ascend.quant.compressed_tensors import CompressedTensorsSource
+    except ImportError as exc:
+        raise CheckpointError(
+            "compressed-tensors checkpoint, but this build of sgl-ascend has no compressed-tensors "
+            "support (sgl_ascend.quant.compressed_tensors).", file=os.path.join(model_dir, "config.json")) from exc
+    return CompressedTensorsSource(model_dir, config)
+
+
+# -- building layers -----------------------------------------------------------------------------------
+
+def build_linear(spec: LinearSpec, source, config: DecoderConfig, *, tp_rank: int = 0, tp_size: int = 1,
+                 device: str = "cpu") -> ParallelLinear:
+    """The layer SGLang builds for `spec` on rank tp_rank, with the checkpoint's scheme."""
+    scheme = source.get_linear_scheme(spec.prefix)
+    qkv = QKVSizes(config.num_attention_heads, config.kv_heads, config.head_size, tp_size) if spec.qkv else None
+    with torch.device(device):
+        return ParallelLinear(spec.input_size, spec.output_sizes, scheme, parallel=spec.parallel,
+                              prefix=spec.prefix, tp_rank=tp_rank, tp_size=tp_size,
+                              params_dtype=config.params_dtype, bias=spec.bias or source.has_float_bias(spec.prefix),
+                              qkv=qkv)
+
+
+def layer_theoretical_bytes(layer: ParallelLinear) -> int:
+    n = sum(layer.output_partition_sizes)
+    total = layer.scheme.theoretical_bytes(layer.input_size_per_partition, n)
+    if layer.bias is not None:
+        total += layer.bias.numel() * layer.bias.element_size()
+    return total
+
+
+def resident_bytes(module: torch.nn.Module) -> int:
+    """Bytes actually held by a module's parameters (each storage once)."""
+    seen, total = set(), 0
+    for p in module.parameters():
+        storage = p.untyped_storage()
+        if storage.data_ptr() not in seen:
+            seen.add(storage.data_ptr())
+            total += storage.nbytes()
+    return total
+
+
+class HeaderCheckpoint:
+    """A checkpoint whose tensors are meta tensors shaped and typed like the file's: no data read."""
+
+    def __init__(self, checkpoint: SafetensorsCheckpoint):
+        self._checkpoint = checkpoint
+        self.path = checkpoint.path
+
+    def with_prefix(self, prefix: str) -> Dict[str, TensorInfo]:
+        return self._checkpoint.with_prefix(prefix)
+
+    def get(self, name: str) -> torch.Tensor:
+        info = self._checkpoint.info(name)
+        return torch.empty(info.shape, dtype=info.dtype, device="meta")
+
+
+# -- the report ---------------------------------------------------------------------------------------
+
+@dataclass
+class LayerEntry:
+    prefix: str
+    kind: str                      # linear / experts
+    scheme: str
+    bf16_bytes: int
+    disk_bytes: int
+    resident_bytes: Optional[int]
+    resident_bytes_per_device: Optional[int]
+    error: Optional[str] = None
+
+
+@dataclass
+class CheckpointPlan:
+    path: str
+    format: str
+    model_type: str
+    tp: int
+    ep: int
+    layers: List[LayerEntry] = field(default_factory=list)
+    floats_bf16_bytes: int = 0
+    floats_disk_bytes: int = 0
+    floats_resident_bytes: int = 0
+    floats_resident_bytes_per_device: int = 0
+    ignored: List[dict] = field(default_factory=list)
+    missing: List[dict] = field(default_factory=list)
+    unused: List[dict] = field(default_factory=list)
+    errors: List[str] = field(default_factory=list)
+    notes: List[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+    def memory(self) -> dict:
+        def total(attr, floats):
+            values = [getattr(e, attr) for e in self.layers]
+            return None if any(v is None for v in values) else sum(values) + floats
+
+        quantized = [e for e in self.layers if e.scheme != "FLOAT"]
+        q_bf16 = sum(e.bf16_bytes for e in quantized)
+        q_res = [e.resident_bytes for e in quantized]
+        q_res = None if any(v is None for v in q_res) else sum(q_res)
+        mem = {
+            "bf16_bytes": total("bf16_bytes", self.floats_bf16_bytes),
+            "disk_bytes": total("disk_bytes", self.floats_disk_bytes),
+            "resident_bytes": total("resident_bytes", self.floats_resident_bytes),
+            "resident_bytes_per_device": total("resident_bytes_per_device", self.floats_resident_bytes_per_device),
+            "quantized_layers_bf16_bytes": q_bf16,
+            "quantized_layers_resident_bytes": q_res,
+        }
+        mem["resident_over_bf16"] = _ratio(mem["resident_bytes"], mem["bf16_bytes"])
+        mem["quantized_layers_resident_over_bf16"] = _ratio(q_res, q_bf16)
+        return mem
+
+    def groups(self) -> List[dict]:
+        """Layers with the same module and scheme, over consecutive decoder layers, as one row."""
+        rows: List[dict] = []
+        for e in self.layers:
+            index, module = _split_layer_prefix(e.prefix)
+            last = next((r for r in reversed(rows) if r["module"] == module), None)
+            if (last is not None and last["scheme"] == e.scheme and index is not None
+                    and last["_last"] == index - 1 and (last["error"] is None) == (e.error is None)):
+                last["_last"] = index
+                last["count"] += 1
+                for key in ("bf16_bytes", "disk_bytes", "resident_bytes", "resident_bytes_per_device"):
+                    last[key] = None if last[key] is None or getattr(e, key) is None else last[key] + getattr(e, key)
+                continue
+            rows.append({"_first": index, "_last": index, "module": module, "scheme": e.scheme, "count": 1,
+                         "bf16_bytes": e.bf16_bytes, "disk_bytes": e.disk_bytes,
+                         "resident_bytes": e.resident_bytes,
+                         "resident_bytes_per_device": e.resident_bytes_per_device, "error": e.error})
+        for r in rows:
+            first, last = r.pop("_first"), r.pop("_last")
+            r["layers"] = "-" if first is None else (str(first) if first == last else f"{first}-{last}")
+        return rows
+
+    def to_json(self) -> dict:
+        return {"path": self.path, "format": self.format, "model_type": self.model_type, "tp": self.tp,
+                "ep": self.ep, "ok": self.ok, "groups": self.groups(),
+                "layers": [asdict(e) for e in self.layers],
+                "float_tensors": {"bf16_bytes": self.floats_bf16_bytes, "disk_bytes": self.floats_disk_bytes,
+                                  "resident_bytes": self.floats_resident_bytes,
+                                  "resident_bytes_per_device": self.floats_resident_bytes_per_device},
+                "memory": self.memory(), "ignored": self.ignored, "missing": self.missing,
+                "unused": self.unused, "errors": self.errors, "notes": self.notes}
+
+
+def _ratio(a, b):
+    return None if a is None or not b else round(a / b, 4)
+
+
+def _split_layer_prefix(prefix: str):
+    parts = prefix.split(".")
+    if len(parts) > 3 and parts[0] == "model" and parts[1] == "layers" and parts[2].isdigit():
+        return int(parts[2]), ".".join(parts[3:])
+    return None, prefix
+
+
+
+# -- planning ------------------------------------------------------------------------------------------
+
+def plan_checkpoint(path: str, tp: int = 1, ep: int = 1) -> CheckpointPlan:
+    """Headers-only plan of a checkpoint. Raises CheckpointError when the folder cannot be read at all;
+    per-layer problems are collected in `plan.errors`."""
+    if tp < 1 or ep < 1 or tp % ep:
+        raise ValueError(f"need tp >= 1 and ep dividing tp (SGLang: moe_tp = tp / ep), got tp={tp} ep={ep}")
+    config = load_config(path)
+    source = scheme_source(path, config)
+    checkpoint = SafetensorsCheckpoint(path)
+    layout = layout_from_config(config)
+    plan = CheckpointPlan(path=os.path.abspath(path), format=source.format, model_type=config.model_type,
+                          tp=tp, ep=ep)
+    claimed: set = set()
+    for spec in layout.linears:
+        plan.layers.append(_plan_linear(plan, spec, source, config, checkpoint, claimed))
+    for spec in layout.experts:
+        plan.layers.append(_plan_experts(plan, spec, source, config, checkpoint, claimed))
+    _plan_floats(plan, layout, config, checkpoint, claimed)
+    for info in checkpoint.infos():
+        if info.name not in claimed:
+            plan.unused.append({"tensor": info.name, "file": os.path.basename(info.file),
+                                "reason": "no layer of the model takes it; it is not loaded"})
+    return plan
+
+
+def _plan_linear(plan, spec: LinearSpec, source, config, checkpoint, claimed) -> LayerEntry:
+    bf16 = spec.input_size * sum(spec.output_sizes) * 2
+    present = {}
+    for shard_prefix in spec.shards.values():
+        for suffix, info in checkpoint.with_prefix(shard_prefix).items():
+            present[info.name] = (suffix, info)
+            claimed.add(info.name)
+    disk = sum(info.nbytes for _, info in present.values())
+    entry = LayerEntry(spec.prefix, "linear", "?", bf16, disk, None, None)
+    try:
+        entry.scheme = source.scheme_name(spec.prefix)
+        layer = build_linear(spec, source, config, device="meta")
+    except CheckpointError as exc:
+        return _fail(plan, entry, exc)
+    scheme = layer.scheme
+    for name, (suffix, info) in sorted(present.items()):
+        if suffix in scheme.ignored_suffixes:
+            plan.ignored.append({"tensor": name, "layer": spec.prefix,
+                                 "reason": f"{type(scheme).__name__} does not use it"})
+    expected = sorted(n for n, p in layer.named_parameters(recurse=False) if isinstance(p, ShardedParameter))
+    missing = [f"{shard}.{suffix}" for shard in spec.shards.values() for suffix in expected
+               if f"{shard}.{suffix}" not in checkpoint]
+    for name in missing:
+        plan.missing.append({"tensor": name, "layer": spec.prefix, "scheme": entry.scheme})
+    try:
+        if missing:
+            raise CheckpointError(f"{len(missing)} tensor(s) the {entry.scheme} layer needs are missing: "
+                                  f"{', '.join(missing)}", file=checkpoint.path, tensor=missing[0])
+        load_linear(layer, HeaderCheckpoint(checkpoint), spec.shards, process=False)
+        entry.resident_bytes = layer_theoretical_bytes(layer)
+        entry.resident_bytes_per_device = layer_theoretical_bytes(
+            build_linear(spec, source, config, tp_size=plan.tp, device="meta"))
+    except CheckpointError as exc:
+        return _fail(plan, entry, exc)
+    return entry
+
+
+def _plan_experts(plan, spec: ExpertsSpec, source, config, checkpoint, claimed) -> LayerEntry:
+    bf16 = spec.num_experts * 3 * spec.hidden_size * spec.intermediate_size * 2
+    disk = 0
+    missing = []
+    for e in range(spec.num_experts):
+        for proj in spec.projections:
+            prefix = spec.expert_prefix(e, proj)
+            present = checkpoint.with_prefix(prefix)
+            if "weight" not in present:
+                missing.append(f"{prefix}.weight")
+            for info in present.values():
+                claimed.add(info.name)
+                disk += info.nbytes
+    entry = LayerEntry(spec.prefix, "experts", "?", bf16, disk, None, None)
+    for name in missing:
+        plan.missing.append({"tensor": name, "layer": spec.prefix})
+    try:
+        entry.scheme = source.experts_scheme_name(spec)
+        if missing:
+            raise CheckpointError(f"{len(missing)} expert weight(s) missing, e.g. {missing[0]}",
+                                  file=checkpoint.path, tensor=missing[0])
+    except CheckpointError as exc:
+        return _fail(plan, entry, exc)
+    note = "resident bytes of fused MoE experts are unknown: this build has no MoE methods (load_moe)"
+    if note not in plan.notes:
+        plan.notes.append(note)
+    return entry
+
+
+def _plan_floats(plan, layout: ModelLayout, config: DecoderConfig, checkpoint, claimed) -> None:
+    elem = torch.empty((), dtype=config.params_dtype).element_size()
+    for spec in layout.floats:
+        numel = 1
+        for s in spec.shape:
+            numel *= s
+        plan.floats_bf16_bytes += numel * 2
+        if spec.name not in checkpoint:
+            plan.missing.append({"tensor": spec.name, "layer": spec.name.rsplit(".", 1)[0]})
+            plan.errors.append(str(CheckpointError("the model needs this tensor but the checkpoint lacks it",
+                                                   file=checkpoint.path, tensor=spec.name)))
+            continue
+        info = checkpoint.info(spec.name)
+        claimed.add(spec.name)
+        if tuple(info.shape) != tuple(spec.shape):
+            plan.errors.append(str(CheckpointError(
+                f"shape {list(info.shape)} where config.json implies {list(spec.shape)}",
+                file=info.file, tensor=spec.name)))
+        plan.floats_disk_bytes += info.nbytes
+        plan.floats_resident_bytes += numel * elem
+        if spec.split == "vocab":
+            rows = -(-spec.shape[0] // plan.tp)
+            plan.floats_resident_bytes_per_device += rows * (numel // spec.shape[0]) * elem
+        else:
+            plan.floats_resident_bytes_per_device += numel * elem
+
+
+def _fail(plan, entry: LayerEntry, exc: CheckpointError) -> LayerEntry:
+    entry.error = str(exc)
+    plan.errors.append(str(exc))
+    return entry

@@ -1,0 +1,241 @@
+"""`sgl-ascend verify`: load a checkpoint through the serving layers on CPU and measure its error.
+
+1. Every linear layer is built and loaded exactly as served (ParallelLinear + the checkpoint's scheme,
+   `load_linear`, tp=1), computing through the op surface.
+2. A float model is built with transformers from config.json and filled with the reference weights:
+   the bf16 model given with --reference, or the checkpoint's own dequantization (dequant.py).
+3. The prompts run through the float model; each linear layer's real inputs are captured, and the
+   served layer's output on them is compared with the float weights' output (relative error).
+4. The float Linear modules are swapped for the served layers and the prompts run again: logits and
+   top-1 tokens are compared with the float model's.
+"""
+
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from sgl_ascend.errors import CheckpointError
+from sgl_ascend.layers.linear import ParallelLinear, load_linear
+from sgl_ascend.quant.checkpoint import SafetensorsCheckpoint
+from sgl_ascend.tools.dequant import dequantize_modelslim
+from sgl_ascend.tools.model_layout import LinearSpec, layout_from_config, load_config
+from sgl_ascend.tools.plan import (MSMODELSLIM, UNQUANTIZED, build_linear, layer_theoretical_bytes,
+                                   plan_checkpoint, resident_bytes, scheme_source)
+
+DEFAULT_PROMPTS = ("The capital of France is", "def fibonacci(n):\n    return",
+                   "Quantization stores each weight in eight bits, so")
+
+
+@dataclass
+class LayerError:
+    prefix: str
+    scheme: str
+    rel_error: float               # served output vs float-weight output on captured activations
+    weight_rel_error: Optional[float]  # own dequantization vs --reference weights
+    resident_bytes: int
+    theoretical_bytes: int
+
+
+@dataclass
+class VerifyReport:
+    path: str
+    reference: Optional[str]
+    layers: List[LayerError] = field(default_factory=list)
+    prompts: List[dict] = field(default_factory=list)
+    notes: List[str] = field(default_factory=list)
+
+    @property
+    def worst_layer_error(self) -> float:
+        return max((e.rel_error for e in self.layers), default=0.0)
+
+    @property
+    def top1_agreement(self) -> float:
+        total = sum(p["tokens"] for p in self.prompts)
+        return sum(p["top1_agree"] for p in self.prompts) / total if total else 1.0
+
+    @property
+    def logit_rel_error(self) -> float:
+        return max((p["logit_rel_error"] for p in self.prompts), default=0.0)
+
+    def to_json(self) -> dict:
+        return {"path": self.path, "reference": self.reference,
+                "layers": [asdict(e) for e in sorted(self.layers, key=lambda e: -e.rel_error)],
+                "worst_layer_error": self.worst_layer_error, "prompts": self.prompts,
+                "top1_agreement": self.top1_agreement, "logit_rel_error": self.logit_rel_error,
+                "notes": self.notes}
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.float(), b.float()
+    return ((a - b).norm() / b.norm().clamp_min(1e-12)).item()
+
+
+class _FusedShard(torch.nn.Module):
+    """Stands in for q_proj / k_proj / v_proj (or gate/up): runs the fused served layer once per
+    input and returns this shard's columns, so the fused layer computes as SGLang runs it."""
+
+    def __init__(self, fused: ParallelLinear, start: int, end: int, cache: dict):
+        super().__init__()
+        self.fused, self.start, self.end, self.cache = fused, start, end, cache
+
+    def forward(self, x):
+        if self.cache.get("x") is not x:
+            self.cache["x"], self.cache["y"] = x, self.fused(x)
+        return self.cache["y"][..., self.start:self.end]
+
+
+def _float_weights(spec: LinearSpec, source, checkpoint, reference) -> Dict[str, torch.Tensor]:
+    """checkpoint shard prefix -> float32 [N, K] weight to compare against."""
+    out = {}
+    for shard in spec.shards.values():
+        if reference is not None:
+            out[shard] = reference.get(f"{shard}.weight").float()
+        elif source.format == MSMODELSLIM:
+            out[shard] = dequantize_modelslim(checkpoint, shard, source.scheme_name(spec.prefix),
+                                              source.config.description.is_legacy)
+        elif source.format == UNQUANTIZED:
+            out[shard] = checkpoint.get(f"{shard}.weight").float()
+        else:
+            out[shard] = source.dequantize(checkpoint, shard)
+    return out
+
+
+def _own_float_state_dict(model, path, source, checkpoint, layout) -> Dict[str, torch.Tensor]:
+    """The float model's weights from the checkpoint itself (float tensors + dequantized layers)."""
+    state = {}
+    for spec in layout.floats:
+        state[spec.name] = checkpoint.get(spec.name)
+    for spec in layout.linears:
+        for shard, w in _float_weights(spec, source, checkpoint, None).items():
+            state[f"{shard}.weight"] = w
+            if f"{shard}.bias" in checkpoint:
+                state[f"{shard}.bias"] = checkpoint.get(f"{shard}.bias")
+    for spec in layout.experts:
+        kind = source.experts_scheme_name(spec)
+        legacy = source.format == MSMODELSLIM and source.config.description.is_legacy
+
+        def dq(e, proj):
+            return dequantize_modelslim(checkpoint, spec.expert_prefix(e, proj), kind, legacy)
+
+        experts = range(spec.num_experts)
+        state[f"{spec.prefix}.gate_up_proj"] = torch.stack(
+            [torch.cat([dq(e, "gate_proj"), dq(e, "up_proj")]) for e in experts])
+        state[f"{spec.prefix}.down_proj"] = torch.stack([dq(e, "down_proj") for e in experts])
+    return state
+
+
+def _build_float_model(path: str, reference: Optional[str], source, checkpoint, layout):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if reference is not None:
+        return AutoModelForCausalLM.from_pretrained(reference, dtype=torch.bfloat16, attn_implementation="eager")
+    hf_config = AutoConfig.from_pretrained(path)
+    if hasattr(hf_config, "quantization_config"):
+        del hf_config.quantization_config
+    model = AutoModelForCausalLM.from_config(hf_config, dtype=torch.bfloat16, attn_implementation="eager")
+    state = _own_float_state_dict(model, path, source, checkpoint, layout)
+    for name, tensor in state.items():
+        module_name, _, attr = name.rpartition(".")
+        module = model.get_submodule(module_name)
+        if attr == "bias" and getattr(module, "bias", None) is None:
+            # anti-outlier smoothing leaves a bias on projections that had none
+            module.bias = torch.nn.Parameter(torch.empty(tensor.shape[0], dtype=torch.bfloat16), requires_grad=False)
+    missing, unexpected = model.load_state_dict({k: v.to(torch.bfloat16) for k, v in state.items()}, strict=False)
+    missing = [m for m in missing if not m.endswith("lm_head.weight") or not hf_config.tie_word_embeddings]
+    if missing or unexpected:
+        raise CheckpointError(f"the float model does not match the checkpoint: missing {missing[:5]}, "
+                              f"unexpected {unexpected[:5]}", file=path)
+    return model.eval()
+
+
+def _prompt_ids(path: str, prompts) -> List[torch.Tensor]:
+    try:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        return [torch.tensor([tokenizer(p)["input_ids"]]) for p in prompts]
+    except Exception:  # no tokenizer shipped with the checkpoint: fixed pseudo-random token ids
+        gen = torch.Generator().manual_seed(0)
+        vocab = load_config(path).vocab_size
+        return [torch.randint(0, vocab, (1, 8 + i), generator=gen) for i, _ in enumerate(prompts)]
+
+
+def verify_checkpoint(path: str, reference: Optional[str] = None, prompts=DEFAULT_PROMPTS,
+                      progress: Optional[bool] = None) -> VerifyReport:
+    plan = plan_checkpoint(path)
+    if plan.errors:
+        raise CheckpointError(f"{len(plan.errors)} problem(s), first: {plan.errors[0]}")
+    config = load_config(path)
+    source = scheme_source(path, config)
+    checkpoint = SafetensorsCheckpoint(path)
+    ref_checkpoint = SafetensorsCheckpoint(reference) if reference else None
+    layout = layout_from_config(config)
+    report = VerifyReport(os.path.abspath(path), os.path.abspath(reference) if reference else None)
+    if layout.experts:
+        report.notes.append("MoE experts stay float in the end-to-end run: this build has no MoE methods "
+                            "(load_moe); logit agreement covers the linear layers only")
+    disable = None if progress is None else not progress
+
+    served: Dict[str, ParallelLinear] = {}
+    for spec in tqdm(layout.linears, desc="load layers", disable=disable):
+        layer = build_linear(spec, source, config)
+        load_linear(layer, checkpoint, spec.shards)
+        served[spec.prefix] = layer
+
+    model = _build_float_model(path, reference, source, checkpoint, layout)
+    captured: Dict[str, List[torch.Tensor]] = {spec.prefix: [] for spec in layout.linears}
+    hooks = []
+    for spec in layout.linears:
+        first = next(iter(spec.shards.values()))
+        hooks.append(model.get_submodule(first).register_forward_pre_hook(
+            lambda _m, args, key=spec.prefix: captured[key].append(args[0].detach().reshape(-1, args[0].shape[-1]))))
+    ids = _prompt_ids(path, prompts)
+    with torch.no_grad():
+        ref_logits = [model(input_ids=t).logits[0].float() for t in tqdm(ids, desc="float model", disable=disable)]
+    for h in hooks:
+        h.remove()
+
+    for spec in tqdm(layout.linears, desc="layer errors", disable=disable):
+        layer = served[spec.prefix]
+        x = torch.cat(captured.pop(spec.prefix))
+        floats = _float_weights(spec, source, checkpoint, ref_checkpoint)
+        own = _float_weights(spec, source, checkpoint, None) if ref_checkpoint is not None else None
+        w = torch.cat(list(floats.values()))
+        bias = layer.bias.float() if layer.bias is not None else None
+        with torch.no_grad():
+            expected = F.linear(x.float(), w, bias)
+            actual = layer(x)
+        weight_err = _rel(torch.cat(list(own.values())), w) if own is not None else None
+        report.layers.append(LayerError(spec.prefix, plan_scheme(plan, spec.prefix), _rel(actual, expected),
+                                        weight_err, resident_bytes(layer), layer_theoretical_bytes(layer)))
+
+    for spec in layout.linears:
+        layer = served[spec.prefix]
+        shards = list(spec.shards.values())
+        if len(shards) == 1:
+            _set_module(model, shards[0], layer)
+            continue
+        cache, start = {}, 0
+        for shard, size in zip(shards, layer.output_partition_sizes):
+            _set_module(model, shard, _FusedShard(layer, start, start + size, cache))
+            start += size
+    with torch.no_grad():
+        for text, t, ref in tqdm(list(zip(prompts, ids, ref_logits)), desc="served model", disable=disable):
+            logits = model(input_ids=t).logits[0].float()
+            report.prompts.append({"prompt": text, "tokens": int(t.shape[1]),
+                                   "top1_agree": int((logits.argmax(-1) == ref.argmax(-1)).sum()),
+                                   "logit_rel_error": _rel(logits, ref)})
+    return report
+
+
+def plan_scheme(plan, prefix: str) -> str:
+    return next(e.scheme for e in plan.layers if e.prefix == prefix)
+
+
+def _set_module(model: torch.nn.Module, name: str, module: torch.nn.Module) -> None:
+    parent, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(parent), attr, module)
