@@ -1,0 +1,241 @@
+"""`sgl-ascend inspect` / `verify` on the real msmodelslim fixtures and on broken copies of them."""
+
+import json
+import os
+import shutil
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from conftest import msmodelslim_fixture
+from sgl_ascend.tools.cli import EXIT_ABOVE_THRESHOLD, EXIT_CHECKPOINT_ERROR, EXIT_OK, main
+
+SERVABLE = ["qwen3-tiny-w8a8-dynamic", "qwen3-tiny-w8a8", "qwen3-tiny-w8a16", "qwen3-tiny-w4a4-dynamic",
+            "qwen3-tiny-bf16"]
+BF16 = msmodelslim_fixture("qwen3-tiny-bf16")
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def inspect_json(capsys, path, *extra):
+    code, out, err = run(capsys, "inspect", path, "--json", *extra)
+    return code, json.loads(out)
+
+
+def header_sizes(path):
+    """name -> (shape, nbytes) from the safetensors headers, read independently of sgl_ascend."""
+    sizes = {}
+    for f in os.listdir(path):
+        if f.endswith(".safetensors"):
+            with safe_open(os.path.join(path, f), "pt") as h:
+                for k in h.keys():
+                    t = h.get_slice(k)
+                    shape = t.get_shape()
+                    elem = {"BF16": 2, "F16": 2, "F32": 4, "I8": 1, "I32": 4, "I64": 8}[t.get_dtype()]
+                    sizes[k] = (shape, elem * int(torch.tensor(shape).prod()))
+    return sizes
+
+
+def broken_copy(tmp_path, name, edit_tensors=None, edit_description=None):
+    """Copy a fixture and rewrite its single weight file / description through the given edits."""
+    dst = tmp_path / name
+    shutil.copytree(msmodelslim_fixture(name), dst)
+    if edit_tensors is not None:
+        (weights,) = [f for f in os.listdir(dst) if f.endswith(".safetensors")]
+        tensors = load_file(dst / weights)
+        edit_tensors(tensors)
+        save_file(tensors, dst / weights, metadata={"format": "pt"})
+        for index in [f for f in os.listdir(dst) if f.endswith(".index.json")]:
+            data = json.loads((dst / index).read_text())
+            data["weight_map"] = {k: weights for k in tensors}
+            (dst / index).write_text(json.dumps(data))
+    if edit_description is not None:
+        path = dst / "quant_model_description.json"
+        path.write_text(edit_description(path.read_text()))
+    return str(dst)
+
+
+# -- inspect --------------------------------------------------------------------------------------
+
+JSON_KEYS = {"path": str, "format": str, "model_type": str, "tp": int, "ep": int, "ok": bool, "groups": list,
+             "layers": list, "float_tensors": dict, "memory": dict, "ignored": list, "missing": list,
+             "unused": list, "errors": list, "notes": list}
+GROUP_KEYS = {"layers", "module", "scheme", "count", "bf16_bytes", "disk_bytes", "resident_bytes",
+              "resident_bytes_per_device", "error"}
+MEMORY_KEYS = {"bf16_bytes", "disk_bytes", "resident_bytes", "resident_bytes_per_device", "resident_over_bf16",
+               "quantized_layers_bf16_bytes", "quantized_layers_resident_bytes",
+               "quantized_layers_resident_over_bf16"}
+
+
+@pytest.mark.parametrize("name", SERVABLE)
+def test_inspect_json_schema_on_servable_fixtures(capsys, name):
+    code, data = inspect_json(capsys, msmodelslim_fixture(name))
+    assert code == EXIT_OK and data["ok"] and not data["errors"] and not data["missing"]
+    for key, kind in JSON_KEYS.items():
+        assert isinstance(data[key], kind), key
+    assert data["format"] == ("unquantized" if name.endswith("bf16") else "msModelSlim")
+    assert set(data["memory"]) == MEMORY_KEYS
+    for group in data["groups"]:
+        assert set(group) == GROUP_KEYS
+    # four layer groups over layers 0-1: qkv, o, gate_up, down
+    assert [(g["layers"], g["module"]) for g in data["groups"]] == [
+        ("0-1", "self_attn.qkv_proj"), ("0-1", "self_attn.o_proj"), ("0-1", "mlp.gate_up_proj"),
+        ("0-1", "mlp.down_proj")]
+
+
+def test_inspect_memory_equals_theoretical_sums(capsys):
+    """W8A8_DYNAMIC: N*(K+4) per linear (int8 weight + fp32 scale, offset dropped), floats at 2 bytes."""
+    path = msmodelslim_fixture("qwen3-tiny-w8a8-dynamic")
+    sizes = header_sizes(path)
+    code, data = inspect_json(capsys, path, "--tp", "2")
+    assert code == EXIT_OK
+    linears = {n[:-len(".weight")]: s for n, (s, _) in sizes.items()
+               if n.endswith("_proj.weight")}
+    floats = {n: s for n, (s, _) in sizes.items() if not any(n.startswith(p + ".") for p in linears)}
+    float_bytes = sum(2 * int(torch.tensor(s).prod()) for s in floats.values())
+    resident = sum(n * (k + 4) for n, k in linears.values()) + float_bytes
+    mem = data["memory"]
+    assert mem["resident_bytes"] == resident == 566784
+    assert mem["disk_bytes"] == sum(b for _, b in sizes.values())
+    # bf16 bytes from config/shapes equal the real bf16 model's bytes
+    assert mem["bf16_bytes"] == sum(b for _, b in header_sizes(BF16).values()) == 853504
+    # tp=2: q 2 heads + k/v 1 head each (kv heads 2 / tp 2), columns halve, rows halve K
+    # qkv [64+32+32, 128], o [128, 64], gate_up [128+128, 128], down [128, 128]; 2 layers
+    per_dev = (128 * (128 + 4) + 128 * (64 + 4) + 256 * (128 + 4) + 128 * (128 + 4)) * 2
+    per_dev += 2 * (256 * 128) * 2 + (2 * (2 * 128 + 2 * 32) + 128) * 2  # embed+lm_head halve, norms whole
+    assert mem["resident_bytes_per_device"] == per_dev
+    assert mem["quantized_layers_resident_over_bf16"] <= 0.52
+
+
+def test_inspect_w8a8_static_counts_ignored_and_bytes(capsys):
+    path = msmodelslim_fixture("qwen3-tiny-w8a8")
+    code, data = inspect_json(capsys, path)
+    assert code == EXIT_OK
+    o_proj = next(layer for layer in data["layers"] if layer["prefix"] == "model.layers.0.self_attn.o_proj")
+    # int8 weight + int32 quant_bias + fp32 deq_scale per row, two fp32 scalars
+    assert o_proj["resident_bytes"] == 128 * (128 + 8) + 8
+
+
+def test_inspect_text_table_and_moe(capsys):
+    code, out, _ = run(capsys, "inspect", msmodelslim_fixture("qwen3moe-tiny-w8a8-v0"), "--tp", "2", "--ep", "2")
+    assert code == EXIT_OK
+    assert "0-1     mlp.experts" in out and "W8A8_DYNAMIC" in out
+    assert "model.layers.0.input_layernorm.bias" in out  # anti-outlier norm bias: listed as unused
+    assert "per device (tp=2, ep=2)" in out
+
+
+def test_inspect_rejects_ep_not_dividing_tp(capsys):
+    code, out, err = run(capsys, "inspect", msmodelslim_fixture("qwen3-tiny-w8a8-dynamic"), "--tp", "3", "--ep", "2")
+    assert code == EXIT_CHECKPOINT_ERROR and "ep dividing tp" in err
+
+
+def test_inspect_truncated_file(capsys, tmp_path):
+    path = broken_copy(tmp_path, "qwen3-tiny-w8a8-dynamic")
+    weights = os.path.join(path, "quant_model_weights-00001-of-00001.safetensors")
+    with open(weights, "r+b") as f:
+        f.truncate(os.path.getsize(weights) // 2)
+    code, out, err = run(capsys, "inspect", path)
+    assert code == EXIT_CHECKPOINT_ERROR
+    assert "quant_model_weights-00001-of-00001.safetensors" in err and "truncated" in err
+
+
+def test_inspect_missing_tensor(capsys, tmp_path):
+    path = broken_copy(tmp_path, "qwen3-tiny-w8a8-dynamic",
+                       edit_tensors=lambda t: t.pop("model.layers.1.self_attn.k_proj.weight_scale"))
+    code, data = inspect_json(capsys, path)
+    assert code == EXIT_CHECKPOINT_ERROR and not data["ok"]
+    assert data["missing"] == [{"tensor": "model.layers.1.self_attn.k_proj.weight_scale",
+                                "layer": "model.layers.1.self_attn.qkv_proj", "scheme": "W8A8_DYNAMIC"}]
+    assert "model.layers.1.self_attn.k_proj.weight_scale" in data["errors"][0]
+
+
+def test_inspect_wrong_dtype(capsys, tmp_path):
+    def edit(t):
+        t["model.layers.0.mlp.down_proj.weight"] = t["model.layers.0.mlp.down_proj.weight"].to(torch.bfloat16)
+
+    code, data = inspect_json(capsys, broken_copy(tmp_path, "qwen3-tiny-w8a8-dynamic", edit_tensors=edit))
+    assert code == EXIT_CHECKPOINT_ERROR
+    (error,) = data["errors"]
+    assert "tensor model.layers.0.mlp.down_proj.weight" in error and "dtype torch.bfloat16" in error
+    assert "torch.int8 is expected" in error and "quant_model_weights-00001-of-00001.safetensors" in error
+
+
+def test_inspect_wrong_shape(capsys, tmp_path):
+    def edit(t):
+        t["model.layers.1.mlp.up_proj.weight"] = t["model.layers.1.mlp.up_proj.weight"][:200].clone()
+
+    code, data = inspect_json(capsys, broken_copy(tmp_path, "qwen3-tiny-w8a8-dynamic", edit_tensors=edit))
+    assert code == EXIT_CHECKPOINT_ERROR
+    assert "model.layers.1.mlp.up_proj.weight" in data["errors"][0] and "[200, 128]" in data["errors"][0]
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda s: s[:-20], "not valid json"),
+    (lambda s: s.replace('"W8A8_DYNAMIC"', '"W8A8_MIX"', 1), "unknown scheme 'W8A8_MIX'"),
+    (lambda s: s.replace('"model.layers.1.self_attn.v_proj.weight": "W8A8_DYNAMIC"',
+                         '"model.layers.1.self_attn.v_proj.weight": "W8A16"'), "different schemes"),
+])
+def test_inspect_bad_description(capsys, tmp_path, edit, message):
+    path = broken_copy(tmp_path, "qwen3-tiny-w8a8-dynamic", edit_description=edit)
+    code, out, err = run(capsys, "inspect", path)
+    assert code == EXIT_CHECKPOINT_ERROR
+    assert message in out + err and "quant_model_description.json" in out + err
+
+
+def test_inspect_not_a_checkpoint(capsys, tmp_path):
+    code, _, err = run(capsys, "inspect", str(tmp_path))
+    assert code == EXIT_CHECKPOINT_ERROR and "config.json is missing" in err
+
+
+# -- verify ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name, own_limit, ref_limit", [
+    ("qwen3-tiny-w8a16", 0.003, 0.01),         # weight-only: bf16 rounding vs own dequant
+    ("qwen3-tiny-w8a8-dynamic", 0.02, 0.02),   # int8 per-token activations
+    ("qwen3-tiny-w8a8", 0.045, 0.045),         # int8 static activations
+    ("qwen3-tiny-w4a4-dynamic", 0.13, 0.18),   # int4 activations on gate_up
+])
+def test_verify_layers_and_bytes(capsys, name, own_limit, ref_limit):
+    for reference, limit in ((None, own_limit), (BF16, ref_limit)):
+        argv = ["verify", msmodelslim_fixture(name), "--json"] + (["--reference", reference] if reference else [])
+        code, out, _ = run(capsys, *argv)
+        data = json.loads(out)
+        assert code == EXIT_OK and data["passed"]
+        assert 0 < data["worst_layer_error"] < limit
+        errors = [layer["rel_error"] for layer in data["layers"]]
+        assert errors == sorted(errors, reverse=True)  # worst first
+        for layer in data["layers"]:
+            assert layer["resident_bytes"] == layer["theoretical_bytes"]
+        assert data["top1_agreement"] >= 0.85
+
+
+def test_verify_threshold_sets_exit_code(capsys):
+    code, out, _ = run(capsys, "verify", msmodelslim_fixture("qwen3-tiny-w8a8-dynamic"), "--threshold", "0.001")
+    assert code == EXIT_ABOVE_THRESHOLD and "FAIL" in out and "worst layer error" in out
+
+
+def test_verify_catches_a_wrong_scale(capsys, tmp_path):
+    """A scale off by 2x on one layer must show up as that layer's error (against the bf16 model)."""
+    def edit(t):
+        t["model.layers.1.self_attn.o_proj.weight_scale"] *= 2
+
+    path = broken_copy(tmp_path, "qwen3-tiny-w8a8-dynamic", edit_tensors=edit)
+    code, out, _ = run(capsys, "verify", path, "--reference", BF16, "--json")
+    data = json.loads(out)
+    worst = data["layers"][0]
+    assert worst["prefix"] == "model.layers.1.self_attn.o_proj" and worst["rel_error"] > 0.9
+    assert data["layers"][1]["rel_error"] < 0.02
+    assert code == EXIT_ABOVE_THRESHOLD
+
+
+def test_verify_broken_checkpoint_exit_code(capsys, tmp_path):
+    path = broken_copy(tmp_path, "qwen3-tiny-w8a8-dynamic",
+                       edit_tensors=lambda t: t.pop("model.layers.0.mlp.gate_proj.weight_offset"))
+    code, _, err = run(capsys, "verify", path)
+    assert code == EXIT_CHECKPOINT_ERROR and "model.layers.0.mlp.gate_proj.weight_offset" in err
