@@ -239,3 +239,32 @@ def test_verify_broken_checkpoint_exit_code(capsys, tmp_path):
                        edit_tensors=lambda t: t.pop("model.layers.0.mlp.gate_proj.weight_offset"))
     code, _, err = run(capsys, "verify", path)
     assert code == EXIT_CHECKPOINT_ERROR and "model.layers.0.mlp.gate_proj.weight_offset" in err
+
+
+# -- compressed-tensors checkpoints (written by the library, tests/ct_fixtures.py) ------------------
+
+@pytest.fixture(scope="module")
+def ct_checkpoints(tmp_path_factory):
+    from ct_fixtures import write_qwen3_ct_checkpoint
+
+    root = tmp_path_factory.mktemp("ct")
+    return {s: write_qwen3_ct_checkpoint(str(root / s), s) for s in ("w8a8_dynamic", "w4a8")}
+
+
+def test_inspect_compressed_tensors(capsys, ct_checkpoints):
+    code, data = inspect_json(capsys, ct_checkpoints["w4a8"])
+    assert code == EXIT_OK and data["format"] == "compressed-tensors"
+    assert {g["scheme"] for g in data["groups"]} == {"W4A8 (int4 g32, int-quantized)"}
+    # int4 weight-only kernel: N*K/2 packed bytes + bf16 group scales N*(K/32)*2, per linear
+    o_proj = next(layer for layer in data["layers"] if layer["prefix"] == "model.layers.0.self_attn.o_proj")
+    assert o_proj["resident_bytes"] == 128 * 128 // 2 + 128 * (128 // 32) * 2
+    code, data = inspect_json(capsys, ct_checkpoints["w8a8_dynamic"])
+    assert code == EXIT_OK and data["memory"]["resident_bytes"] == 566784  # same sums as msModelSlim's
+
+
+@pytest.mark.parametrize("scheme, limit", [("w8a8_dynamic", 0.02), ("w4a8", 0.003)])
+def test_verify_compressed_tensors(capsys, ct_checkpoints, scheme, limit):
+    code, out, _ = run(capsys, "verify", ct_checkpoints[scheme], "--json")
+    data = json.loads(out)
+    assert code == EXIT_OK and 0 < data["worst_layer_error"] < limit
+    assert all(layer["resident_bytes"] == layer["theoretical_bytes"] for layer in data["layers"])

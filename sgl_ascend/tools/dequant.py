@@ -1,8 +1,8 @@
 """A checkpoint's own float weights, by the producer's dequantization convention.
 
 This is the reference `sgl-ascend verify` measures the served layers against when no bf16 model is
-given, so it is written from the format description (msModelSlim: dq = (q - offset) * scale), not
-from the schemes: a scheme that loads or lays out a tensor wrongly then shows up as an error.
+given, so it is written from the format description (msModelSlim: dq = (q - offset) * scale) or by the
+producer's own library (compressed-tensors' unpack_from_int32 and dequantize), not from the schemes: a scheme that loads or lays out a tensor wrongly then shows up as an error.
 """
 
 import torch
@@ -39,3 +39,26 @@ def dequantize_modelslim(checkpoint, prefix: str, kind: str, legacy: bool = Fals
     scale = get("weight_scale").float().reshape(-1, 1)
     offset = get("weight_offset").float().reshape(-1, 1) if has("weight_offset") else 0.0
     return (weight.float() - offset) * scale
+
+
+def dequantize_compressed_tensors(checkpoint, prefix: str, args) -> torch.Tensor:
+    """Float32 [N, K] weight of a compressed-tensors layer, by the library (None args: not quantized)."""
+    from compressed_tensors.compressors import unpack_from_int32
+    from compressed_tensors.quantization.lifecycle.forward import dequantize
+
+    if args is None:
+        return checkpoint.get(f"{prefix}.weight").float()
+    zero_point = None
+    if f"{prefix}.weight_packed" in checkpoint:
+        shape = torch.Size(checkpoint.get(f"{prefix}.weight_shape").tolist())
+        values = unpack_from_int32(checkpoint.get(f"{prefix}.weight_packed"), args.weights.num_bits, shape)
+        if f"{prefix}.weight_zero_point" in checkpoint:
+            packed_zp = checkpoint.get(f"{prefix}.weight_zero_point")
+            zp_shape = torch.Size([shape[0], packed_zp.shape[1]])
+            zero_point = unpack_from_int32(packed_zp, args.weights.num_bits, zp_shape, packed_dim=0)
+    else:
+        values = checkpoint.get(f"{prefix}.weight")
+        if f"{prefix}.weight_zero_point" in checkpoint:
+            zero_point = checkpoint.get(f"{prefix}.weight_zero_point")
+    scale = checkpoint.get(f"{prefix}.weight_scale").float()
+    return dequantize(values.float(), scale, zero_point, args.weights, dtype=torch.float32)

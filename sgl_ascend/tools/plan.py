@@ -7,6 +7,7 @@ Shape, dtype, missing-tensor and scheme errors therefore come from the very code
 model, and the resident bytes come from each scheme's `theoretical_bytes`.
 """
 
+import itertools
 import os
 from dataclasses import asdict, dataclass, field
 from typing import Dict, List, Optional
@@ -71,6 +72,38 @@ class ModelSlimSource:
         return kinds.pop()
 
 
+class CompressedTensorsSource:
+    format = COMPRESSED_TENSORS
+
+    def __init__(self, model_dir: str):
+        from sgl_ascend.quant.compressed_tensors import CompressedTensorsConfig
+
+        self.config = CompressedTensorsConfig.from_dir(model_dir)
+
+    @staticmethod
+    def _name(args) -> str:
+        if args is None:
+            return "FLOAT"
+        w = args.weights
+        group = f" g{args.group_size}" if args.group_size else ""
+        return f"{args.kind} ({getattr(w.type, 'value', w.type)}{w.num_bits}{group}, {args.format})"
+
+    def scheme_name(self, prefix: str) -> str:
+        return self._name(self.config.scheme_args(prefix))
+
+    def scheme_args(self, shard_prefix: str):
+        return self.config.scheme_args(shard_prefix)
+
+    def get_linear_scheme(self, prefix: str):
+        return self.config.get_linear_scheme(prefix)
+
+    def has_float_bias(self, prefix: str) -> bool:
+        return False
+
+    def experts_scheme_name(self, spec: ExpertsSpec) -> str:
+        return self._name(self.config.moe_scheme_args(spec.prefix, spec.num_experts, spec.projections))
+
+
 def detect_format(model_dir: str, config: DecoderConfig) -> str:
     if os.path.exists(os.path.join(model_dir, DESCRIPTION_FILE)):
         return MSMODELSLIM
@@ -91,13 +124,7 @@ def scheme_source(model_dir: str, config: DecoderConfig):
         return ModelSlimSource(model_dir)
     if fmt == UNQUANTIZED:
         return UnquantizedSource()
-    try:
-        from sgl_ascend.quant.compressed_tensors import CompressedTensorsSource
-    except ImportError as exc:
-        raise CheckpointError(
-            "compressed-tensors checkpoint, but this build of sgl-ascend has no compressed-tensors "
-            "support (sgl_ascend.quant.compressed_tensors).", file=os.path.join(model_dir, "config.json")) from exc
-    return CompressedTensorsSource(model_dir, config)
+    return CompressedTensorsSource(model_dir)
 
 
 # -- building layers -----------------------------------------------------------------------------------
@@ -123,9 +150,9 @@ def layer_theoretical_bytes(layer: ParallelLinear) -> int:
 
 
 def resident_bytes(module: torch.nn.Module) -> int:
-    """Bytes actually held by a module's parameters (each storage once)."""
+    """Bytes actually held by a module's parameters and buffers (each storage once)."""
     seen, total = set(), 0
-    for p in module.parameters():
+    for p in itertools.chain(module.parameters(), module.buffers()):
         storage = p.untyped_storage()
         if storage.data_ptr() not in seen:
             seen.add(storage.data_ptr())
