@@ -1,0 +1,116 @@
+"""Synthetic checkpoints of realistic proportions for the benchmarks, written to a temp folder.
+
+The tensors carry random values in each format's layout (msModelSlim tensor names, dtypes and shapes
+as the real tool writes them, see tests/fixtures/msmodelslim), so loading them exercises exactly the
+code a real checkpoint does. Values are random: the benchmarks measure bytes and seconds, not accuracy.
+"""
+
+import json
+import os
+
+import torch
+from safetensors.torch import save_file
+
+# Qwen3-1.7B's layer proportions (hidden 2048, intermediate 6144, 16 q / 8 kv heads of 128), with
+# fewer layers and a 32k vocabulary so one run stays within minutes on two cores.
+SHAPE = dict(hidden_size=2048, intermediate_size=6144, num_attention_heads=16, num_key_value_heads=8,
+             head_dim=128, num_hidden_layers=4, vocab_size=32000)
+
+MODELSLIM_SCHEMES = ("W8A8", "W8A8_DYNAMIC", "W8A16", "W4A4_DYNAMIC")
+
+
+def hf_config(**overrides) -> dict:
+    shape = {**SHAPE, **overrides}
+    return {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "torch_dtype": "bfloat16",
+            "rms_norm_eps": 1e-6, "rope_theta": 1000000.0, "max_position_embeddings": 4096,
+            "tie_word_embeddings": False, "attention_bias": False, "hidden_act": "silu", **shape}
+
+
+def linear_shapes(config: dict):
+    """checkpoint prefix -> (N, K) of every linear layer."""
+    h, d = config["hidden_size"], config["head_dim"]
+    q, kv, inter = config["num_attention_heads"] * d, config["num_key_value_heads"] * d, config["intermediate_size"]
+    shapes = {}
+    for i in range(config["num_hidden_layers"]):
+        p = f"model.layers.{i}"
+        shapes.update({f"{p}.self_attn.q_proj": (q, h), f"{p}.self_attn.k_proj": (kv, h),
+                       f"{p}.self_attn.v_proj": (kv, h), f"{p}.self_attn.o_proj": (h, q),
+                       f"{p}.mlp.gate_proj": (inter, h), f"{p}.mlp.up_proj": (inter, h),
+                       f"{p}.mlp.down_proj": (h, inter)})
+    return shapes
+
+
+def float_tensors(config: dict, gen) -> dict:
+    h, d, v = config["hidden_size"], config["head_dim"], config["vocab_size"]
+    out = {"model.embed_tokens.weight": torch.randn(v, h, generator=gen).to(torch.bfloat16) * 0.02,
+           "lm_head.weight": torch.randn(v, h, generator=gen).to(torch.bfloat16) * 0.02,
+           "model.norm.weight": torch.ones(h, dtype=torch.bfloat16)}
+    for i in range(config["num_hidden_layers"]):
+        p = f"model.layers.{i}"
+        for name, size in (("input_layernorm", h), ("post_attention_layernorm", h),
+                           ("self_attn.q_norm", d), ("self_attn.k_norm", d)):
+            out[f"{p}.{name}.weight"] = torch.ones(size, dtype=torch.bfloat16)
+    return out
+
+
+def modelslim_layer(kind: str, n: int, k: int, gen) -> dict:
+    """One linear layer's tensors (suffix -> tensor) as msModelSlim writes them for `kind`."""
+    if kind == "FLOAT":
+        return {"weight": (torch.randn(n, k, generator=gen) / k ** 0.5).to(torch.bfloat16)}
+    high = 8 if kind == "W4A4_DYNAMIC" else 128
+    weight = torch.randint(-high + 1, high, (n, k), generator=gen, dtype=torch.int8)
+    scale = torch.rand(n, 1, generator=gen) * 1e-3 + 1e-4
+    if kind == "W8A8":
+        return {"weight": weight, "input_scale": torch.tensor([0.02]), "input_offset": torch.tensor([3.0]),
+                "quant_bias": torch.randint(-1000, 1000, (n,), generator=gen, dtype=torch.int32),
+                "deq_scale": scale.reshape(-1) * 0.02}
+    return {"weight": weight, "weight_scale": scale, "weight_offset": torch.zeros(n, 1)}
+
+
+def write_modelslim(path: str, kind: str, seed: int = 0, **overrides) -> str:
+    """A synthetic msModelSlim checkpoint whose every linear layer is `kind` ("FLOAT": plain bf16 model)."""
+    os.makedirs(path, exist_ok=True)
+    config = hf_config(**overrides)
+    gen = torch.Generator().manual_seed(seed)
+    tensors = float_tensors(config, gen)
+    description = {"version": "1.0.0", "model_quant_type": kind, "group_size": 0, "metadata": {}}
+    description.update({name: "FLOAT" for name in tensors})
+    for prefix, (n, k) in linear_shapes(config).items():
+        for suffix, tensor in modelslim_layer(kind, n, k, gen).items():
+            tensors[f"{prefix}.{suffix}"] = tensor
+            description[f"{prefix}.{suffix}"] = kind
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+    if kind == "FLOAT":
+        save_file(tensors, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+        return path
+    weights = "quant_model_weights-00001-of-00001.safetensors"
+    save_file(tensors, os.path.join(path, weights), metadata={"format": "pt"})
+    with open(os.path.join(path, "quant_model_weights.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {}, "weight_map": {name: weights for name in tensors}}, f)
+    with open(os.path.join(path, "quant_model_description.json"), "w") as f:
+        json.dump(description, f, indent=1)
+    return path
+
+
+def write_ct_w4a16(path: str, group_size: int = 128, seed: int = 0, **overrides) -> str:
+    """A synthetic compressed-tensors pack-quantized int4 (W4A16, symmetric groups) checkpoint."""
+    from compressed_tensors.compressors import pack_to_int32
+
+    os.makedirs(path, exist_ok=True)
+    config = hf_config(**overrides)
+    gen = torch.Generator().manual_seed(seed)
+    tensors = float_tensors(config, gen)
+    for prefix, (n, k) in linear_shapes(config).items():
+        values = torch.randint(-8, 8, (n, k), generator=gen, dtype=torch.int8)
+        tensors[f"{prefix}.weight_packed"] = pack_to_int32(values, 4)
+        tensors[f"{prefix}.weight_scale"] = (torch.rand(n, k // group_size, generator=gen) * 1e-2).to(torch.bfloat16)
+        tensors[f"{prefix}.weight_shape"] = torch.tensor([n, k], dtype=torch.int64)
+    weights = {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "group_size": group_size}
+    config["quantization_config"] = {
+        "quant_method": "compressed-tensors", "format": "pack-quantized", "ignore": ["lm_head"],
+        "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights}}}
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+    save_file(tensors, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+    return path
