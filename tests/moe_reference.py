@@ -53,14 +53,14 @@ def modelslim_w4a8_residuals(ckpt, prefix, num_experts):
     return out
 
 
-def moe_reference(x, topk_weights, topk_ids, experts, act_bits=(8, 8), biases=None, tp=1, ep=1,
-                  residuals=None):
-    """experts[e] = (gate [I, H], up [I, H], down [H, I]) float; biases[e] = (b13 [2I], b2 [H]) or None.
+def moe_reference(x, topk_weights, topk_ids, experts, act_bits=(8, 8), tp=1, ep=1, residuals=None):
+    """experts[e] = (gate [I, H], up [I, H], down [H, I]) float; residuals[e] = (gate/up [2I], down
+    [H, 16]): what the W4A8 kernel's bias adds beyond 8 * sum(deq), times the token's activation scale.
 
     Computed in fp32 from the original input, rounded to bf16 where the layer hands a bf16 tensor
     from one op to the next (grouped-matmul outputs, SwiGLU output, each rank's result). With tp/ep
     it is the sum of the ranks' partial results: a tp rank quantizes its own slice of the SwiGLU
-    output (per-token scale over its slice), and only tp rank 0 adds the down bias."""
+    output (per-token scale over its slice)."""
     num_experts, inter = len(experts), experts[0][0].shape[0]
     local, part = num_experts // ep, inter // tp
     total = torch.zeros(x.shape[0], experts[0][2].shape[0])
@@ -76,8 +76,6 @@ def moe_reference(x, topk_weights, topk_ids, experts, act_bits=(8, 8), biases=No
                         continue
                     gate, up, down = experts[e]
                     g, u = xt @ gate[cols].T, xt @ up[cols].T
-                    if biases is not None:
-                        g, u = g + biases[e][0][:inter][cols], u + biases[e][0][inter:][cols]
                     if residuals is not None:  # enters before the per-token scale, like the bias
                         g = g + residuals[e][0][:inter][cols] * xs
                         u = u + residuals[e][0][inter:][cols] * xs
@@ -86,8 +84,6 @@ def moe_reference(x, topk_weights, topk_ids, experts, act_bits=(8, 8), biases=No
                     if residuals is not None:
                         r2 = residuals[e][1]
                         y = y + r2[:, tr * 16 // tp:(tr + 1) * 16 // tp].sum(-1) * hs
-                    if biases is not None and tr == 0:
-                        y = y + biases[e][1]
                     out[t] += float(topk_weights[t, k]) * _bf16(y[0])
             total += _bf16(out)
     return total

@@ -41,9 +41,6 @@ class TensorSpec:
     shape: Tuple[int, ...]
     kind: str
     tp_dim: Optional[int] = None
-    #: an additive term of a row-parallel projection: rank 0 keeps it, the others hold zeros, so
-    #: the all-reduce of the partial outputs adds it once.
-    first_rank_only: bool = False
 
     def check(self, dtype: torch.dtype, shape, name: str, file: Optional[str] = None):
         if not _KINDS[self.kind](dtype):

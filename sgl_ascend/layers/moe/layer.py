@@ -55,9 +55,8 @@ def load_expert_tensor(layer, param, loaded: torch.Tensor, weight_name: str, sha
     spec = param.moe_spec
     spec.check(loaded.dtype, loaded.shape, weight_name)
     rank, tp = layer.moe_tp_rank, layer.moe_tp_size
-    if spec.first_rank_only and rank > 0:
-        loaded = torch.zeros_like(loaded)
-    elif spec.tp_dim is not None and tp > 1:
+    full = loaded
+    if spec.tp_dim is not None and tp > 1:
         size = loaded.shape[spec.tp_dim]
         if size % tp:
             raise CheckpointError(f"dim {spec.tp_dim} of size {size} does not split into {tp} tensor-parallel "
@@ -70,7 +69,10 @@ def load_expert_tensor(layer, param, loaded: torch.Tensor, weight_name: str, sha
             half = target.shape[param.moe_n_dim] // 2
             target = target.narrow(param.moe_n_dim, SHARD_INDEX[shard_id] * half, half)
     try:
-        param.moe_write(target, loaded)
+        if getattr(param, "moe_write_full", False):  # the write also needs the unsliced tensor
+            param.moe_write(target, loaded, full, layer, local)
+        else:
+            param.moe_write(target, loaded)
     except CheckpointError as exc:
         if exc.tensor is None:
             raise CheckpointError(str(exc), tensor=weight_name) from exc

@@ -15,13 +15,16 @@ Checkpoint forms served (per expert and projection [n out, k in]):
   scale_bias; `bias` [n] of gate/up (-> w13_bias) and down (-> w2_bias) and `alpha` of down
   (-> w2_alpha); weight_scale may already be int64 (fp32 bits).
 
-Meaning, and what runs: the grouped matmul (see ops twin) accumulates (x - 8) @ q per K-group, scales
-by the weight scale (int64 fp32 bits) and adds a per-channel fp32 `bias`. The bias is scale_bias
-(summed over the rank's 16 // tp K-slices for down), or, with activation clip, w13_bias / w2_bias
-as given. So a layer computes x @ deq_w + (bias - 8 * sum_k deq_w): zero extra term for scale_bias
-files, and for clip files a genuine output bias of bias - 8 * sum_k deq_w (that is the contract
-upstream's kernel call implies; docs/moe.md). Under tensor parallelism w2_bias is held by rank 0
-only: the partial outputs' all-reduce then restores the full correction once.
+Meaning, and what runs: the grouped matmul (see ops twin) accumulates (x_q - 8) @ q per K-group
+(x_q the int8 activation), scales by the weight scale (int64 fp32 bits), adds a per-channel fp32
+`bias`, then multiplies by the token's activation scale s. The bias is scale_bias (summed over the
+rank's 16 // tp K-slices for down) or, with activation clip, w13_bias / w2_bias as given (what
+upstream's kernel call does). So a layer computes x_fq @ deq_w + (bias - 8 * sum_k deq_w) * s: the
+extra term is zero when bias is the plain kernel correction, and otherwise an output offset in
+units of the token's activation scale (docs/moe.md). Under tensor parallelism that extra term of
+down cannot be split (every rank has its own activation scale), so with tp > 1 w2_bias must be the
+plain correction over the full K (checked, up to 1e-4 relative) and each rank uses the correction
+over its own K slice, computed from its weights; otherwise loading fails with a CheckpointError.
 w2_alpha: upstream loads it and no kernel reads it, so any value but 1 would be silently ignored;
 it is checked to be 1 while loading and otherwise rejected.
 
@@ -40,7 +43,7 @@ from sgl_ascend.layers.moe.checks import CHECK_ONLY, drop_check_only, write_zero
 from sgl_ascend.layers.moe.int4 import (write_fp32_bits, write_int4_values, write_modelslim_pairs,
                                         write_scale_or_bits)
 from sgl_ascend.ops import ops
-from sgl_ascend.ops.int4 import unpack_int32_to_int4
+from sgl_ascend.ops.int4 import unpack_int8_pairs, unpack_int32_to_int4
 from sgl_ascend.ops.scales import decode_int64_scale, encode_fp32_as_int64
 
 FORMATS = ("modelslim", "modelslim_legacy", "compressed_tensors")
@@ -105,7 +108,7 @@ class W4A8DynamicExperts(ExpertScheme):
             specs["weight_scale_second"] = TensorSpec((n, k // self.group_size), "float", tp_dim=split)
             specs["weight_offset_second"] = TensorSpec((n, k // self.group_size), "number", tp_dim=split)
         if self.clip:
-            specs["bias"] = TensorSpec((n,), "float", tp_dim=out, first_rank_only=self.role == "w2")
+            specs["bias"] = TensorSpec((n,), "float", tp_dim=out)
             if self.role == "w2":
                 specs["alpha"] = TensorSpec((1,), "float")
         elif self.fmt != "compressed_tensors":
@@ -131,7 +134,10 @@ class W4A8DynamicExperts(ExpertScheme):
         def reg(suffix, data, **kw):
             register_expert(layer, self.a(suffix), data, specs[suffix], **kw, **attrs)
 
+        if self.clip and self.role == "w2" and tp_size > 1:
+            weight_write, attrs = _recording_full_sums(weight_write, self.fmt, e, n), dict(attrs, moe_write_full=True)
         reg(weight_suffix, torch.empty(e, k, n // 8, dtype=torch.int32), n_dim=1, write=weight_write)
+        attrs.pop("moe_write_full", None)
         if self.fmt == "compressed_tensors":
             full_n, full_k = self.full_sizes(n, k, tp_size)
             reg("weight_shape", CHECK_ONLY(), n_dim=None, write=_shape_is(full_n, full_k))
@@ -169,10 +175,13 @@ class W4A8DynamicExperts(ExpertScheme):
             delattr(layer, self.a("weight_scale_second"))
             layer.register_parameter(self.a("weight_scale"), groups)
         if self.fmt == "compressed_tensors" and not self.clip:
-            self._compute_scale_bias(layer)
+            bias = torch.nn.Parameter(self._rank_correction(layer), requires_grad=False)
+            layer.register_parameter(self.a("scale_bias"), bias)
+        if self.clip and self.role == "w2" and hasattr(layer, "_moe_w2_full_qsum"):
+            self._split_w2_bias(layer)
 
-    def _compute_scale_bias(self, layer):
-        """8 * sum_k deq_w over this rank's K, for files that do not carry scale_bias."""
+    def _rank_correction(self, layer):
+        """8 * sum_k deq_w over this rank's K: the kernel correction, from the loaded int4 weights."""
         weight = getattr(layer, self.a("weight")).data
         scale = getattr(layer, self.a("weight_scale")).data
         bias = torch.zeros(weight.shape[0], weight.shape[2] * 8, dtype=torch.float32)
@@ -181,7 +190,21 @@ class W4A8DynamicExperts(ExpertScheme):
             for start in range(0, weight.shape[1], _ROWS):
                 sums += unpack_int32_to_int4(weight[e, start:start + _ROWS]).sum(dim=0, dtype=torch.int32)
             bias[e] = 8 * sums.float() * decode_int64_scale(scale[e])
-        layer.register_parameter(self.a("scale_bias"), torch.nn.Parameter(bias, requires_grad=False))
+        return bias
+
+    def _split_w2_bias(self, layer):
+        """tp > 1: w2_bias must be the full-K correction; each rank then adds its own slice's."""
+        bias = getattr(layer, self.a("bias"))
+        full = 8 * layer._moe_w2_full_qsum.float() * decode_int64_scale(getattr(layer, self.a("weight_scale")).data)
+        del layer._moe_w2_full_qsum
+        extra = (bias.data - full).abs().max().item()
+        if extra > 1e-4 * full.abs().max().item() + 1e-6:
+            raise CheckpointError(
+                f"w2_bias differs from the kernel correction 8 * sum_k(dequantized down weight) by up to {extra:g}; "
+                "that extra offset is in units of each rank's own activation scale and cannot be split across "
+                "tensor-parallel ranks. Serve this checkpoint with moe tp 1 (expert parallelism).",
+                tensor=bias.tensor_name)
+        bias.data = self._rank_correction(layer)
 
     def apply(self, layer, x, token_scale, group_list, output_dtype):
         return ops.npu_grouped_matmul([x], [getattr(layer, self.a("weight"))],
@@ -193,6 +216,22 @@ class W4A8DynamicExperts(ExpertScheme):
     def theoretical_bytes(self, num_experts, n, k):
         scales = n * 8 * (k // self.group_size if self.group_size else 1)
         return num_experts * (n * k // 2 + scales + n * 4)
+
+
+def _recording_full_sums(weight_write, fmt, num_experts, n):
+    """Wrap a w2 weight writer to also keep sum_k q over the full (unsliced) K, per output channel."""
+    def write(target, loaded, full, layer, local):
+        weight_write(target, loaded)
+        if not hasattr(layer, "_moe_w2_full_qsum"):
+            layer._moe_w2_full_qsum = torch.zeros(num_experts, n, dtype=torch.int32)
+        if fmt == "compressed_tensors":
+            from compressed_tensors.compressors import unpack_from_int32
+
+            values = unpack_from_int32(full, 4, torch.Size((full.shape[0], full.shape[1] * 8)))
+        else:
+            values = unpack_int8_pairs(full, 0) if fmt == "modelslim" else full
+        layer._moe_w2_full_qsum[local] = values.sum(dim=1, dtype=torch.int32)
+    return write
 
 
 def _shape_is(n, k):
