@@ -150,13 +150,18 @@ def test_weight_quant_bmm_fast_path_equals_generic_path(gen, dtype):
     bias = torch.randn(n, generator=gen).to(dtype)
     fast = twin.npu_weight_quant_batchmatmul(x, w_nk.t(), scale, offset, bias)  # [K, N] view of [N, K]
     generic = twin.npu_weight_quant_batchmatmul(x, w_nk.t().contiguous(), scale, offset, bias)
-    # same math; bf16 outputs may differ by one rounding (the fast kernel rounds once more)
-    tol = 1e-5 if dtype == torch.float32 else 2**-7
-    torch.testing.assert_close(fast.float(), generic.float(), rtol=tol, atol=tol)
+    # same math in fp32, one final rounding: equal up to fp32 summation order (which can flip a
+    # bf16 rounding now and then)
+    if dtype == torch.float32:
+        torch.testing.assert_close(fast, generic, rtol=1e-5, atol=1e-5)
+    else:
+        assert (fast != generic).float().mean() < 0.02
+        torch.testing.assert_close(fast.float(), generic.float(), rtol=2**-8,
+                                   atol=2**-8 * generic.float().abs().mean().item())
 
 
-def test_weight_quant_bmm_bf16_unaligned_k_takes_generic_path(gen):
-    # torch's int8pack kernel crashes for bf16 with K % 16 != 0; the twin must not go there
+def test_weight_quant_bmm_bf16_unaligned_k(gen):
+    # torch's bf16 int8pack kernel crashes for K % 16 != 0; the twin must not go there
     w_nk, x = _int8(gen, 8, 40), torch.randn(2, 40, generator=gen).to(torch.bfloat16)
     out = twin.npu_weight_quant_batchmatmul(x, w_nk.t(), torch.ones(8, dtype=torch.bfloat16))
     torch.testing.assert_close(out.float(), (x.float() @ w_nk.float().t()), rtol=2**-7, atol=1e-2)
