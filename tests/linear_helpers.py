@@ -198,10 +198,15 @@ def quantize_linear(w: torch.Tensor, kind: str, gen: torch.Generator, asymmetric
     return out
 
 
-def synthetic_qwen3(folder: str, kind: str, gen: torch.Generator, hidden: int = HIDDEN, inter: int = INTER,
-                    heads: int = HEADS, kv_heads: int = KV_HEADS, head_dim: int = HEAD_DIM,
-                    float_bias: bool = False, asymmetric: bool = False, version: Optional[str] = "1.0.0") -> str:
+def synthetic_qwen3(folder: str, kind: str, gen: torch.Generator, version: Optional[str] = "1.0.0", **kw) -> str:
     """Layer 0 of a Qwen3-shaped model, every linear under `kind`, written as msModelSlim would."""
+    return write_modelslim(folder, *synthetic_qwen3_tensors(kind, gen, **kw), version=version)
+
+
+def synthetic_qwen3_tensors(kind: str, gen: torch.Generator, hidden: int = HIDDEN, inter: int = INTER,
+                            heads: int = HEADS, kv_heads: int = KV_HEADS, head_dim: int = HEAD_DIM,
+                            float_bias: bool = False, asymmetric: bool = False):
+    """(tensors, description types) of `synthetic_qwen3`, to edit before writing."""
     shapes = {"self_attn.q_proj": (heads * head_dim, hidden), "self_attn.k_proj": (kv_heads * head_dim, hidden),
               "self_attn.v_proj": (kv_heads * head_dim, hidden), "self_attn.o_proj": (hidden, heads * head_dim),
               "mlp.gate_proj": (inter, hidden), "mlp.up_proj": (inter, hidden), "mlp.down_proj": (hidden, inter)}
@@ -213,4 +218,4 @@ def synthetic_qwen3(folder: str, kind: str, gen: torch.Generator, hidden: int = 
                                          input_offset=3.0 if attn else -2.0).items():
             tensors[f"model.layers.0.{name}.{suffix}"] = t
             types[f"model.layers.0.{name}.{suffix}"] = "FLOAT" if suffix == "bias" else kind
-    return write_modelslim(folder, tensors, types, version)
+    return tensors, types

@@ -71,9 +71,9 @@ class SafetensorsCheckpoint:
             if not os.path.exists(file):
                 missing = sorted(k for k, v in self.index.items() if os.path.join(self.path, v) == file)
                 raise CheckpointError(
-                    f"the index lists {os.path.basename(file)} for {len(missing)} tensors (e.g. "
-                    f"{missing[0]}) but the file is missing; copy the whole checkpoint folder.",
-                    file=self.index_file)
+                    f"the index places it (and {len(missing) - 1} more) in {os.path.basename(file)}, "
+                    "but that file is missing; copy the whole checkpoint folder.",
+                    file=self.index_file, tensor=missing[0])
         return files
 
     def _read_header(self, file: str):

@@ -45,8 +45,9 @@ class W8A8StaticLinear(LinearScheme):
         for attr in ("input_scale", "input_offset"):
             values = getattr(layer, attr).data
             if not torch.all(values == values[0]):
+                shown = ", ".join(f"{v:.6g}" for v in values.tolist())
                 raise CheckpointError(
-                    f"the fused shards carry different values {values.tolist()}; one activation "
+                    f"the fused shards carry different values [{shown}]; one activation "
                     "quantization serves the whole fused layer, so they must agree. Re-calibrate "
                     "with the shards sharing one input, or serve the layer unfused.",
                     tensor=getattr(layer, attr).tensor_name)
