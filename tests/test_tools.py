@@ -126,8 +126,22 @@ def test_inspect_text_table_and_moe(capsys):
     code, out, _ = run(capsys, "inspect", msmodelslim_fixture("qwen3moe-tiny-w8a8-v0"), "--tp", "2", "--ep", "2")
     assert code == EXIT_OK
     assert "0-1     mlp.experts" in out and "W8A8_DYNAMIC" in out
-    assert "model.layers.0.input_layernorm.bias" in out  # anti-outlier norm bias: listed as unused
-    assert "per device (tp=2, ep=2)" in out
+    assert "per device (tp=2, ep=2)" in out and "unused" not in out  # norm biases are float tensors
+
+
+def test_inspect_moe_bytes(capsys):
+    """W4A8 experts (4 experts, hidden 128, moe_intermediate 64) from the moe method's theoretical bytes:
+    int4 weights (H*2I/2 + I*H/2 per expert), int64 scales per output row, fp32 scale_bias
+    (gate/up [2I], down [H] summed over the rank's K-slices)."""
+    code, data = inspect_json(capsys, msmodelslim_fixture("qwen3moe-tiny-w4a8-dynamic"), "--tp", "2", "--ep", "2")
+    assert code == EXIT_OK
+    experts = [e for e in data["layers"] if e["kind"] == "experts"]
+    assert [e["prefix"] for e in experts] == ["model.layers.0.mlp.experts", "model.layers.1.mlp.experts"]
+    e, h, i = 4, 128, 64
+    per_expert = (h * 2 * i // 2 + 2 * i * 8 + 2 * i * 4) + (i * h // 2 + h * 8 + h * 4)
+    assert experts[0]["resident_bytes"] == e * per_expert
+    assert experts[0]["resident_bytes_per_device"] == e // 2 * per_expert  # ep=2 halves the experts
+    assert experts[0]["bf16_bytes"] == e * 3 * h * i * 2
 
 
 def test_inspect_rejects_ep_not_dividing_tp(capsys):
@@ -213,6 +227,25 @@ def test_verify_layers_and_bytes(capsys, name, own_limit, ref_limit):
         for layer in data["layers"]:
             assert layer["resident_bytes"] == layer["theoretical_bytes"]
         assert data["top1_agreement"] >= 0.85
+
+
+@pytest.mark.parametrize("name, limit", [("qwen3moe-tiny-w4a8-dynamic", 0.02), ("qwen3moe-tiny-w8a8-v0", 0.08),
+                                         ("qwen3moe-tiny-w4a8-dynamic-g64", 0.02)])
+def test_verify_moe(capsys, name, limit):
+    """Experts load through load_moe and run in the end-to-end model; V0 static layers see the norm biases."""
+    code, out, _ = run(capsys, "verify", msmodelslim_fixture(name), "--json")
+    data = json.loads(out)
+    assert code == EXIT_OK and data["worst_layer_error"] < limit
+    experts = [layer for layer in data["layers"] if layer["prefix"].endswith("mlp.experts")]
+    assert experts and all(0 < e["rel_error"] < 0.02 for e in experts)
+    assert all(layer["resident_bytes"] == layer["theoretical_bytes"] for layer in data["layers"])
+    assert data["top1_agreement"] >= 0.8
+
+
+def test_verify_rejects_a_reference_of_another_model(capsys):
+    code, _, err = run(capsys, "verify", msmodelslim_fixture("qwen3moe-tiny-w4a8-dynamic-g64"), "--reference",
+                       msmodelslim_fixture("qwen3moe-tiny-bf16"))
+    assert code == EXIT_CHECKPOINT_ERROR and "num_hidden_layers 1 vs 2" in err
 
 
 def test_verify_threshold_sets_exit_code(capsys):

@@ -127,9 +127,10 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("path")
     v.add_argument("--reference", help="the original bf16 model folder (default: the checkpoint's own "
                                        "dequantization)")
-    v.add_argument("--threshold", type=float, default=0.2,
-                   help="largest per-layer relative error accepted (default 0.2; int8 layers are ~0.01-0.04, "
-                        "int4-activation layers ~0.1-0.17)")
+    v.add_argument("--threshold", type=float, default=0.25,
+                   help="largest per-layer relative error accepted (default 0.25). Seen on the tiny fixtures: "
+                        "int8 layers 0.01-0.04; int4 activations 0.12-0.17; int4 weights against --reference "
+                        "~0.2")
     v.add_argument("--min-top1", type=float, default=0.8, help="smallest top-1 token agreement accepted")
     v.add_argument("--prompts", nargs="+", help="prompts for the logit comparison")
     v.add_argument("--json", action="store_true")

@@ -25,11 +25,12 @@ def dequantize_modelslim(checkpoint, prefix: str, kind: str, legacy: bool = Fals
     if kind == "FLOAT":
         return weight.float()
     if kind == "W4A8_DYNAMIC":
-        if has("weight_scale_second"):
-            raise CheckpointError("group-wise W4A8 (weight_scale_second) is not dequantized by verify yet; "
-                                  "pass --reference with the bf16 model", tensor=f"{prefix}.weight_scale_second")
         # current writers pack two int4 along the output dim; legacy writers store one per byte
         weight = weight if legacy else unpack_int8_pairs(weight, dim=0)
+        if has("weight_scale_second"):  # group-wise: q * scale_second[n, k // g] * scale[n]
+            second = get("weight_scale_second").float()
+            group = weight.shape[1] // second.shape[1]
+            weight = weight.float() * second.repeat_interleave(group, dim=1)
     if kind == "W8A8" and not has("weight_scale"):
         # deq_scale = input_scale * weight_scale (int64 carrying fp32 bits for fp16 models)
         scale = decode_int64_scale(get("deq_scale")).float().reshape(-1, 1) / get("input_scale").float()

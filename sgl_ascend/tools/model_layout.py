@@ -118,6 +118,7 @@ class FloatSpec:
     name: str
     shape: tuple
     split: str = "replicated"         # replicated / vocab (split over tp along dim 0)
+    in_bf16_model: bool = True        # False: added by the quantizer (anti-outlier norm biases)
 
 
 @dataclass

@@ -20,8 +20,9 @@ from sgl_ascend.layers.parameters import ShardedParameter
 from sgl_ascend.layers.schemes import UnquantizedLinear
 from sgl_ascend.quant.checkpoint import SafetensorsCheckpoint, TensorInfo
 from sgl_ascend.quant.modelslim import DESCRIPTION_FILE, ModelSlimConfig
-from sgl_ascend.tools.model_layout import (DecoderConfig, ExpertsSpec, LinearSpec, ModelLayout, layout_from_config,
-                                           load_config)
+from sgl_ascend.layers.moe import check_moe_checkpoint
+from sgl_ascend.tools.model_layout import (DecoderConfig, ExpertsSpec, FloatSpec, LinearSpec, ModelLayout,
+                                           layout_from_config, load_config)
 
 MSMODELSLIM, COMPRESSED_TENSORS, UNQUANTIZED = "msModelSlim", "compressed-tensors", "unquantized"
 
@@ -45,6 +46,14 @@ class UnquantizedSource:
     def experts_scheme_name(self, spec: ExpertsSpec) -> str:
         return "FLOAT"
 
+    def moe_method(self, mlp_prefix: str, params_dtype: torch.dtype):
+        from sgl_ascend.layers.moe import FusedMoEMethod, UnquantizedExperts
+
+        return FusedMoEMethod(UnquantizedExperts("w13", params_dtype), UnquantizedExperts("w2", params_dtype))
+
+    def extra_float_tensors(self):
+        return []
+
 
 class ModelSlimSource:
     format = MSMODELSLIM
@@ -62,14 +71,17 @@ class ModelSlimSource:
         return self.config.has_float_bias(prefix)
 
     def experts_scheme_name(self, spec: ExpertsSpec) -> str:
-        kinds = {self.config.types.get(f"{spec.expert_prefix(e, p)}.weight")
-                 for e in range(spec.num_experts) for p in spec.projections}
-        if None in kinds or len(kinds) != 1:
-            raise CheckpointError(
-                f"the experts of {spec.prefix} carry schemes {sorted(map(str, kinds))} in the description; "
-                "a fused MoE layer needs one scheme for all of its experts.",
-                file=self.config.source, tensor=f"{spec.prefix}.*.weight")
-        return kinds.pop()
+        kinds = [self.config.types.get(f"{spec.expert_prefix(0, p)}.weight", "?") for p in spec.projections]
+        return kinds[0] if len(set(kinds)) == 1 else f"{kinds[0]} + {kinds[2]} (down)"
+
+    def moe_method(self, mlp_prefix: str, params_dtype: torch.dtype):
+        from sgl_ascend.layers.moe import moe_method_for_modelslim
+
+        return moe_method_for_modelslim(self.config, mlp_prefix, params_dtype)
+
+    def extra_float_tensors(self):
+        """Norm biases anti-outlier smoothing adds: the model adds them after its norms."""
+        return self.config.norm_bias_names()
 
 
 class CompressedTensorsSource:
@@ -79,6 +91,7 @@ class CompressedTensorsSource:
         from sgl_ascend.quant.compressed_tensors import CompressedTensorsConfig
 
         self.config = CompressedTensorsConfig.from_dir(model_dir)
+        self.raw = load_config(model_dir).quantization_config
 
     @staticmethod
     def _name(args) -> str:
@@ -102,6 +115,14 @@ class CompressedTensorsSource:
 
     def experts_scheme_name(self, spec: ExpertsSpec) -> str:
         return self._name(self.config.moe_scheme_args(spec.prefix, spec.num_experts, spec.projections))
+
+    def moe_method(self, mlp_prefix: str, params_dtype: torch.dtype):
+        from sgl_ascend.layers.moe import moe_method_for_compressed_tensors
+
+        return moe_method_for_compressed_tensors(self.raw, mlp_prefix)
+
+    def extra_float_tensors(self):
+        return []
 
 
 def detect_format(model_dir: str, config: DecoderConfig) -> str:
@@ -165,7 +186,7 @@ class HeaderCheckpoint:
 
     def __init__(self, checkpoint: SafetensorsCheckpoint):
         self._checkpoint = checkpoint
-        self.path = checkpoint.path
+        self.path, self.index_file = checkpoint.path, checkpoint.index_file
 
     def with_prefix(self, prefix: str) -> Dict[str, TensorInfo]:
         return self._checkpoint.with_prefix(prefix)
@@ -295,6 +316,8 @@ def plan_checkpoint(path: str, tp: int = 1, ep: int = 1) -> CheckpointPlan:
         plan.layers.append(_plan_linear(plan, spec, source, config, checkpoint, claimed))
     for spec in layout.experts:
         plan.layers.append(_plan_experts(plan, spec, source, config, checkpoint, claimed))
+    layout.floats += [FloatSpec(name, tuple(checkpoint.info(name).shape), in_bf16_model=False)
+                      for name in source.extra_float_tensors() if name in checkpoint]
     _plan_floats(plan, layout, config, checkpoint, claimed)
     for info in checkpoint.infos():
         if info.name not in claimed:
@@ -356,16 +379,25 @@ def _plan_experts(plan, spec: ExpertsSpec, source, config, checkpoint, claimed) 
     entry = LayerEntry(spec.prefix, "experts", "?", bf16, disk, None, None)
     for name in missing:
         plan.missing.append({"tensor": name, "layer": spec.prefix})
+    mlp_prefix = spec.prefix.rpartition(".")[0]
     try:
         entry.scheme = source.experts_scheme_name(spec)
         if missing:
             raise CheckpointError(f"{len(missing)} expert weight(s) missing, e.g. {missing[0]}",
                                   file=checkpoint.path, tensor=missing[0])
+        method = source.moe_method(mlp_prefix, config.params_dtype)
+        sizes = dict(num_experts=spec.num_experts, hidden_size=spec.hidden_size,
+                     intermediate_size=spec.intermediate_size)
+        check_moe_checkpoint(method, checkpoint, mlp_prefix, **sizes)
+        moe_tp = plan.tp // plan.ep
+        if spec.num_experts % plan.ep or spec.intermediate_size % moe_tp:
+            raise CheckpointError(f"{spec.num_experts} experts / intermediate {spec.intermediate_size} do not "
+                                  f"divide by ep {plan.ep} / moe tp {moe_tp}", tensor=spec.prefix)
     except CheckpointError as exc:
         return _fail(plan, entry, exc)
-    note = "resident bytes of fused MoE experts are unknown: this build has no MoE methods (load_moe)"
-    if note not in plan.notes:
-        plan.notes.append(note)
+    entry.resident_bytes = method.theoretical_bytes(spec.num_experts, spec.hidden_size, spec.intermediate_size)
+    entry.resident_bytes_per_device = method.theoretical_bytes(
+        spec.num_experts // plan.ep, spec.hidden_size, spec.intermediate_size // moe_tp)
     return entry
 
 
@@ -375,7 +407,7 @@ def _plan_floats(plan, layout: ModelLayout, config: DecoderConfig, checkpoint, c
         numel = 1
         for s in spec.shape:
             numel *= s
-        plan.floats_bf16_bytes += numel * 2
+        plan.floats_bf16_bytes += numel * 2 if spec.in_bf16_model else 0
         if spec.name not in checkpoint:
             plan.missing.append({"tensor": spec.name, "layer": spec.name.rsplit(".", 1)[0]})
             plan.errors.append(str(CheckpointError("the model needs this tensor but the checkpoint lacks it",

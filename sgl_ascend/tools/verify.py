@@ -1,13 +1,13 @@
 """`sgl-ascend verify`: load a checkpoint through the serving layers on CPU and measure its error.
 
 1. Every linear layer is built and loaded exactly as served (ParallelLinear + the checkpoint's scheme,
-   `load_linear`, tp=1), computing through the op surface.
+   `load_linear`, tp=1; MoE experts through `build_moe` / `load_moe`), computing through the op surface.
 2. A float model is built with transformers from config.json and filled with the reference weights:
    the bf16 model given with --reference, or the checkpoint's own dequantization (dequant.py).
 3. The prompts run through the float model; each linear layer's real inputs are captured, and the
    served layer's output on them is compared with the float weights' output (relative error).
-4. The float Linear modules are swapped for the served layers and the prompts run again: logits and
-   top-1 tokens are compared with the float model's.
+4. The float model's Linear modules (and MoE experts) are swapped for the served layers and the
+   prompts run again: logits and top-1 tokens are compared with the reference model's.
 """
 
 import os
@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from sgl_ascend.errors import CheckpointError
 from sgl_ascend.layers.linear import ParallelLinear, load_linear
+from sgl_ascend.layers.moe import build_moe
 from sgl_ascend.quant.checkpoint import SafetensorsCheckpoint
 from sgl_ascend.tools.dequant import dequantize_compressed_tensors, dequantize_modelslim
 from sgl_ascend.tools.model_layout import LinearSpec, layout_from_config, load_config
@@ -105,6 +106,27 @@ def _float_weights(spec: LinearSpec, source, checkpoint, reference) -> Dict[str,
     return {shard: _own_weight(source, checkpoint, shard) for shard in spec.shards.values()}
 
 
+_SHAPE_FIELDS = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "kv_heads", "head_size",
+                 "intermediate_size", "vocab_size", "num_experts", "moe_intermediate_size")
+
+
+def _check_same_model(config, ref_config, reference: str) -> None:
+    diff = {f: (getattr(config, f), getattr(ref_config, f)) for f in _SHAPE_FIELDS
+            if getattr(config, f) != getattr(ref_config, f)}
+    if diff:
+        listing = ", ".join(f"{f} {a} vs {b}" for f, (a, b) in diff.items())
+        raise CheckpointError(f"the reference is not the model this checkpoint was quantized from ({listing}); "
+                              "pass the original bf16 model.", file=os.path.join(reference, "config.json"))
+
+
+def _float_bias(spec: LinearSpec, checkpoint) -> Optional[torch.Tensor]:
+    """The float bias of the (fused) layer as the checkpoint stores it, None when it has none."""
+    names = [f"{shard}.bias" for shard in spec.shards.values()]
+    if not all(name in checkpoint for name in names):
+        return None
+    return torch.cat([checkpoint.get(name).float() for name in names])
+
+
 def _own_float_state_dict(model, path, source, checkpoint, layout) -> Dict[str, torch.Tensor]:
     """The float model's weights from the checkpoint itself (float tensors + dequantized layers)."""
     state = {}
@@ -126,11 +148,11 @@ def _own_float_state_dict(model, path, source, checkpoint, layout) -> Dict[str, 
     return state
 
 
-def _build_float_model(path: str, reference: Optional[str], source, checkpoint, layout):
+def _build_own_float_model(path: str, source, checkpoint, layout):
+    """transformers' model from config.json, holding the checkpoint's own float weights. Norm biases
+    (anti-outlier smoothing) are added after their norms, as the served model does."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    if reference is not None:
-        return AutoModelForCausalLM.from_pretrained(reference, dtype=torch.bfloat16, attn_implementation="eager")
     hf_config = AutoConfig.from_pretrained(path)
     if hasattr(hf_config, "quantization_config"):
         del hf_config.quantization_config
@@ -147,7 +169,22 @@ def _build_float_model(path: str, reference: Optional[str], source, checkpoint, 
     if missing or unexpected:
         raise CheckpointError(f"the float model does not match the checkpoint: missing {missing[:5]}, "
                               f"unexpected {unexpected[:5]}", file=path)
+    for name in source.extra_float_tensors():
+        bias = checkpoint.get(name).to(torch.bfloat16)
+        model.get_submodule(name.rpartition(".")[0]).register_forward_hook(
+            lambda _m, _args, out, bias=bias: out + bias)
     return model.eval()
+
+
+class _ServedExperts(torch.nn.Module):
+    """Stands in for transformers' experts module (hidden, top_k_index, top_k_weights)."""
+
+    def __init__(self, moe):
+        super().__init__()
+        self.moe = moe
+
+    def forward(self, hidden_states, top_k_index, top_k_weights):
+        return self.moe(hidden_states, top_k_weights, top_k_index)
 
 
 def _prompt_ids(path: str, prompts) -> List[torch.Tensor]:
@@ -171,37 +208,50 @@ def verify_checkpoint(path: str, reference: Optional[str] = None, prompts=DEFAUL
     source = scheme_source(path, config)
     checkpoint = SafetensorsCheckpoint(path)
     ref_checkpoint = SafetensorsCheckpoint(reference) if reference else None
+    if reference:
+        _check_same_model(config, load_config(reference), reference)
     layout = layout_from_config(config)
     report = VerifyReport(os.path.abspath(path), os.path.abspath(reference) if reference else None)
-    if layout.experts:
-        report.notes.append("MoE experts stay float in the end-to-end run: this build has no MoE methods "
-                            "(load_moe); logit agreement covers the linear layers only")
-    norm_biases = [u["tensor"] for u in plan.unused if u["tensor"].endswith("norm.bias")]
-    if norm_biases:
-        report.notes.append(
-            f"{len(norm_biases)} norm biases (anti-outlier smoothing, e.g. {norm_biases[0]}) are loaded by no "
-            "layer here: activations differ from calibration, so static-activation layers show large errors, "
-            "and smoothed weights do not compare with --reference weight by weight")
+    if reference and source.extra_float_tensors():
+        report.notes.append("anti-outlier smoothing (norm biases) rescaled the weights: per-layer errors "
+                            "against --reference mix smoothing with quantization; the logits compare fairly")
     disable = None if progress is None else not progress
 
-    served: Dict[str, ParallelLinear] = {}
+    served: Dict[str, torch.nn.Module] = {}
     for spec in tqdm(layout.linears, desc="load layers", disable=disable):
         layer = build_linear(spec, source, config)
         load_linear(layer, checkpoint, spec.shards)
         served[spec.prefix] = layer
+    for spec in tqdm(layout.experts, desc="load experts", disable=disable):
+        mlp = spec.prefix.rpartition(".")[0]
+        served[spec.prefix] = build_moe(source.moe_method(mlp, config.params_dtype), checkpoint, mlp,
+                                        num_experts=spec.num_experts, hidden_size=spec.hidden_size,
+                                        intermediate_size=spec.intermediate_size, params_dtype=config.params_dtype)
 
-    model = _build_float_model(path, reference, source, checkpoint, layout)
-    captured: Dict[str, List[torch.Tensor]] = {spec.prefix: [] for spec in layout.linears}
+    # The served model is the checkpoint's own float model with its layers swapped; the reference is
+    # the --reference model, or the same float model before the swap.
+    model = _build_own_float_model(path, source, checkpoint, layout)
+    ref_model = model
+    if reference is not None:
+        from transformers import AutoModelForCausalLM
+
+        ref_model = AutoModelForCausalLM.from_pretrained(reference, dtype=torch.bfloat16,
+                                                         attn_implementation="eager").eval()
+    captured: Dict[str, list] = {prefix: [] for prefix in served}
     hooks = []
     for spec in layout.linears:
         first = next(iter(spec.shards.values()))
-        hooks.append(model.get_submodule(first).register_forward_pre_hook(
+        hooks.append(ref_model.get_submodule(first).register_forward_pre_hook(
             lambda _m, args, key=spec.prefix: captured[key].append(args[0].detach().reshape(-1, args[0].shape[-1]))))
+    for spec in layout.experts:
+        hooks.append(ref_model.get_submodule(spec.prefix).register_forward_hook(
+            lambda _m, args, out, key=spec.prefix: captured[key].append((args, out))))
     ids = _prompt_ids(path, prompts)
     with torch.no_grad():
-        ref_logits = [model(input_ids=t).logits[0].float() for t in tqdm(ids, desc="float model", disable=disable)]
+        ref_logits = [ref_model(input_ids=t).logits[0].float() for t in tqdm(ids, desc="float model", disable=disable)]
     for h in hooks:
         h.remove()
+    del ref_model
 
     for spec in tqdm(layout.linears, desc="layer errors", disable=disable):
         layer = served[spec.prefix]
@@ -209,13 +259,23 @@ def verify_checkpoint(path: str, reference: Optional[str] = None, prompts=DEFAUL
         floats = _float_weights(spec, source, checkpoint, ref_checkpoint)
         own = _float_weights(spec, source, checkpoint, None) if ref_checkpoint is not None else None
         w = torch.cat(list(floats.values()))
-        bias = layer.bias.float() if layer.bias is not None else None
+        bias = _float_bias(spec, ref_checkpoint or checkpoint)
         with torch.no_grad():
             expected = F.linear(x.float(), w, bias)
             actual = layer(x)
         weight_err = _rel(torch.cat(list(own.values())), w) if own is not None else None
         report.layers.append(LayerError(spec.prefix, plan_scheme(plan, spec.prefix), _rel(actual, expected),
                                         weight_err, resident_bytes(layer), layer_theoretical_bytes(layer)))
+    for spec in layout.experts:
+        moe = served[spec.prefix]
+        with torch.no_grad():
+            pairs = [(moe(args[0], args[2], args[1]), out) for args, out in captured.pop(spec.prefix)]
+        expected = torch.cat([out.reshape(-1) for _, out in pairs])
+        actual = torch.cat([got.reshape(-1) for got, _ in pairs])
+        theoretical = moe.moe_method.theoretical_bytes(moe.num_local_experts, moe.hidden_size,
+                                                       moe.intermediate_size_per_partition)
+        report.layers.append(LayerError(spec.prefix, plan_scheme(plan, spec.prefix), _rel(actual, expected),
+                                        None, resident_bytes(moe), theoretical))
 
     for spec in layout.linears:
         layer = served[spec.prefix]
@@ -227,6 +287,8 @@ def verify_checkpoint(path: str, reference: Optional[str] = None, prompts=DEFAUL
         for shard, size in zip(shards, layer.output_partition_sizes):
             _set_module(model, shard, _FusedShard(layer, start, start + size, cache))
             start += size
+    for spec in layout.experts:
+        _set_module(model, spec.prefix, _ServedExperts(served[spec.prefix]))
     with torch.no_grad():
         for text, t, ref in tqdm(list(zip(prompts, ids, ref_logits)), desc="served model", disable=disable):
             logits = model(input_ids=t).logits[0].float()
