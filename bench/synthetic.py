@@ -114,3 +114,64 @@ def write_ct_w4a16(path: str, group_size: int = 128, seed: int = 0, **overrides)
         json.dump(config, f, indent=2)
     save_file(tensors, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
     return path
+
+
+# Qwen3-30B-A3B's expert proportions (hidden 2048, moe_intermediate 768), 16 of its 128 experts.
+MOE_SHAPE = dict(num_experts=16, num_experts_per_tok=4, moe_intermediate_size=768, num_hidden_layers=2)
+MOE_EXPERT_SCHEMES = ("W8A8_DYNAMIC", "W4A8_DYNAMIC", "W4A4_DYNAMIC")
+
+
+def expert_tensors(kind: str, n: int, k: int, down: bool, gen) -> dict:
+    """One expert projection's tensors as msModelSlim writes them (W4A8: two int4 per byte along n)."""
+    if kind == "FLOAT":
+        return {"weight": (torch.randn(n, k, generator=gen) / k ** 0.5).to(torch.bfloat16)}
+    high = 8 if kind.startswith("W4") else 128
+    q = torch.randint(-high + 1, high, (n, k), generator=gen, dtype=torch.int8)
+    scale = torch.rand(n, 1, generator=gen) * 1e-3 + 1e-4
+    out = {"weight_scale": scale, "weight_offset": torch.zeros(n, 1)}
+    if kind != "W4A8_DYNAMIC":
+        return {"weight": q, **out}
+    from sgl_ascend.ops.int4 import pack_int8_pairs
+
+    deq = q.float() * scale
+    # the kernel's correction term: 8 * sum_k of the dequantized weight (over 16 K-slices for down)
+    scale_bias = 8 * (deq.reshape(n, 16, k // 16).sum(-1) if down else deq.sum(1, keepdim=True))
+    return {"weight": pack_int8_pairs(q, dim=0), "scale_bias": scale_bias, **out}
+
+
+def write_modelslim_moe(path: str, kind: str, seed: int = 0, **overrides) -> str:
+    """A synthetic Qwen3-MoE msModelSlim checkpoint: experts in `kind`, attention W8A8_DYNAMIC
+    ("FLOAT": the plain bf16 model)."""
+    os.makedirs(path, exist_ok=True)
+    config = hf_config(**{**MOE_SHAPE, **overrides})
+    config.update(architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe", decoder_sparse_step=1,
+                  mlp_only_layers=[], norm_topk_prob=True)
+    gen = torch.Generator().manual_seed(seed)
+    tensors = float_tensors(config, gen)
+    h, i, e = config["hidden_size"], config["moe_intermediate_size"], config["num_experts"]
+    attn_kind = "FLOAT" if kind == "FLOAT" else "W8A8_DYNAMIC"
+    description = {"version": "1.0.0", "model_quant_type": kind, "group_size": 0, "metadata": {}}
+    description.update({name: "FLOAT" for name in tensors})
+    for prefix, (n, k) in linear_shapes(config).items():
+        if ".mlp." in prefix:
+            continue
+        for suffix, tensor in modelslim_layer(attn_kind, n, k, gen).items():
+            tensors[f"{prefix}.{suffix}"], description[f"{prefix}.{suffix}"] = tensor, attn_kind
+    for layer in range(config["num_hidden_layers"]):
+        mlp = f"model.layers.{layer}.mlp"
+        tensors[f"{mlp}.gate.weight"] = torch.randn(e, h, generator=gen).to(torch.bfloat16)
+        description[f"{mlp}.gate.weight"] = "FLOAT"
+        for expert in range(e):
+            for proj, (n, k) in (("gate_proj", (i, h)), ("up_proj", (i, h)), ("down_proj", (h, i))):
+                for suffix, tensor in expert_tensors(kind, n, k, proj == "down_proj", gen).items():
+                    name = f"{mlp}.experts.{expert}.{proj}.{suffix}"
+                    tensors[name], description[name] = tensor, kind
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+    if kind == "FLOAT":
+        save_file(tensors, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+        return path
+    save_file(tensors, os.path.join(path, "quant_model_weights.safetensors"), metadata={"format": "pt"})
+    with open(os.path.join(path, "quant_model_description.json"), "w") as f:
+        json.dump(description, f, indent=1)
+    return path
