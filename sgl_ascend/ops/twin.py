@@ -19,6 +19,8 @@ from sgl_ascend.ops.scales import decode_int64_scale
 ACL_FORMAT_FRACTAL_NZ = 29
 
 _INT8_MAX = 127.0
+# Rows up to which torch's fp32 int8 weight-only kernel beats dequantize-then-matmul on CPU.
+_INT8PACK_FP32_MAX_M = 16
 _INT4_MAX = 7.0
 
 
@@ -108,8 +110,19 @@ def npu_weight_quant_batchmatmul(x: torch.Tensor, weight: torch.Tensor, antiquan
         # weights sit in memory (common.to_kernel_layout). Run in fp32 so the output is rounded once,
         # after the offset term (a bf16 product would be rounded before a large offset term cancels
         # against it); the bf16 kernel also crashes (SIGSEGV, torch 2.13 CPU) when K % 16 != 0.
+        # Speed (bench/op_speed.py): with nothing added after the product, the bf16 kernel also rounds
+        # once (fp32 accumulation) and is the only path faster than bf16 F.linear at decode; torch's
+        # fp32 kernel is a per-row loop, ~30x slower than a dequantized fp32 matmul for M >= 16.
+        w_nk, m = weight.t(), x2d.shape[0]
+        if (x.dtype == torch.bfloat16 and antiquant_offset is None and bias is None
+                and x2d.shape[1] % 16 == 0):
+            scale = antiquant_scale.reshape(-1).to(torch.bfloat16)
+            return torch._weight_int8pack_mm(x2d.contiguous(), w_nk, scale).reshape(*lead, -1)
         scale = antiquant_scale.reshape(-1).float()
-        out = torch._weight_int8pack_mm(x2d.float().contiguous(), weight.t(), scale)
+        if m < _INT8PACK_FP32_MAX_M:
+            out = torch._weight_int8pack_mm(x2d.float().contiguous(), w_nk, scale)
+        else:
+            out = x2d.float() @ (w_nk.float() * scale.unsqueeze(1)).t()
         if antiquant_offset is not None:
             offset = antiquant_offset.reshape(-1).float() * antiquant_scale.reshape(-1).float()
             out = out + x2d.float().sum(dim=-1, keepdim=True) * offset
