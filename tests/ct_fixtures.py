@@ -40,6 +40,9 @@ SCHEMES = {
     "fp8_dynamic": {"weights": {"num_bits": 8, "type": "float", "symmetric": True, "strategy": "channel"},
                     "input_activations": {"num_bits": 8, "type": "float", "symmetric": True,
                                           "strategy": "token", "dynamic": True}},
+    "fp8_static": {"weights": {"num_bits": 8, "type": "float", "symmetric": True, "strategy": "tensor"},
+                   "input_activations": {"num_bits": 8, "type": "float", "symmetric": True, "strategy": "tensor",
+                                         "dynamic": False}},
 }
 FORMATS = {"w4a16_group": "pack-quantized", "w4a16_group_asym": "pack-quantized",
            "w8a16_channel": "pack-quantized", "w4a8": "int-quantized"}

@@ -51,7 +51,7 @@ def linear_scheme_for_compressed_tensors(args, config, prefix: str) -> LinearSch
         return CTFP8W8A16Linear(weights.strategy == QuantizationStrategy.CHANNEL,
                                 static_input_scale=acts is not None and not acts.dynamic)
     raise CheckpointError(
-        f"layer {prefix} is {args.kind} with {weights.strategy.value} weights (config group {args.group}), "
+        f"layer {prefix} is {args.kind} with {ct._name(weights.strategy)} weights (config group {args.group}), "
         "which sgl-ascend has no kernel for on this device; served: WNA16, W4A8, W8A8 static, W8A8 "
         "dynamic with per-channel weights, FP8 weight-only.",
         file=config.source, tensor=f"{prefix}.weight")
