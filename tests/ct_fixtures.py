@@ -31,6 +31,8 @@ SCHEMES = {
                          "input_activations": {**INT8, "symmetric": False, "strategy": "tensor", "dynamic": False}},
     "w8a8_dynamic": {"weights": {**INT8, "strategy": "channel"},
                      "input_activations": {**INT8, "strategy": "token", "dynamic": True}},
+    "w8a8_dynamic_tensor": {"weights": {**INT8, "strategy": "tensor"},
+                            "input_activations": {**INT8, "strategy": "token", "dynamic": True}},
     "w4a16_group": {"weights": {**INT8, "num_bits": 4, "strategy": "group", "group_size": 32}},
     "w4a16_group_asym": {"weights": {**INT8, "num_bits": 4, "symmetric": False, "strategy": "group",
                                      "group_size": 32}},

@@ -21,6 +21,7 @@ from ct_fixtures import (FORMATS, SCHEMES, Qwen3LayerLinears, quantize_with_libr
 from conftest import rel_err
 from sgl_ascend.errors import CheckpointError
 from sgl_ascend.layers.linear import ParallelLinear, QKVSizes, load_linear
+from sgl_ascend.ops.int4 import pack_int4_to_int32, unpack_int32_to_int4
 from sgl_ascend.quant import compressed_tensors as ct
 from sgl_ascend.quant.checkpoint import SafetensorsCheckpoint
 
@@ -33,7 +34,7 @@ LAYERS = {  # fused layer -> (parallel, shards, input size, output sizes)
     "mlp.down_proj": ("row", {None: f"{P}.mlp.down_proj"}, INTER, [HIDDEN]),
 }
 EXPECTED_KIND = {"w8a8_static": ct.W8A8_STATIC, "w8a8_static_asym": ct.W8A8_STATIC,
-                 "w8a8_dynamic": ct.W8A8_DYNAMIC, "w4a16_group": ct.WNA16, "w4a16_group_asym": ct.WNA16,
+                 "w8a8_dynamic": ct.W8A8_DYNAMIC, "w8a8_dynamic_tensor": ct.W8A8_DYNAMIC, "w4a16_group": ct.WNA16, "w4a16_group_asym": ct.WNA16,
                  "w8a16_channel": ct.WNA16, "w4a8": ct.W4A8, "fp8_dynamic": ct.FP8_W8A16,
                  "fp8_static": ct.FP8_W8A16}
 TOKENS = 8
@@ -264,6 +265,10 @@ def test_wrong_group_scale_order_or_zero_point_sign_raises_the_error(checkpoints
     assert rel_err(layer(x), expected) > 100 * TOL_FP32
     layer = build(path, "mlp.gate_up_proj")
     layer.weight_zero_point.data = -layer.weight_zero_point.data  # (q + z) instead of (q - z)
+    assert rel_err(layer(x), expected) > 100 * TOL_FP32
+    layer = build(path, "mlp.gate_up_proj")
+    values = unpack_int32_to_int4(layer.weight.data)  # [K, N]: swap the two nibbles of every byte
+    layer.weight.data = pack_int4_to_int32(values.reshape(values.shape[0], -1, 2).flip(-1).flatten(1))
     assert rel_err(layer(x), expected) > 100 * TOL_FP32
 
     path, deq, _, tensors = checkpoints["w8a8_static_asym"]

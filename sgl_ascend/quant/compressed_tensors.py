@@ -121,7 +121,7 @@ def decide_kind(weights: Optional[QuantizationArgs], acts: Optional[Quantization
     return None
 
 
-def _name(enum_or_str) -> str:
+def enum_str(enum_or_str) -> str:
     """The library keeps enum values as plain strings in some versions; print either alike."""
     return str(getattr(enum_or_str, "value", enum_or_str))
 
@@ -132,7 +132,7 @@ def _describe(args: Optional[QuantizationArgs]) -> str:
     extra = f" group_size={args.group_size}" if args.strategy == QuantizationStrategy.GROUP else ""
     sym = "symmetric" if args.symmetric else "asymmetric"
     dyn = "dynamic" if args.dynamic else "static"
-    return f"{_name(args.type)}{args.num_bits} {_name(args.strategy)}{extra} {sym} {dyn}"
+    return f"{enum_str(args.type)}{args.num_bits} {enum_str(args.strategy)}{extra} {sym} {dyn}"
 
 
 class CompressedTensorsConfig:
@@ -207,7 +207,7 @@ class CompressedTensorsConfig:
                 "W4A8 int4 + dynamic int8 tokens, FP8). Re-quantize with one of those.",
                 file=self.source, tensor=where)
         fmt = scheme.format or self.config.format
-        fmt = _name(fmt)
+        fmt = enum_str(fmt)
         if fmt not in _FORMATS[kind]:
             raise CheckpointError(
                 f"format {fmt!r} does not store {kind} weights the way sgl-ascend reads them; expected "
