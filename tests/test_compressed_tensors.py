@@ -14,7 +14,7 @@ import pytest
 import torch
 from compressed_tensors.quantization import QuantizationArgs
 from compressed_tensors.quantization.lifecycle.forward import fake_quantize
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from ct_fixtures import (FORMATS, SCHEMES, Qwen3LayerLinears, quantize_with_library, write_checkpoint,
                          write_qwen3_ct_checkpoint)
@@ -312,6 +312,14 @@ def test_packed_width_mismatch_names_file_and_tensor(tmp_path, checkpoints):
     path = _edited(tmp_path, checkpoints, "w4a16_group", lambda t: t.__setitem__(name, t[name][:, :-1].clone()))
     with pytest.raises(CheckpointError) as info:
         build(path, "mlp.down_proj", tp_rank=1, tp_size=2)
+    assert name in str(info.value) and info.value.file.endswith("model.safetensors")
+
+
+def test_fp8_weight_stored_as_bf16_is_rejected(tmp_path, checkpoints):
+    name = f"{P}.self_attn.o_proj.weight"
+    path = _edited(tmp_path, checkpoints, "fp8_dynamic", lambda t: t.__setitem__(name, t[name].bfloat16()))
+    with pytest.raises(CheckpointError, match="dtype torch.bfloat16 where torch.float8_e4m3fn") as info:
+        build(path, "self_attn.o_proj")
     assert name in str(info.value) and info.value.file.endswith("model.safetensors")
 
 
