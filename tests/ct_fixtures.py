@@ -150,14 +150,17 @@ def write_qwen3_ct_checkpoint(path: str, scheme: str = "w4a16_group", calib_toke
     model = Qwen3LayerLinears(c["hidden_size"], c["intermediate_size"], c["num_attention_heads"],
                               c["num_key_value_heads"], c["head_dim"], c["num_hidden_layers"],
                               vocab=c["vocab_size"], dtype=torch.bfloat16)
-    model.load_state_dict({k: v for k, v in bf16.items() if k in model.state_dict()}, strict=True)
+    linear_names = set(model.state_dict())
+    model.load_state_dict({k: v for k, v in bf16.items() if k in linear_names}, strict=True)
     gen = torch.Generator().manual_seed(0)
-    calib = {name: torch.randn(calib_tokens, m.in_features, generator=gen)
+    # q/k/v and gate/up read one input in the model: they must share one calibration input.
+    inputs = {}
+    calib = {name: inputs.setdefault((name.rsplit(".", 2)[0], m.in_features),
+                                     torch.randn(calib_tokens, m.in_features, generator=gen))
              for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
     tensors, quant_config, _ = quantize_with_library(model, SCHEMES[scheme], fmt=FORMATS.get(scheme), calib=calib)
     # Norms and embeddings are not Linear layers: they come over from the bf16 checkpoint as they are.
-    for name, tensor in bf16.items():
-        tensors.setdefault(name, tensor)
+    tensors.update({name: t for name, t in bf16.items() if name not in linear_names})
     write_checkpoint(path, tensors, quant_config, hf_config)
     for name in _TOKENIZER_FILES:
         shutil.copy(os.path.join(QWEN3_BF16, name), path)

@@ -16,7 +16,7 @@ from compressed_tensors.quantization import QuantizationArgs
 from compressed_tensors.quantization.lifecycle.forward import fake_quantize
 from safetensors.torch import load_file
 
-from ct_fixtures import (FORMATS, SCHEMES, Qwen3LayerLinears, quantize_with_library, write_checkpoint,
+from ct_fixtures import (FORMATS, QWEN3_BF16, SCHEMES, Qwen3LayerLinears, quantize_with_library, write_checkpoint,
                          write_qwen3_ct_checkpoint)
 from conftest import rel_err
 from sgl_ascend.errors import CheckpointError
@@ -59,12 +59,14 @@ def checkpoints(tmp_path_factory):
     return out
 
 
-def build(path, fused, tp_rank=0, tp_size=1, dtype=torch.float32, config=None):
+def build(path, fused, tp_rank=0, tp_size=1, dtype=torch.float32, config=None, prefix_layer=0):
     config = config or ct.CompressedTensorsConfig.from_dir(path)
     parallel, shards, k, sizes = LAYERS[fused]
+    if prefix_layer:
+        shards = {i: s.replace(P, f"model.layers.{prefix_layer}") for i, s in shards.items()}
     qkv = QKVSizes(HEADS, KV_HEADS, HEAD_DIM, tp_size) if fused.endswith("qkv_proj") else None
     sizes = qkv.full_sizes if qkv else sizes
-    prefix = f"{P}.{fused}"
+    prefix = f"model.layers.{prefix_layer}.{fused}"
     layer = ParallelLinear(k, sizes, config.get_linear_scheme(prefix), parallel=parallel, prefix=prefix,
                            tp_rank=tp_rank, tp_size=tp_size, params_dtype=dtype, qkv=qkv)
     load_linear(layer, SafetensorsCheckpoint(path), shards)
@@ -340,8 +342,16 @@ def test_full_qwen3_checkpoint_is_hf_loadable(tmp_path):
     assert "model.layers.1.self_attn.q_proj.weight_packed" in tensors
     assert "model.embed_tokens.weight" in tensors and "lm_head.weight" in tensors
     assert tensors["lm_head.weight"].dtype == torch.bfloat16
+    assert "model.layers.1.self_attn.q_proj.weight" not in tensors  # no float copy beside the packed one
     for name in ("tokenizer.json", "config.json"):
         assert os.path.exists(os.path.join(path, name))
     config = ct.CompressedTensorsConfig.from_dir(path)
     assert config.scheme_args("model.layers.1.mlp.gate_up_proj").kind == ct.WNA16
     assert config.scheme_args("lm_head") is None
+    bf16 = load_file(os.path.join(QWEN3_BF16, "model.safetensors"))
+    layer = build(path, "mlp.gate_up_proj", dtype=torch.bfloat16, prefix_layer=1, config=config)
+    x = _inputs()[HIDDEN].bfloat16()
+    weight = torch.cat([bf16[f"model.layers.1.mlp.{s}_proj.weight"] for s in ("gate", "up")]).float()
+    err = rel_err(layer(x), x.float() @ weight.t())
+    print("full-checkpoint gate_up rel err", err)
+    assert err < 0.1  # int4 group-32 quantization error
