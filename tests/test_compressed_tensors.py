@@ -352,6 +352,5 @@ def test_full_qwen3_checkpoint_is_hf_loadable(tmp_path):
     layer = build(path, "mlp.gate_up_proj", dtype=torch.bfloat16, prefix_layer=1, config=config)
     x = _inputs()[HIDDEN].bfloat16()
     weight = torch.cat([bf16[f"model.layers.1.mlp.{s}_proj.weight"] for s in ("gate", "up")]).float()
-    err = rel_err(layer(x), x.float() @ weight.t())
-    print("full-checkpoint gate_up rel err", err)
-    assert err < 0.1  # int4 group-32 quantization error
+    # int4 symmetric group-32 weights: about 0.098 relative error against the bf16 source here.
+    assert rel_err(layer(x), x.float() @ weight.t()) < 0.12
