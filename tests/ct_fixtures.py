@@ -37,6 +37,7 @@ SCHEMES = {
     "w4a16_group_asym": {"weights": {**INT8, "num_bits": 4, "symmetric": False, "strategy": "group",
                                      "group_size": 32}},
     "w8a16_channel": {"weights": {**INT8, "strategy": "channel"}},
+    "w8a16_channel_unpacked": {"weights": {**INT8, "strategy": "channel"}},
     "w4a8": {"weights": {**INT8, "num_bits": 4, "strategy": "group", "group_size": 32},
              "input_activations": {**INT8, "strategy": "token", "dynamic": True}},
     "fp8_dynamic": {"weights": {"num_bits": 8, "type": "float", "symmetric": True, "strategy": "channel"},
@@ -47,7 +48,8 @@ SCHEMES = {
                                          "dynamic": False}},
 }
 FORMATS = {"w4a16_group": "pack-quantized", "w4a16_group_asym": "pack-quantized",
-           "w8a16_channel": "pack-quantized", "w4a8": "int-quantized"}
+           "w8a16_channel": "pack-quantized", "w8a16_channel_unpacked": "int-quantized",
+           "w4a8": "int-quantized"}
 
 QWEN3_LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                  "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")

@@ -35,7 +35,7 @@ LAYERS = {  # fused layer -> (parallel, shards, input size, output sizes)
 }
 EXPECTED_KIND = {"w8a8_static": ct.W8A8_STATIC, "w8a8_static_asym": ct.W8A8_STATIC,
                  "w8a8_dynamic": ct.W8A8_DYNAMIC, "w8a8_dynamic_tensor": ct.W8A8_DYNAMIC, "w4a16_group": ct.WNA16, "w4a16_group_asym": ct.WNA16,
-                 "w8a16_channel": ct.WNA16, "w4a8": ct.W4A8, "fp8_dynamic": ct.FP8_W8A16,
+                 "w8a16_channel": ct.WNA16, "w8a16_channel_unpacked": ct.WNA16, "w4a8": ct.W4A8, "fp8_dynamic": ct.FP8_W8A16,
                  "fp8_static": ct.FP8_W8A16}
 TOKENS = 8
 
@@ -307,6 +307,13 @@ def test_wrong_weight_shape_names_file_and_tensor(tmp_path, checkpoints):
                    lambda t: t.__setitem__(name, torch.tensor([INTER + 8, HIDDEN])))
     with pytest.raises(CheckpointError, match="weight_shape says"):
         build(path, "mlp.gate_up_proj")
+
+
+def test_tp_size_that_splits_a_group_is_refused(checkpoints):
+    path = checkpoints["w4a16_group"][0]
+    assert build(path, "self_attn.o_proj", tp_rank=3, tp_size=4).weight_scale.shape == (1, HIDDEN)
+    with pytest.raises(CheckpointError, match="whole number of groups of 32"):
+        build(path, "self_attn.o_proj", tp_rank=0, tp_size=8)
 
 
 def test_packed_width_mismatch_names_file_and_tensor(tmp_path, checkpoints):
