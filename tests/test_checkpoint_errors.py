@@ -120,7 +120,8 @@ def _edit_index(folder, edit):
 
 def test_index_points_at_missing_shard(tmp_path, parts):
     folder = write_modelslim(str(tmp_path), *parts)
-    index = _edit_index(folder, lambda m: m.__setitem__(f"{Q}.weight", "quant_model_weights-00002-of-00002.safetensors"))
+    second = "quant_model_weights-00002-of-00002.safetensors"
+    index = _edit_index(folder, lambda m: m.__setitem__(f"{Q}.weight", second))
     message = str(_error(lambda: SafetensorsCheckpoint(folder)))
     assert f"file {index}" in message and f"tensor {Q}.weight" in message
     assert "in quant_model_weights-00002-of-00002.safetensors, but that file is missing" in message
