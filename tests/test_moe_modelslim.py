@@ -7,7 +7,6 @@ layers currently match to the last bit.
 """
 
 import json
-import os
 import shutil
 
 import pytest

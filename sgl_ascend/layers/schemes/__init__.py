@@ -3,6 +3,7 @@
 from sgl_ascend.layers.schemes.base import LinearScheme, SchemeLinearMethod
 from sgl_ascend.layers.schemes.unquantized import UnquantizedLinear
 from sgl_ascend.layers.schemes.w4a4_dynamic import W4A4DynamicLinear
+from sgl_ascend.layers.schemes.w4a8_dynamic import W4A8DynamicLinear
 from sgl_ascend.layers.schemes.w8a8_dynamic import W8A8DynamicLinear
 from sgl_ascend.layers.schemes.w8a8_static import W8A8StaticLinear
 from sgl_ascend.layers.schemes.w8a16 import W8A16Linear
@@ -13,6 +14,7 @@ MODELSLIM_LINEAR_SCHEMES = {
     "W8A8_DYNAMIC": W8A8DynamicLinear,
     "W8A16": W8A16Linear,
     "W4A4_DYNAMIC": W4A4DynamicLinear,
+    "W4A8_DYNAMIC": W4A8DynamicLinear,
 }
 
 
@@ -28,4 +30,4 @@ def linear_scheme_for_modelslim(kind: str, config, prefix: str) -> LinearScheme:
 
 
 __all__ = ["LinearScheme", "SchemeLinearMethod", "MODELSLIM_LINEAR_SCHEMES", "linear_scheme_for_modelslim",
-           "UnquantizedLinear", "W4A4DynamicLinear", "W8A8DynamicLinear", "W8A8StaticLinear", "W8A16Linear"]
+           "UnquantizedLinear", "W4A4DynamicLinear", "W4A8DynamicLinear", "W8A8DynamicLinear", "W8A8StaticLinear", "W8A16Linear"]
