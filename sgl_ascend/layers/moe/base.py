@@ -64,6 +64,11 @@ def copy_write(target: torch.Tensor, loaded: torch.Tensor) -> None:
     target.copy_(loaded.reshape(target.shape))
 
 
+def transposed_write(target: torch.Tensor, loaded: torch.Tensor) -> None:
+    """[n, k] checkpoint rows into the kernel's [k, n] slice (a strided copy, no staging tensor)."""
+    target.copy_(loaded.t())
+
+
 def register_expert(layer: torch.nn.Module, attr: str, data: torch.Tensor, spec: TensorSpec, *,
                     n_dim: Optional[int] = 0, write: Callable = copy_write, **extra_weight_attrs):
     """Attach a fused expert parameter [E_local, ...] with its loading rule (see module docstring).
