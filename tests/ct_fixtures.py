@@ -31,18 +31,25 @@ SCHEMES = {
                          "input_activations": {**INT8, "symmetric": False, "strategy": "tensor", "dynamic": False}},
     "w8a8_dynamic": {"weights": {**INT8, "strategy": "channel"},
                      "input_activations": {**INT8, "strategy": "token", "dynamic": True}},
+    "w8a8_dynamic_tensor": {"weights": {**INT8, "strategy": "tensor"},
+                            "input_activations": {**INT8, "strategy": "token", "dynamic": True}},
     "w4a16_group": {"weights": {**INT8, "num_bits": 4, "strategy": "group", "group_size": 32}},
     "w4a16_group_asym": {"weights": {**INT8, "num_bits": 4, "symmetric": False, "strategy": "group",
                                      "group_size": 32}},
     "w8a16_channel": {"weights": {**INT8, "strategy": "channel"}},
+    "w8a16_channel_unpacked": {"weights": {**INT8, "strategy": "channel"}},
     "w4a8": {"weights": {**INT8, "num_bits": 4, "strategy": "group", "group_size": 32},
              "input_activations": {**INT8, "strategy": "token", "dynamic": True}},
     "fp8_dynamic": {"weights": {"num_bits": 8, "type": "float", "symmetric": True, "strategy": "channel"},
                     "input_activations": {"num_bits": 8, "type": "float", "symmetric": True,
                                           "strategy": "token", "dynamic": True}},
+    "fp8_static": {"weights": {"num_bits": 8, "type": "float", "symmetric": True, "strategy": "tensor"},
+                   "input_activations": {"num_bits": 8, "type": "float", "symmetric": True, "strategy": "tensor",
+                                         "dynamic": False}},
 }
 FORMATS = {"w4a16_group": "pack-quantized", "w4a16_group_asym": "pack-quantized",
-           "w8a16_channel": "pack-quantized", "w4a8": "int-quantized"}
+           "w8a16_channel": "pack-quantized", "w8a16_channel_unpacked": "int-quantized",
+           "w4a8": "int-quantized"}
 
 QWEN3_LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                  "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
@@ -145,14 +152,17 @@ def write_qwen3_ct_checkpoint(path: str, scheme: str = "w4a16_group", calib_toke
     model = Qwen3LayerLinears(c["hidden_size"], c["intermediate_size"], c["num_attention_heads"],
                               c["num_key_value_heads"], c["head_dim"], c["num_hidden_layers"],
                               vocab=c["vocab_size"], dtype=torch.bfloat16)
-    model.load_state_dict({k: v for k, v in bf16.items() if k in model.state_dict()}, strict=True)
+    linear_names = set(model.state_dict())
+    model.load_state_dict({k: v for k, v in bf16.items() if k in linear_names}, strict=True)
     gen = torch.Generator().manual_seed(0)
-    calib = {name: torch.randn(calib_tokens, m.in_features, generator=gen)
+    # q/k/v and gate/up read one input in the model: they must share one calibration input.
+    inputs = {}
+    calib = {name: inputs.setdefault((name.rsplit(".", 2)[0], m.in_features),
+                                     torch.randn(calib_tokens, m.in_features, generator=gen))
              for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
     tensors, quant_config, _ = quantize_with_library(model, SCHEMES[scheme], fmt=FORMATS.get(scheme), calib=calib)
     # Norms and embeddings are not Linear layers: they come over from the bf16 checkpoint as they are.
-    for name, tensor in bf16.items():
-        tensors.setdefault(name, tensor)
+    tensors.update({name: t for name, t in bf16.items() if name not in linear_names})
     write_checkpoint(path, tensors, quant_config, hf_config)
     for name in _TOKENIZER_FILES:
         shutil.copy(os.path.join(QWEN3_BF16, name), path)

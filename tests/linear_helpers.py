@@ -6,6 +6,7 @@ straight from the checkpoint tensors (never through sgl_ascend.ops):
   W8A8 static  x_fq = (sat8(round(x / s + o)) - o) * s    (input_scale s, input_offset o); the
                weight scale is deq_scale / s, and quant_bias carries -o * sum_k w (+ the float bias)
   dynamic      x_fq = round(x / t) * t per token, t = max|x| / 127 (int8) or / 7 (int4), t in fp32
+The activation quantization step (x / scale) is computed in fp32 like the device; the rest in float64.
 """
 
 import functools
@@ -93,8 +94,10 @@ def shard_reference(tensors: Dict[str, torch.Tensor], kind: str, x: torch.Tensor
     """
     w = tensors["weight"].double()
     if kind == "W8A8":
-        s, o = tensors["input_scale"].double(), tensors["input_offset"].double()
-        xq = torch.round(x.double() / s + o).clamp(-128, 127)
+        s, o = tensors["input_scale"].float(), tensors["input_offset"].float()
+        # x / s + o in fp32, as the device computes it (float64 would round some near-ties the other way)
+        xq = torch.round(x.float() / s + o).clamp(-128, 127).double()
+        s, o = s.double(), o.double()
         x_fq = (xq - o) * s
         w_dq = w * (decode_int64_scale(tensors["deq_scale"]).double() / s)[:, None]
     elif kind == "FLOAT":
@@ -112,14 +115,15 @@ def shard_reference(tensors: Dict[str, torch.Tensor], kind: str, x: torch.Tensor
     return y
 
 
-def layer_reference(path: str, kind: str, x: torch.Tensor, layer: int = 0, k_slices: int = 1, **dims):
+def layer_reference(path: str, kind: str, x: torch.Tensor, layer: int = 0, k_slices: int = 1, bias: bool = True,
+                    **dims):
     """The whole (tp=1) fused layer's reference output: shard outputs side by side."""
     config, checkpoint = open_checkpoint(path)
     _, _, shards = layer_spec(kind, layer, **dims)
     outs = []
     for prefix in shards.values():
         tensors = {s: checkpoint.get(i.name) for s, i in checkpoint.with_prefix(prefix).items()}
-        outs.append(shard_reference(tensors, config.types[f"{prefix}.weight"], x, k_slices))
+        outs.append(shard_reference(tensors, config.types[f"{prefix}.weight"], x, k_slices, bias))
     return torch.cat(outs, dim=-1)
 
 
@@ -130,11 +134,16 @@ def original_reference(kind: str, x: torch.Tensor, layer: int = 0, original: str
     return torch.cat([x.double() @ checkpoint.get(f"{p}.weight").double().t() for p in shards.values()], dim=-1)
 
 
-def tight_error(out: torch.Tensor, ref: torch.Tensor) -> float:
-    """Largest |out - ref| in units of one bf16 rounding of the element (plus 1% of the rms as floor)."""
+def tight_error(out: torch.Tensor, ref: torch.Tensor, magnitude: Optional[torch.Tensor] = None) -> float:
+    """Largest |out - ref| in units of one bf16 rounding of the element (plus 1% of the rms as floor).
+
+    `magnitude` (default |ref|) is what a rounding is relative to; pass the terms' own sizes where
+    they cancel (a bias added after a product whose scale the kernel holds in bf16).
+    """
     ref = ref.double()
+    magnitude = ref.abs() if magnitude is None else magnitude.double()
     floor = 0.01 * ref.pow(2).mean().sqrt()
-    return ((out.double() - ref).abs() / (ref.abs() * 2.0**-8 + floor * 2.0**-8)).max().item()
+    return ((out.double() - ref).abs() / ((magnitude + floor) * 2.0**-8)).max().item()
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:

@@ -120,7 +120,8 @@ def _edit_index(folder, edit):
 
 def test_index_points_at_missing_shard(tmp_path, parts):
     folder = write_modelslim(str(tmp_path), *parts)
-    index = _edit_index(folder, lambda m: m.__setitem__(f"{Q}.weight", "quant_model_weights-00002-of-00002.safetensors"))
+    second = "quant_model_weights-00002-of-00002.safetensors"
+    index = _edit_index(folder, lambda m: m.__setitem__(f"{Q}.weight", second))
     message = str(_error(lambda: SafetensorsCheckpoint(folder)))
     assert f"file {index}" in message and f"tensor {Q}.weight" in message
     assert "in quant_model_weights-00002-of-00002.safetensors, but that file is missing" in message
@@ -150,3 +151,19 @@ def test_nonzero_offset_for_a_symmetric_kernel(tmp_path):
     assert f"file {tmp_path / WEIGHTS}" in message
     assert f"tensor {Q}.weight_offset, {K}.weight_offset, {V}.weight_offset" in message
     assert "non-zero weight offset (max |offset| = 2)" in message
+
+
+def test_w8a8_float_bias_missing_from_quant_bias(tmp_path):
+    tensors, types = synthetic_qwen3_tensors("W8A8", torch.Generator().manual_seed(9), float_bias=True)
+    tensors[f"{K}.bias"] = tensors[f"{K}.bias"] + 1.0  # no longer what quant_bias carries
+    message = str(_qkv_error(write_modelslim(str(tmp_path), tensors, types)))
+    assert f"file {tmp_path / WEIGHTS}" in message and f"tensor {Q}.bias, {K}.bias, {V}.bias" in message
+    assert "the float bias is not inside quant_bias" in message
+
+
+def test_missing_or_broken_description(tmp_path):
+    error = _error(lambda: ModelSlimConfig.from_dir(str(tmp_path)))
+    assert f"file {tmp_path / DESCRIPTION}" in str(error) and "not an msModelSlim checkpoint" in str(error)
+    (tmp_path / DESCRIPTION).write_text("{not json")
+    error = _error(lambda: ModelSlimConfig.from_dir(str(tmp_path)))
+    assert f"file {tmp_path / DESCRIPTION}" in str(error) and "not valid json" in str(error)

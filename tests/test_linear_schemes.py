@@ -16,7 +16,8 @@ from linear_helpers import (KINDS, build_layer, fixture_layer, layer_reference, 
                             rel_err, synthetic_qwen3, tight_error)
 from sgl_ascend.ops.int4 import pack_int4_to_int32, unpack_int32_to_int4
 
-TIGHT = {"W8A8StaticLinear": 1.1, "W8A8DynamicLinear": 1.1, "W4A4DynamicLinear": 1.1, "W8A16Linear": 2.1}
+TIGHT = {"W8A8StaticLinear": 1.1, "W8A8DynamicLinear": 1.1, "W4A4DynamicLinear": 1.1, "W8A16Linear": 2.1,
+         "UnquantizedLinear": 1.1}
 # relative (norm) error vs the bf16 model on these inputs; measured 0.045 / 0.011 / 0.008 / 0.17
 VS_ORIGINAL = {"W8A8StaticLinear": 0.08, "W8A8DynamicLinear": 0.02, "W8A16Linear": 0.015,
                "W4A4DynamicLinear": 0.25}
@@ -119,3 +120,17 @@ def test_asymmetric_w8a16_pins_the_offset_sign(asymmetric_w8a16, kind, gen):
 def test_asymmetric_w8a16_offset_really_is_asymmetric(asymmetric_w8a16):
     layer = build_layer(asymmetric_w8a16, "gate_up_proj", process=False)
     assert torch.count_nonzero(layer.weight_offset.data) > 0.9 * layer.weight_offset.numel()
+
+
+@pytest.mark.parametrize("scheme", ["W8A8", "W8A8_DYNAMIC", "W8A16", "W4A4_DYNAMIC", "FLOAT"])
+def test_float_bias_is_applied_once(tmp_path, scheme, gen):
+    # anti-outlier smoothing gives projections a FLOAT bias; the reference adds it to the float math.
+    # (W8A8 carries it folded into quant_bias, rounded to one accumulator step: below bf16 rounding.)
+    folder = synthetic_qwen3(str(tmp_path), scheme, torch.Generator().manual_seed(8), float_bias=True)
+    for kind in KINDS:
+        layer = build_layer(folder, kind)
+        x = _input(layer, gen)
+        ref, without = layer_reference(folder, kind, x), layer_reference(folder, kind, x, bias=False)
+        magnitude = without.abs() + (ref - without).abs()
+        assert tight_error(layer(x), ref, magnitude) <= TIGHT[type(layer.scheme).__name__], kind
+        assert tight_error(without, ref, magnitude) > 20

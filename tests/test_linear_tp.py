@@ -3,7 +3,7 @@ the ranks' outputs put together (concatenated for column layers, summed for row 
 all-gather / all-reduce would) equal the tp=1 layer's output.
 
 Slices are checked before processing against an independent slicing of the raw checkpoint tensors;
-outputs after processing, with fp32 activations so that the comparison is not blurred by bf16.
+outputs after processing, with fp32 activations (params_dtype fp32) so that bf16 does not blur them.
 """
 
 import pytest
@@ -24,6 +24,7 @@ CHECKPOINTS = {
     "synthetic-W8A8_DYNAMIC-bias": ALL_KINDS,   # FLOAT bias on column and row layers
     "synthetic-W8A8-bias": ALL_KINDS,           # float bias folded into quant_bias, row included
     "synthetic-W4A4_DYNAMIC": ALL_KINDS,        # int4 row-parallel
+    "synthetic-FLOAT-bias": ALL_KINDS,          # unquantized layers with a bias
 }
 CASES = [(name, kind) for name, kinds in CHECKPOINTS.items() for kind in kinds]
 
@@ -34,7 +35,8 @@ def synthetic_dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("tp")
     return {"synthetic-W8A8_DYNAMIC-bias": synthetic_qwen3(str(root / "dyn"), "W8A8_DYNAMIC", gen, float_bias=True),
             "synthetic-W8A8-bias": synthetic_qwen3(str(root / "static"), "W8A8", gen, float_bias=True),
-            "synthetic-W4A4_DYNAMIC": synthetic_qwen3(str(root / "w4a4"), "W4A4_DYNAMIC", gen)}
+            "synthetic-W4A4_DYNAMIC": synthetic_qwen3(str(root / "w4a4"), "W4A4_DYNAMIC", gen),
+            "synthetic-FLOAT-bias": synthetic_qwen3(str(root / "float"), "FLOAT", gen, float_bias=True)}
 
 
 def _path(name, synthetic_dirs):
@@ -93,12 +95,12 @@ def _put_together(outputs, layer_sizes, tp, kind):
 @pytest.mark.parametrize("name,kind", CASES)
 def test_rank_outputs_put_together_equal_tp1(name, kind, tp, synthetic_dirs, gen):
     path = _path(name, synthetic_dirs)
-    whole = build_layer(path, kind)
+    whole = build_layer(path, kind, params_dtype=torch.float32)
     x = torch.randn(5, whole.input_size, generator=gen)
     if hasattr(whole, "input_scale"):
         x = x * whole.input_scale.item() * 40
     expected = whole(x)
-    ranks = [build_layer(path, kind, tp_rank=r, tp_size=tp) for r in range(tp)]
+    ranks = [build_layer(path, kind, tp_rank=r, tp_size=tp, params_dtype=torch.float32) for r in range(tp)]
     if whole.parallel == "row":
         shards = x.chunk(tp, dim=-1)
         total = sum(layer(part) for layer, part in zip(ranks, shards))

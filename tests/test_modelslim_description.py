@@ -2,6 +2,8 @@
 layer level: `quant_model_weight_w8a8*` files, bf16 scales, and anti-outlier smoothing tensors
 (FLOAT `*norm.bias` and q/k/v `bias`)."""
 
+import os
+
 import pytest
 import torch
 
@@ -49,7 +51,10 @@ def test_attention_quantization_is_refused():
 # -- the V0 fixture --------------------------------------------------------------------------------
 
 def test_v0_lists_anti_outlier_tensors():
-    config = ModelSlimConfig.from_dir(msmodelslim_fixture(V0))
+    config, checkpoint = open_checkpoint(msmodelslim_fixture(V0))
+    assert checkpoint.index_file.endswith("quant_model_weight_w8a8.safetensors.index.json")
+    files = {os.path.basename(i.file) for i in checkpoint.infos()}
+    assert files == {"quant_model_weight_w8a8-00001-of-00001.safetensors"}
     norms = [f"model.layers.{i}.{n}.bias" for i in (0, 1)
              for n in ("input_layernorm", "post_attention_layernorm", "self_attn.k_norm", "self_attn.q_norm")]
     assert config.norm_bias_names() == sorted(norms + ["model.norm.bias"])

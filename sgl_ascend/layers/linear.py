@@ -131,6 +131,8 @@ def load_linear(layer: ParallelLinear, checkpoint, shards: Dict[ShardId, str], p
             try:
                 layer.weight_loader(param, checkpoint.get(info.name), shard_id)
             except CheckpointError as exc:
+                if exc.file is not None:  # already located (e.g. against config.json)
+                    raise
                 raise _located(exc, [info]) from None
     if not process:
         return

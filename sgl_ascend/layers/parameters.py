@@ -54,7 +54,8 @@ class ShardedParameter(torch.nn.Parameter):
     def load_qkv_weight(self, loaded_weight: torch.Tensor, shard_id: Union[str, None] = None,
                         shard_offset: Optional[int] = None, shard_size: Optional[int] = None,
                         num_heads: int = 1, tp_rank: int = 0, use_presharded_weights: bool = False, **_):
-        # SGLang passes tp_rank and num_heads = kv head replicas; `replicas` ranks share one k/v slice.
+        # SGLang passes tp_rank (its kv group's rank for k/v) and num_heads = kv head replicas:
+        # that many consecutive ranks share one k/v slice, as in SGLang's own parameters.
         source_rank = tp_rank if shard_id == "q" else tp_rank // max(num_heads, 1)
         index = QKV_SHARD_INDEX[shard_id] if shard_id is not None else None
         self._load_fused_shard(loaded_weight, index, shard_offset, shard_size,
@@ -117,10 +118,13 @@ class ShardedParameter(torch.nn.Parameter):
     def _check_dtype(self, loaded, shard_index=None):
         want_int = not self.data.dtype.is_floating_point
         got_int = not loaded.dtype.is_floating_point
-        if want_int != got_int or (want_int and loaded.dtype != self.data.dtype):
+        # FP8 values are codes like ints: a copy from (or into) another float dtype would re-quantize.
+        fp8 = self.data.dtype.itemsize == 1 or loaded.dtype.itemsize == 1
+        if want_int != got_int or ((want_int or fp8) and loaded.dtype != self.data.dtype):
             raise CheckpointError(
                 f"dtype {loaded.dtype} where {self.data.dtype} is expected; the checkpoint's scheme "
-                "does not match this tensor. Re-export it or check quant_model_description.json.",
+                "does not match this tensor. Re-export it or check its quantization description "
+                "(quant_model_description.json, or quantization_config in config.json).",
                 tensor=self._shard_name(shard_index))
 
     def _shard_name(self, shard_index):

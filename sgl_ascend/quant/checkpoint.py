@@ -70,9 +70,10 @@ class SafetensorsCheckpoint:
         for file in files:
             if not os.path.exists(file):
                 missing = sorted(k for k, v in self.index.items() if os.path.join(self.path, v) == file)
+                more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
                 raise CheckpointError(
-                    f"the index places it (and {len(missing) - 1} more) in {os.path.basename(file)}, "
-                    "but that file is missing; copy the whole checkpoint folder.",
+                    f"the index places it{more} in {os.path.basename(file)}, but that file is missing; "
+                    "copy the whole checkpoint folder.",
                     file=self.index_file, tensor=missing[0])
         return files
 

@@ -9,6 +9,9 @@ The scheme decision follows vLLM's order, which users of these checkpoints expec
 weight-only int channel/group -> WNA16; FP8 weights + FP8 activations -> W8A8-FP8 where the device
 has an FP8 matmul, else weight-only FP8; int8 weights + static per-tensor int8 activations -> W8A8
 static; + dynamic per-token -> W8A8 dynamic; int4 weights + dynamic per-token int8 -> W4A8.
+Dynamic activations are quantized by the NPU's convention (absmax / 127 per token), not the
+library's fake-quantization (absmax / 127.5): a 0.4% difference in scale, well inside the
+activation rounding error, and nothing the checkpoint stores depends on it.
 """
 
 import json
@@ -121,13 +124,18 @@ def decide_kind(weights: Optional[QuantizationArgs], acts: Optional[Quantization
     return None
 
 
+def enum_str(enum_or_str) -> str:
+    """The library keeps enum values as plain strings in some versions; print either alike."""
+    return str(getattr(enum_or_str, "value", enum_or_str))
+
+
 def _describe(args: Optional[QuantizationArgs]) -> str:
     if args is None:
         return "none"
     extra = f" group_size={args.group_size}" if args.strategy == QuantizationStrategy.GROUP else ""
     sym = "symmetric" if args.symmetric else "asymmetric"
     dyn = "dynamic" if args.dynamic else "static"
-    return f"{args.type.value}{args.num_bits} {args.strategy.value}{extra} {sym} {dyn}"
+    return f"{enum_str(args.type)}{args.num_bits} {enum_str(args.strategy)}{extra} {sym} {dyn}"
 
 
 class CompressedTensorsConfig:
@@ -202,7 +210,7 @@ class CompressedTensorsConfig:
                 "W4A8 int4 + dynamic int8 tokens, FP8). Re-quantize with one of those.",
                 file=self.source, tensor=where)
         fmt = scheme.format or self.config.format
-        fmt = fmt.value if isinstance(fmt, CompressionFormat) else str(fmt)
+        fmt = enum_str(fmt)
         if fmt not in _FORMATS[kind]:
             raise CheckpointError(
                 f"format {fmt!r} does not store {kind} weights the way sgl-ascend reads them; expected "

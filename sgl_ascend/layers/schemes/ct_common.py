@@ -26,6 +26,12 @@ class WeightShape(ShardedParameter):
         if loaded.numel() != 2:
             raise CheckpointError(f"expected 2 values [out, in], got shape {shape_str(loaded.shape)}",
                                   tensor=self._shard_name(shard_index))
+        out_features, in_features = loaded.reshape(2).tolist()
+        if in_features != self.input_size:
+            raise CheckpointError(
+                f"weight_shape says the unpacked weight is [{out_features}, {in_features}], but the layer "
+                f"has {self.input_size} input channels; the checkpoint does not match the model config "
+                "(or was packed from a different shape).", tensor=self._shard_name(shard_index))
         self.data[shard_index or 0] = loaded.reshape(2)
 
     def load_column_parallel_weight(self, loaded_weight, **_):
@@ -41,10 +47,11 @@ class WeightShape(ShardedParameter):
         self._row(None if shard_id is None else QKV_SHARD_INDEX[shard_id], loaded_weight)
 
 
-def register_weight_shape(layer: torch.nn.Module, shards: int) -> None:
+def register_weight_shape(layer: torch.nn.Module, shards: int, input_size: int) -> None:
     prefix = getattr(layer, "prefix", "") or layer.__class__.__name__
-    layer.register_parameter("weight_shape", WeightShape(torch.full((shards, 2), -1, dtype=torch.int64),
-                                                         name=f"{prefix}.weight_shape"))
+    param = WeightShape(torch.full((shards, 2), -1, dtype=torch.int64), name=f"{prefix}.weight_shape")
+    param.input_size = input_size
+    layer.register_parameter("weight_shape", param)
 
 
 def check_and_drop_weight_shape(layer: torch.nn.Module, input_size: int, output_size: int) -> None:

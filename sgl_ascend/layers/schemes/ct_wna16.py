@@ -51,7 +51,7 @@ class CTWNA16Linear(LinearScheme):
         if self.packed:
             register(layer, "weight_packed", torch.empty(n, k // per_word, dtype=torch.int32),
                      output_dim=0, input_dim=1)
-            register_weight_shape(layer, len(output_partition_sizes))
+            register_weight_shape(layer, len(output_partition_sizes), input_size)
         else:
             register(layer, "weight", torch.empty(n, k, dtype=torch.int8), output_dim=0, input_dim=1)
         groups = k // self.group_size if self.group_size else 1
