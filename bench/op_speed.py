@@ -47,6 +47,17 @@ def build(name: str, n: int, k: int, gen) -> ParallelLinear:
     return layer
 
 
+def cpu_int4pack_probe(n: int, k: int, gen, group: int = 128):
+    """torch's int4 CPU kernel on its own weight layout ([N, K/2] uint8, interleaved), for comparison.
+    Not a twin path: the NPU layout is [K, N/8] int32 packed along N, which this kernel cannot read,
+    so using it would need a second, CPU-layout copy of every int4 weight (see bench/README.md)."""
+    values = torch.randint(0, 16, (n, k), generator=gen, dtype=torch.int32)
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(values, 1)
+    scale_zero = torch.stack([torch.rand(k // group, n, generator=gen) * 1e-2,
+                              torch.zeros(k // group, n)], dim=-1).to(torch.bfloat16)
+    return lambda x: torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, group, scale_zero)
+
+
 def paired_min(base_fn, fn, budget_s: float):
     """Alternate the two calls and keep each one's fastest run: on a shared machine the minimum is
     the run least disturbed by other processes, and alternating exposes both to the same load."""
@@ -75,6 +86,7 @@ def main():
         for n, k in shapes:
             w = (torch.randn(n, k, generator=gen) / k ** 0.5).to(torch.bfloat16)
             layers = {name: build(name, n, k, gen) for name in SCHEMES}
+            layers["(probe) aten int4pack_mm_for_cpu g128"] = cpu_int4pack_probe(n, k, gen)
             for m in (1, 128, 512):
                 x = torch.randn(m, k, generator=gen).to(torch.bfloat16)
                 for name, layer in layers.items():
