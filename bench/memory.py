@@ -164,7 +164,8 @@ def main():
                     for name, kind in moe]
     print("SGLang load order: build all layers, load all tensors, process all layers")
     _report(f"dense: Qwen3-1.7B layer proportions, {args.layers} layers, vocab 32000", rows, "linear",
-            {"W8A8": 0.52, "W8A8_DYNAMIC": 0.52, "W8A16": 0.52, "W4A4_DYNAMIC": 0.27, "CT W4A16 g128": 0.27})
+            {"W8A8": 0.52, "W8A8_DYNAMIC": 0.52, "W8A16": 0.52, "W4A4_DYNAMIC": 0.27, "W4A8_DYNAMIC": 0.27,
+             "CT W4A16 g128": 0.27})
     s = synthetic.MOE_SHAPE
     _report(f"MoE: Qwen3-30B-A3B expert proportions (hidden 2048, moe_intermediate {s['moe_intermediate_size']}), "
             f"{s['num_experts']} experts x {s['num_hidden_layers']} layers, attention W8A8_DYNAMIC", moe_rows,

@@ -19,15 +19,15 @@ import torch
 import torch.nn.functional as F
 
 from sgl_ascend.layers.linear import ParallelLinear
-from sgl_ascend.layers.schemes import (CTWNA16Linear, W4A4DynamicLinear, W8A8DynamicLinear, W8A8StaticLinear,
-                                       W8A16Linear)
+from sgl_ascend.layers.schemes import (CTWNA16Linear, W4A4DynamicLinear, W4A8DynamicLinear, W8A8DynamicLinear,
+                                       W8A8StaticLinear, W8A16Linear)
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import synthetic  # noqa: E402
 
 WEIGHT_ONLY = ("W8A16", "CT W4A16 g128")
 SCHEMES = {"W8A8": W8A8StaticLinear, "W8A8_DYNAMIC": W8A8DynamicLinear, "W8A16": W8A16Linear,
-           "W4A4_DYNAMIC": W4A4DynamicLinear, "CT W4A16 g128": lambda: CTWNA16Linear(4, 128, True, packed=True)}
+           "W4A4_DYNAMIC": W4A4DynamicLinear, "W4A8_DYNAMIC": W4A8DynamicLinear, "CT W4A16 g128": lambda: CTWNA16Linear(4, 128, True, packed=True)}
 
 
 def build(name: str, n: int, k: int, gen) -> ParallelLinear:

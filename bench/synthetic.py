@@ -16,7 +16,8 @@ from safetensors.torch import save_file
 SHAPE = dict(hidden_size=2048, intermediate_size=6144, num_attention_heads=16, num_key_value_heads=8,
              head_dim=128, num_hidden_layers=4, vocab_size=32000)
 
-MODELSLIM_SCHEMES = ("W8A8", "W8A8_DYNAMIC", "W8A16", "W4A4_DYNAMIC")
+MODELSLIM_SCHEMES = ("W8A8", "W8A8_DYNAMIC", "W8A16", "W4A4_DYNAMIC", "W4A8_DYNAMIC")
+ROW_PARALLEL = ("o_proj", "down_proj")
 
 
 def hf_config(**overrides) -> dict:
@@ -53,8 +54,10 @@ def float_tensors(config: dict, gen) -> dict:
     return out
 
 
-def modelslim_layer(kind: str, n: int, k: int, gen) -> dict:
+def modelslim_layer(kind: str, n: int, k: int, gen, row_parallel: bool = False) -> dict:
     """One linear layer's tensors (suffix -> tensor) as msModelSlim writes them for `kind`."""
+    if kind == "W4A8_DYNAMIC":
+        return expert_tensors(kind, n, k, row_parallel, gen)
     if kind == "FLOAT":
         return {"weight": (torch.randn(n, k, generator=gen) / k ** 0.5).to(torch.bfloat16)}
     high = 8 if kind == "W4A4_DYNAMIC" else 128
@@ -76,7 +79,7 @@ def write_modelslim(path: str, kind: str, seed: int = 0, **overrides) -> str:
     description = {"version": "1.0.0", "model_quant_type": kind, "group_size": 0, "metadata": {}}
     description.update({name: "FLOAT" for name in tensors})
     for prefix, (n, k) in linear_shapes(config).items():
-        for suffix, tensor in modelslim_layer(kind, n, k, gen).items():
+        for suffix, tensor in modelslim_layer(kind, n, k, gen, prefix.endswith(ROW_PARALLEL)).items():
             tensors[f"{prefix}.{suffix}"] = tensor
             description[f"{prefix}.{suffix}"] = kind
     with open(os.path.join(path, "config.json"), "w") as f:

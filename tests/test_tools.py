@@ -13,7 +13,7 @@ from conftest import msmodelslim_fixture
 from sgl_ascend.tools.cli import EXIT_ABOVE_THRESHOLD, EXIT_CHECKPOINT_ERROR, EXIT_OK, main
 
 SERVABLE = ["qwen3-tiny-w8a8-dynamic", "qwen3-tiny-w8a8", "qwen3-tiny-w8a16", "qwen3-tiny-w4a4-dynamic",
-            "qwen3-tiny-bf16"]
+            "qwen3-tiny-w4a8-dynamic", "qwen3-tiny-bf16"]
 BF16 = msmodelslim_fixture("qwen3-tiny-bf16")
 
 
@@ -214,6 +214,7 @@ def test_inspect_not_a_checkpoint(capsys, tmp_path):
     ("qwen3-tiny-w8a8-dynamic", 0.02, 0.02),   # int8 per-token activations
     ("qwen3-tiny-w8a8", 0.045, 0.045),         # int8 static activations
     ("qwen3-tiny-w4a4-dynamic", 0.13, 0.18),   # int4 activations on gate_up
+    ("qwen3-tiny-w4a8-dynamic", 0.02, 0.15),   # int4 weights on the MLP (vs bf16: weight error)
 ])
 def test_verify_layers_and_bytes(capsys, name, own_limit, ref_limit):
     for reference, limit in ((None, own_limit), (BF16, ref_limit)):
