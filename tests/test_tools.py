@@ -282,7 +282,7 @@ def ct_checkpoints(tmp_path_factory):
     from ct_fixtures import write_qwen3_ct_checkpoint
 
     root = tmp_path_factory.mktemp("ct")
-    return {s: write_qwen3_ct_checkpoint(str(root / s), s) for s in ("w8a8_dynamic", "w4a8")}
+    return {s: write_qwen3_ct_checkpoint(str(root / s), s) for s in ("w8a8_dynamic", "w4a8", "w4a16_group")}
 
 
 def test_inspect_compressed_tensors(capsys, ct_checkpoints):
@@ -292,11 +292,16 @@ def test_inspect_compressed_tensors(capsys, ct_checkpoints):
     # int4 weight-only kernel: N*K/2 packed bytes + bf16 group scales N*(K/32)*2, per linear
     o_proj = next(layer for layer in data["layers"] if layer["prefix"] == "model.layers.0.self_attn.o_proj")
     assert o_proj["resident_bytes"] == 128 * 128 // 2 + 128 * (128 // 32) * 2
+    code, data = inspect_json(capsys, ct_checkpoints["w4a16_group"], "--tp", "2")  # pack-quantized int32
+    o_proj = next(layer for layer in data["layers"] if layer["prefix"] == "model.layers.0.self_attn.o_proj")
+    assert code == EXIT_OK and o_proj["scheme"] == "WNA16 (int4 g32, pack-quantized)"
+    assert o_proj["disk_bytes"] == 128 * 128 // 8 * 4 + 128 * 4 * 2 + 2 * 8  # weight_packed, scale, weight_shape
+    assert o_proj["resident_bytes_per_device"] == 128 * 64 // 2 + 128 * (64 // 32) * 2  # row-parallel halves K
     code, data = inspect_json(capsys, ct_checkpoints["w8a8_dynamic"])
     assert code == EXIT_OK and data["memory"]["resident_bytes"] == 566784  # same sums as msModelSlim's
 
 
-@pytest.mark.parametrize("scheme, limit", [("w8a8_dynamic", 0.02), ("w4a8", 0.003)])
+@pytest.mark.parametrize("scheme, limit", [("w8a8_dynamic", 0.02), ("w4a8", 0.003), ("w4a16_group", 0.003)])
 def test_verify_compressed_tensors(capsys, ct_checkpoints, scheme, limit):
     code, out, _ = run(capsys, "verify", ct_checkpoints[scheme], "--json")
     data = json.loads(out)

@@ -182,7 +182,11 @@ def resident_bytes(module: torch.nn.Module) -> int:
 
 
 class HeaderCheckpoint:
-    """A checkpoint whose tensors are meta tensors shaped and typed like the file's: no data read."""
+    """A checkpoint whose tensors are meta tensors shaped and typed like the file's: no weight data is
+    read. Tensors of a few elements (weight_shape metadata, per-tensor scales) are read for real, since
+    loaders may check their values while loading."""
+
+    SMALL_BYTES = 64
 
     def __init__(self, checkpoint: SafetensorsCheckpoint):
         self._checkpoint = checkpoint
@@ -193,6 +197,8 @@ class HeaderCheckpoint:
 
     def get(self, name: str) -> torch.Tensor:
         info = self._checkpoint.info(name)
+        if info.nbytes <= self.SMALL_BYTES:
+            return self._checkpoint.get(name)
         return torch.empty(info.shape, dtype=info.dtype, device="meta")
 
 
