@@ -144,9 +144,11 @@ def test_inspect_moe_bytes(capsys):
     assert experts[0]["bf16_bytes"] == e * 3 * h * i * 2
 
 
-def test_inspect_rejects_ep_not_dividing_tp(capsys):
+def test_inspect_rejects_bad_parallel_sizes(capsys):
     code, out, err = run(capsys, "inspect", msmodelslim_fixture("qwen3-tiny-w8a8-dynamic"), "--tp", "3", "--ep", "2")
     assert code == EXIT_CHECKPOINT_ERROR and "ep dividing tp" in err
+    code, out, err = run(capsys, "inspect", msmodelslim_fixture("qwen3-tiny-w8a8-dynamic"), "--tp", "8")
+    assert code == EXIT_CHECKPOINT_ERROR and "4 attention heads" in err
 
 
 def test_inspect_truncated_file(capsys, tmp_path):

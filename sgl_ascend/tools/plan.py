@@ -312,6 +312,9 @@ def plan_checkpoint(path: str, tp: int = 1, ep: int = 1) -> CheckpointPlan:
     if tp < 1 or ep < 1 or tp % ep:
         raise ValueError(f"need tp >= 1 and ep dividing tp (SGLang: moe_tp = tp / ep), got tp={tp} ep={ep}")
     config = load_config(path)
+    if config.num_attention_heads % tp:
+        raise ValueError(f"tp={tp} does not divide the {config.num_attention_heads} attention heads; "
+                         "SGLang needs whole heads per rank")
     source = scheme_source(path, config)
     checkpoint = SafetensorsCheckpoint(path)
     layout = layout_from_config(config)
