@@ -16,11 +16,13 @@ import torch
 
 from sgl_ascend.errors import CheckpointError
 from sgl_ascend.layers.linear import ParallelLinear, QKVSizes, load_linear
+from sgl_ascend.layers.moe import (FusedMoEMethod, UnquantizedExperts, check_moe_checkpoint,
+                                   moe_method_for_compressed_tensors, moe_method_for_modelslim)
 from sgl_ascend.layers.parameters import ShardedParameter
 from sgl_ascend.layers.schemes import UnquantizedLinear
 from sgl_ascend.quant.checkpoint import SafetensorsCheckpoint, TensorInfo
+from sgl_ascend.quant.compressed_tensors import CompressedTensorsConfig
 from sgl_ascend.quant.modelslim import DESCRIPTION_FILE, ModelSlimConfig
-from sgl_ascend.layers.moe import check_moe_checkpoint
 from sgl_ascend.tools.model_layout import (DecoderConfig, ExpertsSpec, FloatSpec, LinearSpec, ModelLayout,
                                            layout_from_config, load_config)
 
@@ -47,8 +49,6 @@ class UnquantizedSource:
         return "FLOAT"
 
     def moe_method(self, mlp_prefix: str, params_dtype: torch.dtype):
-        from sgl_ascend.layers.moe import FusedMoEMethod, UnquantizedExperts
-
         return FusedMoEMethod(UnquantizedExperts("w13", params_dtype), UnquantizedExperts("w2", params_dtype))
 
     def extra_float_tensors(self):
@@ -75,8 +75,6 @@ class ModelSlimSource:
         return kinds[0] if len(set(kinds)) == 1 else f"{kinds[0]} + {kinds[2]} (down)"
 
     def moe_method(self, mlp_prefix: str, params_dtype: torch.dtype):
-        from sgl_ascend.layers.moe import moe_method_for_modelslim
-
         return moe_method_for_modelslim(self.config, mlp_prefix, params_dtype)
 
     def extra_float_tensors(self):
@@ -88,8 +86,6 @@ class CompressedTensorsSource:
     format = COMPRESSED_TENSORS
 
     def __init__(self, model_dir: str):
-        from sgl_ascend.quant.compressed_tensors import CompressedTensorsConfig
-
         self.config = CompressedTensorsConfig.from_dir(model_dir)
         self.raw = load_config(model_dir).quantization_config
 
@@ -117,8 +113,6 @@ class CompressedTensorsSource:
         return self._name(self.config.moe_scheme_args(spec.prefix, spec.num_experts, spec.projections))
 
     def moe_method(self, mlp_prefix: str, params_dtype: torch.dtype):
-        from sgl_ascend.layers.moe import moe_method_for_compressed_tensors
-
         return moe_method_for_compressed_tensors(self.raw, mlp_prefix)
 
     def extra_float_tensors(self):
