@@ -309,3 +309,27 @@ def test_verify_compressed_tensors(capsys, ct_checkpoints, scheme, limit):
     data = json.loads(out)
     assert code == EXIT_OK and 0 < data["worst_layer_error"] < limit
     assert all(layer["resident_bytes"] == layer["theoretical_bytes"] for layer in data["layers"])
+
+
+def test_inspect_reads_headers_only_verify_reads_values(capsys, tmp_path):
+    """A non-zero weight offset is only visible in the data: inspect (headers) passes, verify
+    (which processes the layers) stops on it."""
+    def edit(t):
+        t["model.layers.0.self_attn.o_proj.weight_offset"] += 1.0
+
+    path = broken_copy(tmp_path, "qwen3-tiny-w8a8-dynamic", edit_tensors=edit)
+    code, data = inspect_json(capsys, path)
+    assert code == EXIT_OK and data["ok"]
+    code, _, err = run(capsys, "verify", path)
+    assert code == EXIT_CHECKPOINT_ERROR and "non-zero weight offset" in err
+    assert "model.layers.0.self_attn.o_proj.weight_offset" in err
+
+
+def test_verify_text_output_and_prompts(capsys):
+    code, out, _ = run(capsys, "verify", msmodelslim_fixture("qwen3-tiny-w8a16"), "--prompts", "Hello world",
+                       "1 2 3 4")
+    assert code == EXIT_OK and out.rstrip().endswith("PASS")
+    assert "prompt 'Hello world'" in out and "prompt '1 2 3 4'" in out and "worst first" in out
+    rows = [line for line in out.splitlines() if line.startswith("model.layers.")]
+    errors = [float(line.split()[2]) for line in rows]
+    assert len(rows) == 8 and errors == sorted(errors, reverse=True)
