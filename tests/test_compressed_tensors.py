@@ -22,6 +22,7 @@ from conftest import rel_err
 from sgl_ascend.errors import CheckpointError
 from sgl_ascend.layers.linear import ParallelLinear, QKVSizes, load_linear
 from sgl_ascend.ops.int4 import pack_int4_to_int32, unpack_int32_to_int4
+from sgl_ascend.ops.scales import decode_int64_scale
 from sgl_ascend.quant import compressed_tensors as ct
 from sgl_ascend.quant.checkpoint import SafetensorsCheckpoint
 
@@ -312,6 +313,10 @@ def test_ct_w4a8_runs_int8_tokens_on_the_w4a8_kernel_per_rank(checkpoints, name)
         total = total + layer(xs)
         expected = expected + _npu_token_quant(xs) @ w_rank.t()
     assert rel_err(total, expected) < TOL_FP32
+    # fp32 scales of the file reach the kernel unrounded, also in a bf16 model
+    stored = checkpoints[name][3][f"{P}.mlp.down_proj.weight_scale"]
+    kernel = decode_int64_scale(build(path, "mlp.down_proj", dtype=torch.bfloat16).weight_scale.data[0])
+    assert stored.dtype == torch.float32 and torch.equal(kernel, stored.t() if group else stored.reshape(-1))
 
 
 def test_ct_w4a8_break_proof(checkpoints):

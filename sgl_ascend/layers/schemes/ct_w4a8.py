@@ -24,6 +24,13 @@ class CTW4A8Linear(CTWNA16Linear):
     def __init__(self, group_size: int, packed: bool):
         super().__init__(4, group_size, symmetric=True, packed=packed)
 
+    def create_weights(self, layer, input_size_per_partition, output_partition_sizes, input_size, output_size,
+                       params_dtype, **extra):
+        super().create_weights(layer, input_size_per_partition, output_partition_sizes, input_size, output_size,
+                               params_dtype, **extra)
+        # the kernel takes fp32 scales: load them in fp32, so fp32 files are not rounded to the model dtype
+        layer.weight_scale.data = torch.empty_like(layer.weight_scale.data, dtype=torch.float32)
+
     def process_weights_after_loading(self, layer):
         weight = pack_int4_for_kernel(self._values(layer))
         scale = layer.weight_scale.data  # [N, groups]
