@@ -40,6 +40,8 @@ SCHEMES = {
     "w8a16_channel_unpacked": {"weights": {**INT8, "strategy": "channel"}},
     "w4a8": {"weights": {**INT8, "num_bits": 4, "strategy": "group", "group_size": 32},
              "input_activations": {**INT8, "strategy": "token", "dynamic": True}},
+    "w4a8_channel": {"weights": {**INT8, "num_bits": 4, "strategy": "channel"},
+                     "input_activations": {**INT8, "strategy": "token", "dynamic": True}},
     "fp8_dynamic": {"weights": {"num_bits": 8, "type": "float", "symmetric": True, "strategy": "channel"},
                     "input_activations": {"num_bits": 8, "type": "float", "symmetric": True,
                                           "strategy": "token", "dynamic": True}},
@@ -49,7 +51,7 @@ SCHEMES = {
 }
 FORMATS = {"w4a16_group": "pack-quantized", "w4a16_group_asym": "pack-quantized",
            "w8a16_channel": "pack-quantized", "w8a16_channel_unpacked": "int-quantized",
-           "w4a8": "int-quantized"}
+           "w4a8": "int-quantized", "w4a8_channel": "pack-quantized"}
 
 QWEN3_LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                  "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")

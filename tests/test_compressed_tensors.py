@@ -22,6 +22,7 @@ from conftest import rel_err
 from sgl_ascend.errors import CheckpointError
 from sgl_ascend.layers.linear import ParallelLinear, QKVSizes, load_linear
 from sgl_ascend.ops.int4 import pack_int4_to_int32, unpack_int32_to_int4
+from sgl_ascend.ops.scales import decode_int64_scale
 from sgl_ascend.quant import compressed_tensors as ct
 from sgl_ascend.quant.checkpoint import SafetensorsCheckpoint
 
@@ -35,7 +36,7 @@ LAYERS = {  # fused layer -> (parallel, shards, input size, output sizes)
 }
 EXPECTED_KIND = {"w8a8_static": ct.W8A8_STATIC, "w8a8_static_asym": ct.W8A8_STATIC,
                  "w8a8_dynamic": ct.W8A8_DYNAMIC, "w8a8_dynamic_tensor": ct.W8A8_DYNAMIC, "w4a16_group": ct.WNA16, "w4a16_group_asym": ct.WNA16,
-                 "w8a16_channel": ct.WNA16, "w8a16_channel_unpacked": ct.WNA16, "w4a8": ct.W4A8, "fp8_dynamic": ct.FP8_W8A16,
+                 "w8a16_channel": ct.WNA16, "w8a16_channel_unpacked": ct.WNA16, "w4a8": ct.W4A8, "w4a8_channel": ct.W4A8, "fp8_dynamic": ct.FP8_W8A16,
                  "fp8_static": ct.FP8_W8A16}
 TOKENS = 8
 
@@ -82,7 +83,7 @@ def reference(name, fused, deq, tensors, x):
         args = QuantizationArgs.model_validate(SCHEMES[name]["input_activations"])
         zero_point = tensors.get(f"{first}.input_zero_point", torch.zeros(1, dtype=torch.int8))
         x = fake_quantize(x, tensors[f"{first}.input_scale"], zero_point, args)
-    elif EXPECTED_KIND[name] == ct.W8A8_DYNAMIC:
+    elif EXPECTED_KIND[name] in (ct.W8A8_DYNAMIC, ct.W4A8):
         scale = x.abs().amax(dim=-1, keepdim=True) / 127  # the NPU's per-token quantization
         x = torch.round(x / scale) * scale
     return x @ weight.t()
@@ -125,11 +126,15 @@ FP8_TOKEN = {"num_bits": 8, "type": "float", "symmetric": True, "strategy": "tok
     (INT8_C, TOKEN8, "int-quantized", ct.W8A8_DYNAMIC),
     (INT4_G, TOKEN8, "int-quantized", ct.W4A8),
     (INT4_G, TOKEN8, "pack-quantized", ct.W4A8),
+    ({**INT4_G, "strategy": "channel", "group_size": None}, TOKEN8, "pack-quantized", ct.W4A8),
     (FP8_C, None, "float-quantized", ct.FP8_W8A16),
 ])
 def test_decision_order(weights, acts, fmt, kind):
     config = ct.CompressedTensorsConfig.from_dict(_config(weights, acts, fmt))
     assert config.scheme_args("model.layers.0.mlp.down_proj").kind == kind
+    # W4A8 runs as declared, int8 tokens x int4 weights on the W4A8 kernel; only WNA16 is weight-only
+    scheme = type(config.get_linear_scheme("model.layers.0.mlp.down_proj")).__name__
+    assert scheme == {ct.WNA16: "CTWNA16Linear", ct.W4A8: "CTW4A8Linear"}.get(kind, scheme)
 
 
 @pytest.mark.parametrize("weights,acts,fmt,what", [
@@ -137,6 +142,7 @@ def test_decision_order(weights, acts, fmt, kind):
     ({**INT8_C, "num_bits": 2}, None, "pack-quantized", "not a scheme"),
     (INT8_C, FP8_TOKEN, "int-quantized", "not a scheme"),
     ({**INT8_C, "symmetric": False}, TOKEN8, "int-quantized", "not a scheme"),
+    ({**INT4_G, "symmetric": False}, TOKEN8, "pack-quantized", "not a scheme"),  # W4A8 kernel: symmetric
     (INT4_G, None, "float-quantized", "format 'float-quantized'"),
     (INT4_G, None, "bogus-format", "format 'bogus-format'"),
 ])
@@ -236,7 +242,7 @@ def test_tp2_shards_match_whole(checkpoints, name):
         if parallel == "row":
             parts = [layer(xs) for layer, xs in zip(ranks, x[k].chunk(2, dim=-1))]
             # Per-token dynamic quantization sees each rank's slice of K, as it does on the NPU.
-            tol = 1e-2 if EXPECTED_KIND[name] == ct.W8A8_DYNAMIC else TOL_FP32
+            tol = 1e-2 if EXPECTED_KIND[name] in (ct.W8A8_DYNAMIC, ct.W4A8) else TOL_FP32
             assert rel_err(parts[0] + parts[1], whole) < tol, fused
         else:
             sizes = [HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM] if len(shards) == 3 else [INTER] * 2
@@ -279,6 +285,79 @@ def test_wrong_group_scale_order_or_zero_point_sign_raises_the_error(checkpoints
     assert rel_err(layer(_inputs()[INTER]), expected) < TOL_FP32
     del layer.quant_bias  # forget the activation zero point's correction
     assert rel_err(layer(_inputs()[INTER]), expected) > 100 * TOL_FP32
+
+
+# -- W4A8 on the W4A8 kernel --------------------------------------------------------------------------
+def _npu_token_quant(x):
+    scale = x.abs().amax(dim=-1, keepdim=True) / 127
+    return torch.round(x / scale) * scale
+
+
+@pytest.mark.parametrize("name", ["w4a8", "w4a8_channel"])
+def test_ct_w4a8_runs_int8_tokens_on_the_w4a8_kernel_per_rank(checkpoints, name):
+    """Row-parallel ranks each quantize their own K slice and add their own correction 8 * sum_k deq_w
+    (derived at load: the files carry none); the sum matches the reference to fp32 rounding."""
+    path, deq, _, _ = checkpoints[name]
+    x = _inputs()[INTER]
+    weight = deq[f"{P}.mlp.down_proj"].float()
+    group = SCHEMES[name]["weights"].get("group_size") or 0
+    total, expected = 0, 0
+    for rank, xs in enumerate(x.chunk(2, dim=-1)):
+        layer = build(path, "mlp.down_proj", tp_rank=rank, tp_size=2)
+        w_rank = weight[:, rank * INTER // 2:(rank + 1) * INTER // 2]
+        assert layer.weight.dtype == torch.int32 and layer.weight.shape == (1, INTER // 2, HIDDEN // 8)
+        assert layer.weight_scale.dtype == torch.int64
+        assert layer.weight_scale.shape == ((1, INTER // 2 // group, HIDDEN) if group else (1, HIDDEN))
+        assert rel_err(layer.scale_bias[0], 8 * w_rank.sum(dim=1)) < 1e-6
+        assert resident_bytes(layer) == layer.scheme.theoretical_bytes(INTER // 2, HIDDEN)
+        total = total + layer(xs)
+        expected = expected + _npu_token_quant(xs) @ w_rank.t()
+    assert rel_err(total, expected) < TOL_FP32
+    # fp32 scales of the file reach the kernel unrounded, also in a bf16 model
+    stored = checkpoints[name][3][f"{P}.mlp.down_proj.weight_scale"]
+    kernel = decode_int64_scale(build(path, "mlp.down_proj", dtype=torch.bfloat16).weight_scale.data[0])
+    assert stored.dtype == torch.float32 and torch.equal(kernel, stored.t() if group else stored.reshape(-1))
+
+
+def test_ct_w4a8_break_proof(checkpoints):
+    """The tight check sees a wrong correction (missing, or over the full K on a rank) and a wrong
+    group-scale order."""
+    path, deq, _, _ = checkpoints["w4a8"]
+    xs = _inputs()[INTER].chunk(2, dim=-1)[1]
+    weight = deq[f"{P}.mlp.down_proj"].float()
+    expected = _npu_token_quant(xs) @ weight[:, INTER // 2:].t()
+    layer = build(path, "mlp.down_proj", tp_rank=1, tp_size=2)
+    assert rel_err(layer(xs), expected) < TOL_FP32
+    layer.scale_bias.data = (8 * weight.sum(dim=1)).reshape(1, -1)  # full K instead of the rank's
+    assert rel_err(layer(xs), expected) > 100 * TOL_FP32
+    layer.scale_bias.data.zero_()
+    assert rel_err(layer(xs), expected) > 100 * TOL_FP32
+    layer = build(path, "mlp.down_proj", tp_rank=1, tp_size=2)
+    layer.weight_scale.data = layer.weight_scale.data.flip(1)  # groups of K in the wrong order
+    assert rel_err(layer(xs), expected) > 100 * TOL_FP32
+
+
+def test_ct_w4a8_bad_checkpoints(tmp_path, checkpoints):
+    name = f"{P}.mlp.up_proj.weight"  # int-quantized: one int4 value per int8
+
+    def out_of_range(t):
+        t[name] = t[name].clone()
+        t[name][3, 5] = 9
+    with pytest.raises(CheckpointError, match="values span \\[.*, 9\\]") as info:
+        build(_edited(tmp_path, checkpoints, "w4a8", out_of_range), "mlp.gate_up_proj")
+    assert name in str(info.value) and info.value.file.endswith("model.safetensors")
+    with pytest.raises(CheckpointError, match="whole number of groups of 32"):
+        build(checkpoints["w4a8"][0], "self_attn.o_proj", tp_rank=0, tp_size=8)
+    path = _edited(tmp_path, checkpoints, "w4a8_channel", lambda t: t.pop(f"{P}.mlp.down_proj.weight_scale"))
+    with pytest.raises(CheckpointError, match="does not have it") as info:
+        build(path, "mlp.down_proj")
+    assert f"{P}.mlp.down_proj.weight_scale" in str(info.value)
+
+
+def test_ct_w4a8_logs_no_weight_only_fallback(checkpoints, caplog):
+    with caplog.at_level(logging.INFO, logger=ct.__name__):
+        ct.CompressedTensorsConfig.from_dir(checkpoints["w4a8"][0])
+    assert not any("weight-only" in r.getMessage() for r in caplog.records)
 
 
 # -- bad checkpoints ----------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """compressed-tensors W4A8 experts, checkpoints written with the compressed-tensors library itself
-(calculate_qparams + PackedQuantizationCompressor), with and without activation-clip tensors.
+(calculate_qparams + PackedQuantizationCompressor), per channel with and without activation-clip
+tensors, and per group of 32 (group scales straight into the kernel's int64 [K/g, N] slots).
 
 Reference: the library's own decompress() of every expert weight (in fp32), per-token int8
 fake-quant of activations, bf16 hand-offs as the layer makes them (tests/moe_reference.py), plus,
@@ -14,7 +15,7 @@ import torch
 from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
 from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
 from compressed_tensors.quantization.utils import calculate_qparams
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from conftest import rel_err
 from moe_reference import moe_reference, routing
@@ -29,9 +30,19 @@ SCHEME = QuantizationScheme(
     targets=["re:.*mlp\\.experts\\..*"],
     weights=QuantizationArgs(num_bits=4, type="int", symmetric=True, strategy="channel"),
     input_activations=QuantizationArgs(num_bits=8, type="int", symmetric=True, strategy="token", dynamic=True))
+GROUP = 32
+GROUP_SCHEME = SCHEME.model_copy(update={"weights": QuantizationArgs(num_bits=4, type="int", symmetric=True,
+                                                                     strategy="group", group_size=GROUP)})
 
 
-def make_checkpoint(path, gen, clip=False, alpha=1.0, int64_scales=False, extra=True):
+def _observe(w, scheme):
+    if scheme.weights.strategy == "group":  # min-max per group of GROUP input channels
+        grouped = w.reshape(w.shape[0], -1, GROUP)
+        return grouped.amin(dim=-1), grouped.amax(dim=-1)
+    return w.amin(dim=1, keepdim=True), w.amax(dim=1, keepdim=True)
+
+
+def make_checkpoint(path, gen, clip=False, alpha=1.0, int64_scales=False, extra=True, scheme=SCHEME):
     """Returns (quantization_config dict, experts [(gate, up, down) dequantized], residuals or None).
 
     Clip files: bias = 8 * sum_k(deq) (the kernel correction) + an extra offset when `extra`."""
@@ -40,12 +51,12 @@ def make_checkpoint(path, gen, clip=False, alpha=1.0, int64_scales=False, extra=
         deq = []
         for proj, (n, k) in (("gate_proj", (I, H)), ("up_proj", (I, H)), ("down_proj", (H, I))):
             w = (torch.randn(n, k, generator=gen) * 0.05).to(torch.bfloat16)
-            scale, zp = calculate_qparams(w.amin(dim=1, keepdim=True), w.amax(dim=1, keepdim=True), SCHEME.weights)
+            scale, zp = calculate_qparams(*_observe(w, scheme), scheme.weights)
             sd = PackedQuantizationCompressor.compress({"weight": w, "weight_scale": scale, "weight_zero_point": zp},
-                                                       SCHEME)
+                                                       scheme)
             # the library's dequantization, kept in fp32 (in bf16 it would round q * scale)
             fp32 = dict(sd, weight_scale=sd["weight_scale"].float())
-            deq.append(PackedQuantizationCompressor.decompress(fp32, SCHEME)["weight"].float())
+            deq.append(PackedQuantizationCompressor.decompress(fp32, scheme)["weight"].float())
             name = f"{PREFIX}.experts.{e}.{proj}"
             for key, value in sd.items():
                 tensors[f"{name}.{key}"] = value
@@ -63,7 +74,7 @@ def make_checkpoint(path, gen, clip=False, alpha=1.0, int64_scales=False, extra=
         experts.append(tuple(deq))
     path.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(path / "model.safetensors"))
-    qconfig = QuantizationConfig(config_groups={"group_0": SCHEME}, format="pack-quantized",
+    qconfig = QuantizationConfig(config_groups={"group_0": scheme}, format="pack-quantized",
                                  ignore=["lm_head"]).model_dump(exclude_none=True)
     qconfig["config_groups"]["group_0"]["activation_use_clip"] = clip
     (path / "config.json").write_text(json.dumps({"quantization_config": qconfig}))
@@ -112,3 +123,51 @@ def test_w2_alpha_other_than_one_is_rejected(tmp_path, gen):
     with pytest.raises(CheckpointError, match="down_proj.alpha: w2_alpha = \\[0.5\\]"):
         build_moe(moe_method_for_compressed_tensors(qconfig, PREFIX), SafetensorsCheckpoint(str(tmp_path)), PREFIX,
                   num_experts=E, hidden_size=H, intermediate_size=I)
+
+
+def test_ct_group_wise_w4a8_experts_match_reference(tmp_path, gen):
+    """Group-wise (g = 32) experts at tp 1, 2 and ep 2; the correction 8 * sum_k deq_w is derived per
+    rank from the group-scaled weights. Break-proof: group scales in the wrong K order."""
+    qconfig, experts, _ = make_checkpoint(tmp_path, gen, scheme=GROUP_SCHEME)
+    ckpt = SafetensorsCheckpoint(str(tmp_path))
+    method = moe_method_for_compressed_tensors(qconfig, PREFIX)
+    assert (method.w13.fmt, method.w13.group_size, method.w2.group_size) == ("compressed_tensors", GROUP, GROUP)
+    x = torch.randn(16, H, generator=gen).to(torch.bfloat16)
+    w, ids = routing(16, E, 2, gen)
+    for tp, ep in [(1, 1), (2, 1), (1, 2)]:
+        out, layer = _run(qconfig, ckpt, x, w, ids, tp, ep)
+        ref = moe_reference(x, w, ids, experts, tp=tp, ep=ep)
+        assert rel_err(out, ref) <= 2e-3, (tp, ep)
+        local = layer.num_local_experts
+        assert layer.w13_weight_scale.shape == (local, H // GROUP, 2 * I // tp)
+        assert layer.w2_weight_scale.shape == (local, I // tp // GROUP, H)
+        assert layer.resident_bytes() == layer.moe_method.theoretical_bytes(local, H, I // tp)
+    layer, ref = _run(qconfig, ckpt, x, w, ids, 1, 1)[1], moe_reference(x, w, ids, experts)
+    layer.w13_weight_scale.data = layer.w13_weight_scale.data.flip(1)  # groups of K in the wrong order
+    assert rel_err(layer(x, w, ids), ref) > 50 * 2e-3
+    layer = _run(qconfig, ckpt, x, w, ids, 1, 1)[1]
+    layer.w2_scale_bias.data.zero_()  # no kernel correction on down
+    assert rel_err(layer(x, w, ids), ref) > 50 * 2e-3
+
+
+def test_ct_group_wise_w4a8_experts_bad_inputs(tmp_path, gen):
+    qconfig, _, _ = make_checkpoint(tmp_path, gen, scheme=GROUP_SCHEME)
+    ckpt = SafetensorsCheckpoint(str(tmp_path))
+    with pytest.raises(CheckpointError, match="splits down_proj's input 64 into 16, which group size 32"):
+        build_moe(moe_method_for_compressed_tensors(qconfig, PREFIX), ckpt, PREFIX, num_experts=E, hidden_size=H,
+                  intermediate_size=I, tp_rank=0, tp_size=4)
+    # a per-channel scale where the config says group-wise
+    name = f"{PREFIX}.experts.2.up_proj.weight_scale"
+    tensors = load_file(str(tmp_path / "model.safetensors"))
+    tensors[name] = tensors[name][:, :1].contiguous()
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    save_file(tensors, str(bad / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=r"shape \[64, 1\] where \[64, 4\] is expected") as info:
+        build_moe(moe_method_for_compressed_tensors(qconfig, PREFIX), SafetensorsCheckpoint(str(bad)), PREFIX,
+                  num_experts=E, hidden_size=H, intermediate_size=I)
+    assert name in str(info.value) and info.value.file.endswith("model.safetensors")
+    clip = json.loads(json.dumps(qconfig))
+    clip["config_groups"]["group_0"]["activation_use_clip"] = True
+    with pytest.raises(CheckpointError, match="activation-clip W4A8 experts are per-channel"):
+        moe_method_for_compressed_tensors(clip, PREFIX)

@@ -220,11 +220,6 @@ class CompressedTensorsConfig:
                 "compressed-tensors group %s is W8A8-FP8 (weights %s, activations %s), but this device "
                 "has no FP8 matmul in sgl-ascend's op surface: serving it as weight-only FP8 (W8A16), "
                 "activations stay in bf16/fp16.", name, _describe(weights), _describe(acts))
-        if kind == W4A8:
-            logger.info(
-                "compressed-tensors group %s is W4A8 (int4 weights, dynamic int8 tokens); linear layers "
-                "run it on the int4 weight-only kernel (activations stay in bf16/fp16), as vllm-ascend "
-                "does, since no NPU matmul takes int8 activations with int4 weights.", name)
         return CTSchemeArgs(kind, fmt, weights, acts, name)
 
     # -- lookup --------------------------------------------------------------------------------

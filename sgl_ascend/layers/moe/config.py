@@ -50,7 +50,7 @@ def moe_method_for_modelslim(config, prefix: str, params_dtype: torch.dtype = to
 
 
 def moe_method_for_compressed_tensors(quantization_config: dict, prefix: str) -> FusedMoEMethod:
-    """W4A8 experts: int4 channel symmetric weights (pack-quantized) with dynamic per-token int8
+    """W4A8 experts: int4 symmetric weights per channel or group (pack-quantized) with dynamic per-token int8
     activations. A config group may set `activation_use_clip` (read here, not a compressed-tensors
     field)."""
     from compressed_tensors.quantization import QuantizationConfig
@@ -81,12 +81,13 @@ def _ct_scheme(role, group, fmt, clip, module):
     w, a = group.weights, group.input_activations
     dynamic_int8 = (a is not None and a.num_bits == 8 and a.type == "int" and a.dynamic is True
                     and a.strategy == "token" and a.symmetric)
-    channel = w is not None and w.type == "int" and w.symmetric and w.strategy == "channel"
+    int4 = w is not None and w.type == "int" and w.symmetric and w.num_bits == 4
+    group_size = w.group_size if int4 and w.strategy == "group" else 0
     fmt = group.format or fmt
-    if channel and dynamic_int8 and w.num_bits == 4 and fmt == "pack-quantized":
-        return W4A8DynamicExperts(role, fmt="compressed_tensors", clip=clip)
+    if int4 and (w.strategy == "channel" or group_size) and dynamic_int8 and fmt == "pack-quantized":
+        return W4A8DynamicExperts(role, fmt="compressed_tensors", group_size=group_size, clip=clip)
     raise CheckpointError(
         f"experts quantized as weights={w and w.model_dump(include={'num_bits', 'strategy', 'symmetric'})}, "
         f"input_activations={a and a.model_dump(include={'num_bits', 'strategy', 'dynamic'})}, format {fmt} "
-        "are not served; served: int4 channel symmetric weights (pack-quantized) with dynamic per-token "
-        "int8 activations.", tensor=module)
+        "are not served; served: int4 symmetric weights per channel or group (pack-quantized) with "
+        "dynamic per-token int8 activations.", tensor=module)

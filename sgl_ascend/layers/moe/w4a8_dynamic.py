@@ -8,9 +8,10 @@ Checkpoint forms served (per expert and projection [n out, k in]):
   `weight_offset_second` (zeros); dequantized weight = q * weight_scale_second * weight_scale.
 - msModelSlim, older writers (description `version` missing or "0"): `weight` int8 [n, k], one
   int4 per byte; the rest as above.
-- compressed-tensors `pack-quantized` (int4 channel symmetric weights, dynamic per-token int8
-  input activations): `weight_packed` int32 [n, k/8], `weight_scale` [n, 1], `weight_shape`.
-  These files carry no scale_bias; it is computed from the loaded weights.
+- compressed-tensors `pack-quantized` (int4 symmetric weights per channel or per group of g,
+  dynamic per-token int8 input activations): `weight_packed` int32 [n, k/8], `weight_scale`
+  [n, 1] or [n, k/g], `weight_shape`. These files carry no scale_bias; it is computed from the
+  loaded weights (schemes/w4a8_kernel.py, shared with the dense W4A8 linears).
 - activation clip (`activation_use_clip`, DeepSeek-V3.2 W4A8 recipes; per-channel only): no
   scale_bias; `bias` [n] of gate/up (-> w13_bias) and down (-> w2_bias) and `alpha` of down
   (-> w2_alpha); weight_scale may already be int64 (fp32 bits).
@@ -30,7 +31,8 @@ it is checked to be 1 while loading and otherwise rejected.
 
 Memory: every tensor is written straight into its final layout while loading (weights as int32
 [E, K, N/8], scales as int64 fp32 bits, down's scale_bias summed); the only post-processing is, for
-group-wise files, multiplying the per-channel scale into the int64 group scales, expert by expert.
+group-wise msModelSlim files, multiplying the per-channel scale into the int64 group scales, expert
+by expert (compressed-tensors group scales are final as loaded).
 """
 
 from typing import Dict
@@ -42,13 +44,11 @@ from sgl_ascend.layers.moe.base import ExpertScheme, TensorSpec, register_expert
 from sgl_ascend.layers.moe.checks import CHECK_ONLY, drop_check_only, write_zero_check
 from sgl_ascend.layers.moe.int4 import (write_fp32_bits, write_int4_values, write_modelslim_pairs,
                                         write_scale_or_bits)
-from sgl_ascend.ops import ops
-from sgl_ascend.ops.int4 import unpack_int8_pairs, unpack_int32_to_int4
+from sgl_ascend.layers.schemes.w4a8_kernel import group_scale_bits, kernel_correction, w4a8_grouped_matmul
+from sgl_ascend.ops.int4 import unpack_int8_pairs
 from sgl_ascend.ops.scales import decode_int64_scale, encode_fp32_as_int64
 
 FORMATS = ("modelslim", "modelslim_legacy", "compressed_tensors")
-#: rows of K per step when computing the correction term from int4 weights
-_ROWS = 256
 _LOW32 = 0xFFFFFFFF
 
 
@@ -62,6 +62,11 @@ def _write_ct_packed(target, packed):
 def _write_low_bits(target, scale_second):
     """Group scales [n, K/g] -> low 32 bits of the [K/g, n] slots (fp32 bits)."""
     target.copy_((target & ~_LOW32) | encode_fp32_as_int64(scale_second.t()))
+
+
+def _write_group_bits(target, scale):
+    """compressed-tensors group scales [n, K/g] -> the kernel's int64 [K/g, n] (final as written)."""
+    target.copy_(encode_fp32_as_int64(scale.t()))
 
 
 def _write_high_bits(target, scale):
@@ -92,8 +97,6 @@ class W4A8DynamicExperts(ExpertScheme):
         if clip and group_size:
             raise CheckpointError("activation-clip W4A8 experts are per-channel; group_size must be 0 "
                                   f"(got {group_size})")
-        if group_size and fmt == "compressed_tensors":
-            raise CheckpointError("group-wise compressed-tensors W4A8 experts are not served")
         self.fmt, self.group_size, self.clip = fmt, group_size, clip
         self.bias_attr = self.a("bias" if clip else "scale_bias")
 
@@ -114,8 +117,11 @@ class W4A8DynamicExperts(ExpertScheme):
             rows = n // 2 if self.fmt == "modelslim" else n
             specs["weight"] = TensorSpec((rows, k), "int8", tp_dim=split)
             specs["weight_offset"] = TensorSpec((n, 1), "float", tp_dim=out)
-        specs["weight_scale"] = TensorSpec((n, 1), "float_or_int64" if self.clip else "float", tp_dim=out)
-        if self.group_size:
+        if self.group_size and self.fmt == "compressed_tensors":
+            specs["weight_scale"] = TensorSpec((n, k // self.group_size), "float", tp_dim=split)
+        else:
+            specs["weight_scale"] = TensorSpec((n, 1), "float_or_int64" if self.clip else "float", tp_dim=out)
+        if self.group_size and self.fmt != "compressed_tensors":
             specs["weight_scale_second"] = TensorSpec((n, k // self.group_size), "float", tp_dim=split)
             specs["weight_offset_second"] = TensorSpec((n, k // self.group_size), "number", tp_dim=split)
         if self.clip:
@@ -154,7 +160,10 @@ class W4A8DynamicExperts(ExpertScheme):
             reg("weight_shape", CHECK_ONLY(), n_dim=None, write=_shape_is(full_n, full_k))
         else:
             reg("weight_offset", CHECK_ONLY(), write=write_zero_check)
-        if self.group_size:
+        if self.group_size and self.fmt == "compressed_tensors":
+            reg("weight_scale", torch.empty(e, k // self.group_size, n, dtype=torch.int64), n_dim=1,
+                write=_write_group_bits)
+        elif self.group_size:
             # Both scales go straight into the final int64 [K/g, N] slots: the group scale's fp32 bits
             # in the low half, the channel scale's in the (finally zero) high half of every group;
             # post-processing multiplies them in place. So no scale is ever held twice.
@@ -179,12 +188,12 @@ class W4A8DynamicExperts(ExpertScheme):
             weight = getattr(layer, self.a("weight_packed"))
             delattr(layer, self.a("weight_packed"))
             layer.register_parameter(self.a("weight"), weight)
-        if self.group_size:
+        if self.group_size and self.fmt != "compressed_tensors":
             groups = getattr(layer, self.a("weight_scale_second"))
             for e in range(groups.shape[0]):  # in place, one expert at a time
                 slot = groups.data[e]
-                channel = decode_int64_scale((slot >> 32) & _LOW32)
-                slot.copy_(encode_fp32_as_int64(decode_int64_scale(slot & _LOW32) * channel))
+                channel = decode_int64_scale((slot >> 32) & _LOW32)[0]
+                slot.copy_(group_scale_bits(decode_int64_scale(slot & _LOW32), channel))
             delattr(layer, self.a("weight_scale"))
             delattr(layer, self.a("weight_scale_second"))
             layer.register_parameter(self.a("weight_scale"), groups)
@@ -198,13 +207,7 @@ class W4A8DynamicExperts(ExpertScheme):
         """8 * sum_k deq_w over this rank's K: the kernel correction, from the loaded int4 weights."""
         weight = getattr(layer, self.a("weight")).data
         scale = getattr(layer, self.a("weight_scale")).data
-        bias = torch.zeros(weight.shape[0], weight.shape[2] * 8, dtype=torch.float32)
-        for e in range(weight.shape[0]):
-            sums = torch.zeros(bias.shape[1], dtype=torch.int32)
-            for start in range(0, weight.shape[1], _ROWS):
-                sums += unpack_int32_to_int4(weight[e, start:start + _ROWS]).sum(dim=0, dtype=torch.int32)
-            bias[e] = 8 * sums.float() * decode_int64_scale(scale[e])
-        return bias
+        return torch.stack([kernel_correction(weight[e], scale[e]) for e in range(weight.shape[0])])
 
     def _split_w2_bias(self, layer):
         """tp > 1: w2_bias must be the full-K correction; each rank then adds its own slice's."""
@@ -221,11 +224,9 @@ class W4A8DynamicExperts(ExpertScheme):
         bias.data = self._rank_correction(layer)
 
     def apply(self, layer, x, token_scale, group_list, output_dtype):
-        return ops.npu_grouped_matmul([x], [getattr(layer, self.a("weight"))],
-                                      scale=[getattr(layer, self.a("weight_scale"))],
-                                      bias=[getattr(layer, self.bias_attr)],
-                                      per_token_scale=[token_scale], group_list=group_list,
-                                      group_list_type=1, output_dtype=output_dtype)[0]
+        return w4a8_grouped_matmul(x, token_scale, getattr(layer, self.a("weight")),
+                                   getattr(layer, self.a("weight_scale")), getattr(layer, self.bias_attr),
+                                   group_list, output_dtype)
 
     def theoretical_bytes(self, num_experts, n, k):
         scales = n * 8 * (k // self.group_size if self.group_size else 1)

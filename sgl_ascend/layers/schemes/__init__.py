@@ -2,6 +2,7 @@
 
 from sgl_ascend.layers.schemes.base import LinearScheme, SchemeLinearMethod
 from sgl_ascend.layers.schemes.ct_fp8_w8a16 import CTFP8W8A16Linear
+from sgl_ascend.layers.schemes.ct_w4a8 import CTW4A8Linear
 from sgl_ascend.layers.schemes.ct_w8a8_dynamic import CTW8A8DynamicTensorLinear
 from sgl_ascend.layers.schemes.ct_w8a8_static import CTW8A8StaticLinear
 from sgl_ascend.layers.schemes.ct_wna16 import CTWNA16Linear
@@ -30,6 +31,8 @@ def linear_scheme_for_modelslim(kind: str, config, prefix: str) -> LinearScheme:
         raise CheckpointError(
             f"layer {prefix} is {kind}, which sgl-ascend does not serve as a linear layer; served: "
             f"{', '.join(MODELSLIM_LINEAR_SCHEMES)}.", file=config.source, tensor=f"{prefix}.weight")
+    if scheme_class is W4A8DynamicLinear:
+        return W4A8DynamicLinear(config.description.group_size, legacy=config.description.is_legacy)
     return scheme_class()
 
 
@@ -43,7 +46,9 @@ def linear_scheme_for_compressed_tensors(args, config, prefix: str) -> LinearSch
     if args is None:
         return UnquantizedLinear()
     weights, acts = args.weights, args.input_activations
-    if args.kind in (ct.WNA16, ct.W4A8):
+    if args.kind == ct.W4A8:
+        return CTW4A8Linear(args.group_size, packed=args.format == "pack-quantized")
+    if args.kind == ct.WNA16:
         return CTWNA16Linear(weights.num_bits, args.group_size, weights.symmetric,
                              packed=args.format == "pack-quantized")
     if args.kind == ct.W8A8_STATIC:
@@ -63,6 +68,6 @@ def linear_scheme_for_compressed_tensors(args, config, prefix: str) -> LinearSch
 
 
 __all__ = ["linear_scheme_for_compressed_tensors", "CTWNA16Linear", "CTW8A8DynamicTensorLinear",
-           "CTW8A8StaticLinear", "CTFP8W8A16Linear",
+           "CTW8A8StaticLinear", "CTFP8W8A16Linear", "CTW4A8Linear",
            "LinearScheme", "SchemeLinearMethod", "MODELSLIM_LINEAR_SCHEMES", "linear_scheme_for_modelslim",
            "UnquantizedLinear", "W4A4DynamicLinear", "W4A8DynamicLinear", "W8A8DynamicLinear", "W8A8StaticLinear", "W8A16Linear"]

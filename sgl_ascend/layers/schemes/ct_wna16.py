@@ -8,8 +8,6 @@ compressed-tensors dequantizes (q - z) * s; npu_weight_quant_batchmatmul compute
 so the offset handed over is -z. int4 goes to the kernel eight per int32 along N ([K, N/8]), int8 as
 the [K, N] view; group scales as [K/g, N] in the activation dtype.
 
-Also serves W4A8 linear layers (int4 weights, dynamic int8 tokens): no NPU matmul takes int8
-activations with int4 weights, so, like vllm-ascend, they run weight-only and keep activations exact.
 Tensor parallelism: row-parallel layers split K of weight_packed (K*b/32 words per rank) and of the
 group scales (K/g per rank), so the local K must be a multiple of 32/b and of g.
 """
