@@ -131,7 +131,8 @@ def _report(title: str, rows, part: str, goals: dict) -> None:
         ratio = r[f"{part}_params_bytes"] / r[f"{part}_bf16_bytes"]
         print(" | ".join((
             name, f"{r['params_bytes'] / 2**20:.1f}", f"{r['params_bytes'] / r['bf16_bytes']:.3f}", f"{ratio:.3f}",
-            f"{r['params_bytes'] / r['theoretical_bytes']:.3f} (malloc {r['malloc_final_bytes'] / r['theoretical_bytes']:.3f})",
+            f"{r['params_bytes'] / r['theoretical_bytes']:.3f} "
+            f"(malloc {r['malloc_final_bytes'] / r['theoretical_bytes']:.3f})",
             f"{r['malloc_peak_bytes'] / 2**20:.1f}",
             f"{r['malloc_peak_bytes'] / (r['malloc_final_bytes'] + r['largest_tensor_bytes']):.3f}")))
         goal = goals.get(name)

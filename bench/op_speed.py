@@ -11,7 +11,6 @@ the fastest run of each is kept (the machine is shared; see paired_min).
 
 import argparse
 import os
-import statistics
 import sys
 import time
 
@@ -27,7 +26,8 @@ import synthetic  # noqa: E402
 
 WEIGHT_ONLY = ("W8A16", "CT W4A16 g128")
 SCHEMES = {"W8A8": W8A8StaticLinear, "W8A8_DYNAMIC": W8A8DynamicLinear, "W8A16": W8A16Linear,
-           "W4A4_DYNAMIC": W4A4DynamicLinear, "W4A8_DYNAMIC": W4A8DynamicLinear, "CT W4A16 g128": lambda: CTWNA16Linear(4, 128, True, packed=True)}
+           "W4A4_DYNAMIC": W4A4DynamicLinear, "W4A8_DYNAMIC": W4A8DynamicLinear,
+           "CT W4A16 g128": lambda: CTWNA16Linear(4, 128, True, packed=True)}
 
 
 def build(name: str, n: int, k: int, gen) -> ParallelLinear:

@@ -2,7 +2,8 @@
 
 This is the reference `sgl-ascend verify` measures the served layers against when no bf16 model is
 given, so it is written from the format description (msModelSlim: dq = (q - offset) * scale) or by the
-producer's own library (compressed-tensors' unpack_from_int32 and dequantize), not from the schemes: a scheme that loads or lays out a tensor wrongly then shows up as an error.
+producer's own library (compressed-tensors' unpack_from_int32 and dequantize), not from the schemes:
+a scheme that loads or lays out a tensor wrongly then shows up as an error.
 """
 
 import torch

@@ -2,12 +2,13 @@
 
 1. Every linear layer is built and loaded exactly as served (ParallelLinear + the checkpoint's scheme,
    `load_linear`, tp=1; MoE experts through `build_moe` / `load_moe`), computing through the op surface.
-2. A float model is built with transformers from config.json and filled with the reference weights:
-   the bf16 model given with --reference, or the checkpoint's own dequantization (dequant.py).
-3. The prompts run through the float model; each linear layer's real inputs are captured, and the
-   served layer's output on them is compared with the float weights' output (relative error).
+2. A float model is built with transformers from config.json, holding the checkpoint's own
+   dequantization (dequant.py) and its float tensors; the reference is the --reference bf16 model,
+   or that float model.
+3. The prompts run through the reference; each linear layer's (and MoE block's) real inputs are
+   captured, and the served layer's output on them is compared with the reference's (relative error).
 4. The float model's Linear modules (and MoE experts) are swapped for the served layers and the
-   prompts run again: logits and top-1 tokens are compared with the reference model's.
+   prompts run again: logits and top-1 tokens are compared with the reference's.
 """
 
 import os
@@ -127,7 +128,7 @@ def _float_bias(spec: LinearSpec, checkpoint) -> Optional[torch.Tensor]:
     return torch.cat([checkpoint.get(name).float() for name in names])
 
 
-def _own_float_state_dict(model, path, source, checkpoint, layout) -> Dict[str, torch.Tensor]:
+def _own_float_state_dict(source, checkpoint, layout) -> Dict[str, torch.Tensor]:
     """The float model's weights from the checkpoint itself (float tensors + dequantized layers)."""
     state = {}
     for spec in layout.floats:
@@ -157,7 +158,7 @@ def _build_own_float_model(path: str, source, checkpoint, layout):
     if hasattr(hf_config, "quantization_config"):
         del hf_config.quantization_config
     model = AutoModelForCausalLM.from_config(hf_config, dtype=torch.bfloat16, attn_implementation="eager")
-    state = _own_float_state_dict(model, path, source, checkpoint, layout)
+    state = _own_float_state_dict(source, checkpoint, layout)
     for name, tensor in state.items():
         module_name, _, attr = name.rpartition(".")
         module = model.get_submodule(module_name)
