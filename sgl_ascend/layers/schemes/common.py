@@ -5,8 +5,9 @@ import torch
 from sgl_ascend.errors import CheckpointError
 from sgl_ascend.ops import ACL_FORMAT_FRACTAL_NZ, ops
 
-# Rows of K packed per call when converting int4 weights, so the int32 staging tensor stays small.
-_INT4_PACK_CHUNK = 1024
+# int4 values packed per call when converting weights, so the int32 staging tensors stay small
+# (rows of K per call = this / N; a fixed 1024 rows staged ~16 bytes per value of wide layers).
+_INT4_PACK_CHUNK_VALUES = 1 << 20
 
 
 def to_kernel_layout(weight_nk: torch.Tensor) -> torch.Tensor:
@@ -26,9 +27,10 @@ def pack_int4_for_kernel(values_nk: torch.Tensor) -> torch.Tensor:
     if n % 8:
         raise CheckpointError(f"int4 weights need an output size divisible by 8 to pack, got {n}")
     packed = torch.empty(k, n // 8, dtype=torch.int32, device=values_nk.device)
-    for start in range(0, k, _INT4_PACK_CHUNK):
-        chunk = values_kn[start:start + _INT4_PACK_CHUNK].to(torch.int32)
-        packed[start:start + _INT4_PACK_CHUNK] = ops.npu_convert_weight_to_int4pack(chunk)
+    rows = max(1, _INT4_PACK_CHUNK_VALUES // n)
+    for start in range(0, k, rows):
+        chunk = values_kn[start:start + rows].to(torch.int32)
+        packed[start:start + rows] = ops.npu_convert_weight_to_int4pack(chunk)
     return packed
 
 
