@@ -74,8 +74,11 @@ def paired_min(base_fn, fn, budget_s: float):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--budget", type=float, default=0.6, help="seconds of timing per measurement")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads; 1 by default: on the shared 2-core box two threads wait on each other "
+                             "whenever another job takes a core, and single rows moved 10x between runs")
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     gen = torch.Generator().manual_seed(0)
     shapes = [(6144, 2048), (2048, 6144)]  # Qwen3-1.7B gate/up and down_proj, [N, K]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f}; "
