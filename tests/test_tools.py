@@ -333,3 +333,12 @@ def test_verify_text_output_and_prompts(capsys):
     rows = [line for line in out.splitlines() if line.startswith("model.layers.")]
     errors = [float(line.split()[2]) for line in rows]
     assert len(rows) == 8 and errors == sorted(errors, reverse=True)
+
+
+def test_verify_without_tokenizer(capsys, tmp_path):
+    path = broken_copy(tmp_path, "qwen3-tiny-w8a8-dynamic")
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json"):
+        os.remove(os.path.join(path, name))
+    code, out, _ = run(capsys, "verify", path, "--json")
+    data = json.loads(out)
+    assert code == EXIT_OK and [p["tokens"] for p in data["prompts"]] == [8, 9, 10]  # fixed fallback ids

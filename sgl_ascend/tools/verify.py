@@ -189,15 +189,20 @@ class _ServedExperts(torch.nn.Module):
 
 
 def _prompt_ids(path: str, prompts) -> List[torch.Tensor]:
+    """Token ids of the prompts by the checkpoint's tokenizer; fixed pseudo-random ids when it ships
+    none (or it yields no tokens), so the logit comparison still runs."""
     try:
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(path)
-        return [torch.tensor([tokenizer(p)["input_ids"]]) for p in prompts]
-    except Exception:  # no tokenizer shipped with the checkpoint: fixed pseudo-random token ids
-        gen = torch.Generator().manual_seed(0)
-        vocab = load_config(path).vocab_size
-        return [torch.randint(0, vocab, (1, 8 + i), generator=gen) for i, _ in enumerate(prompts)]
+        ids = [tokenizer(p)["input_ids"] for p in prompts]
+        if all(ids):
+            return [torch.tensor([i], dtype=torch.long) for i in ids]
+    except Exception:  # noqa: BLE001 - any tokenizer failure means: use the fallback ids
+        pass
+    gen = torch.Generator().manual_seed(0)
+    vocab = load_config(path).vocab_size
+    return [torch.randint(0, vocab, (1, 8 + i), generator=gen) for i, _ in enumerate(prompts)]
 
 
 def verify_checkpoint(path: str, reference: Optional[str] = None, prompts=DEFAULT_PROMPTS,
