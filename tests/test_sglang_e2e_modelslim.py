@@ -1,0 +1,70 @@
+"""End to end: the real `python -m sglang.launch_server` on CPU serves msModelSlim checkpoints.
+
+Each test starts one server for one checkpoint (tests/fixtures/msmodelslim, written by the real
+msmodelslim tool), asks /v1/completions for greedy tokens with logprobs, and compares them with
+transformers running the same weights dequantized by msModelSlim's own convention, in float32
+(tests/float_reference.py). The fixtures are random tiny models whose top-2 logprobs are often only
+hundredths of a nat apart, so a token may flip within quantization error: the test accepts a flip
+only where the float model's logprobs of the two tokens differ by less than the tolerance, and
+requires every served logprob within the tolerance of the float model's.
+"""
+
+import time
+
+import pytest
+
+from conftest import msmodelslim_fixture
+from float_reference import (compare, dequantize_modelslim, drop_zero_biases, teacher_forced_logprobs,
+                             write_float_checkpoint)
+from sglang_server import launch, run_launcher
+
+pytestmark = pytest.mark.sglang
+
+PROMPT = list(range(10, 26))
+MAX_TOKENS = 8
+
+# nats; measured max |served - float| logprob: see the report in each test's output.
+CASES = {
+    "qwen3-tiny-w8a8": ([], 0.05),
+    "qwen3-tiny-w8a8-dynamic": ([], 0.05),
+    "qwen3-tiny-w4a4-dynamic": (["--quantization", "w4a4_int4"], 0.15),
+}
+
+
+def served_vs_float(tmp_path, fixture: str, extra_args, tolerance: float):
+    model_dir = msmodelslim_fixture(fixture)
+    start = time.monotonic()
+    with launch(model_dir, extra_args) as server:
+        served = server.complete(PROMPT, MAX_TOKENS)
+        log = server.log_tail(400)
+    served_s = time.monotonic() - start
+    reference_dir = write_float_checkpoint(model_dir, drop_zero_biases(dequantize_modelslim(model_dir)),
+                                           str(tmp_path / "float"))
+    result = compare(served, teacher_forced_logprobs(reference_dir, PROMPT, served["token_ids"]), tolerance)
+    print(f"\n[e2e] {fixture} {' '.join(extra_args)}: server {served_s:.1f}s, {result}")
+    return served, result, log
+
+
+@pytest.mark.parametrize("fixture", list(CASES))
+def test_serves_modelslim_checkpoint(tmp_path, fixture):
+    extra_args, tolerance = CASES[fixture]
+    served, result, log = served_vs_float(tmp_path, fixture, extra_args, tolerance)
+    assert len(served["token_ids"]) == MAX_TOKENS
+    assert result["ok"], result
+    # The checkpoint went through our config, not upstream's NPU-only one.
+    assert "sgl-ascend CPU compatibility active" in log
+
+
+def test_help_lists_w4a4_int4():
+    result = run_launcher(["--help"])
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "w4a4_int4" in result.stdout
+
+
+def test_w4a4_int4_flag_on_w8a8_checkpoint_is_a_clear_error():
+    result = run_launcher(["--model-path", msmodelslim_fixture("qwen3-tiny-w8a8"), "--quantization",
+                           "w4a4_int4", "--device", "cpu", "--port", "1"], timeout=240)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert "--quantization w4a4_int4 needs a W4A4_DYNAMIC checkpoint" in output, output[-3000:]
+    assert "model_quant_type='W8A8'" in output
