@@ -24,6 +24,8 @@ OP_NAMES = (
     "npu_format_cast",
     "npu_grouped_matmul",
     "npu_swiglu",
+    "npu_moe_init_routing_v2",
+    "npu_moe_token_unpermute",
 )
 
 

@@ -161,10 +161,15 @@ def npu_grouped_matmul(x: Sequence[torch.Tensor], weight: Sequence[torch.Tensor]
 
     Supported form (the one MoE layers use): one x [T, K], one weight [E, K, N] (bf16/fp16, int8, or
     int4 packed eight per int32 as [E, K, N/8]), group_list of E cumulative ends (type 0) or counts
-    (type 1). Quantized weights: y = (acc * scale[e] + bias[e]) * per_token_scale[r].
-    ASSUMPTION (int4 weights, W4A8): the kernel multiplies int8 activations split into signed
-    nibbles, i.e. it accumulates (x - 8) @ w; `bias` must carry 8 * sum_k deq_w (msModelSlim's
+    (type 1); rows past the last group stay zero. x is bf16/fp16 with float weights, int8 (W8A8,
+    W4A8) or int4 packed eight per int32 (W4A4) with quantized weights.
+    Quantized: y = (sum_g acc_g * scale[e, g] + bias[e]) * per_token_scale[r], where `scale[e]` is
+    [N] per channel (fp32, bf16, or int64 carrying fp32 bits) or [K/G, N] per group of G = K/(K/G)
+    rows of K (W4A8 group-wise), and acc_g the int32 product over group g.
+    ASSUMPTION (int8 x with int4 weights, W4A8): the kernel multiplies int8 activations split into
+    signed nibbles, i.e. it accumulates (x - 8) @ w; `bias` must carry 8 * sum_k deq_w (msModelSlim's
     `scale_bias`) to restore x @ w. A missing or mis-sharded scale_bias therefore shows as an error.
+    ASSUMPTION (group-wise): each group's int32 partial sum is scaled in fp32 before summing groups.
     """
     if len(x) != 1 or len(weight) != 1 or group_type != 0 or split_item not in (2, 3):
         raise NotImplementedError(
@@ -172,21 +177,17 @@ def npu_grouped_matmul(x: Sequence[torch.Tensor], weight: Sequence[torch.Tensor]
     x0, w = x[0], weight[0]
     ends = _group_ends(group_list, group_list_type, w.shape[0])
     quantized = w.dtype in (torch.int8, torch.int32)
-    int4 = w.dtype == torch.int32
+    nibble_trick = w.dtype == torch.int32 and x0.dtype == torch.int8
     out_dtype = output_dtype or (x0.dtype if not quantized else torch.bfloat16)
-    n_out = w.shape[-1] * (8 if int4 else 1)
+    n_out = w.shape[-1] * (8 if w.dtype == torch.int32 else 1)
     out = torch.zeros(x0.shape[0], n_out, dtype=out_dtype, device=x0.device)
     start = 0
     for e, end in enumerate(ends):
         if end > start:
             rows = x0[start:end]
             if quantized:
-                w_e = _as_int8_values(w[e])
-                acc = _int_matmul(rows, w_e)
-                if int4:  # (x - 8) @ w, without leaving int8 for x
-                    acc = acc - 8 * w_e.sum(dim=0, dtype=torch.int32)
-                acc = acc.float()
-                y = acc * decode_int64_scale(scale[0][e]).reshape(1, -1)
+                y = _quant_group_matmul(_as_int8_values(rows), _as_int8_values(w[e]), scale[0][e],
+                                        nibble_trick)
                 if bias is not None:
                     y = y + bias[0][e].float().reshape(1, -1)
                 if per_token_scale is not None:
@@ -200,7 +201,104 @@ def npu_grouped_matmul(x: Sequence[torch.Tensor], weight: Sequence[torch.Tensor]
     return [out]
 
 
+def _quant_group_matmul(a: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, nibble_trick: bool):
+    """sum over K-groups of (int32 a_g @ w_g) * scale_g, in fp32; scale [N] or [K/G, N]."""
+    scale = decode_int64_scale(scale)
+    groups = 1 if scale.dim() == 1 else scale.shape[0]
+    k = w.shape[0]
+    if k % groups:
+        raise ValueError(f"K = {k} does not divide into {groups} scale groups")
+    size = k // groups
+    y = None
+    for g in range(groups):
+        w_g = w[g * size:(g + 1) * size]
+        acc = _int_matmul(a[:, g * size:(g + 1) * size], w_g)
+        if nibble_trick:  # (x - 8) @ w, without leaving int8 for x
+            acc = acc - 8 * w_g.sum(dim=0, dtype=torch.int32)
+        part = acc.float() * scale.reshape(groups, -1)[g]
+        y = part if y is None else y + part
+    return y
+
+
 def npu_swiglu(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
     """silu(first half) * second half along `dim`."""
     gate, up = x.chunk(2, dim=dim)
     return (torch.nn.functional.silu(gate.float()) * up.float()).to(x.dtype)
+
+
+def npu_moe_init_routing_v2(x: torch.Tensor, expert_idx: torch.Tensor, *, scale: Optional[torch.Tensor] = None,
+                            offset: Optional[torch.Tensor] = None, active_num: int = -1,
+                            expert_capacity: int = -1, expert_num: int = -1, drop_pad_mode: int = 0,
+                            expert_tokens_num_type: int = 0, expert_tokens_num_flag: bool = False,
+                            quant_mode: int = 0, active_expert_range: Sequence[int] = (),
+                            row_idx_type: int = 0):
+    """Sort the (token, k) pairs by expert: returns (expanded_x, expanded_row_idx, expert_tokens, expanded_scale).
+
+    Pair p = t * K + k (row-major over expert_idx [T, K]) is kept when its expert lies in
+    active_expert_range [start, end) (default [0, expert_num)); kept pairs are ordered by expert,
+    stably, and row i of expanded_x is x[t] of the i-th kept pair. expanded_row_idx[p] is that
+    row i (row_idx_type 0, "gather"), or expanded_row_idx[i] = p (row_idx_type 1, "scatter").
+    expert_tokens (with expert_tokens_num_flag): per expert of the range, cumulative ends (type 0)
+    or counts (type 1), int64. quant_mode -1: rows as they are (expanded_scale = scale[t] when a [T]
+    scale is given); quant_mode 1: dynamic int8 per row, scale = max|x[t] (* scale[expert])| / 127.
+    ASSUMPTION: pairs outside the range get expanded_row_idx -1 and rows past the kept ones are
+    zero (undefined on the NPU); callers give those pairs zero weight when combining.
+    """
+    if drop_pad_mode != 0 or expert_capacity not in (-1, 0) or offset is not None:
+        raise NotImplementedError("npu_moe_init_routing_v2 twin: dropless mode without offset only")
+    if quant_mode not in (-1, 1):
+        raise NotImplementedError(f"npu_moe_init_routing_v2 twin: quant_mode -1 or 1, got {quant_mode}")
+    if expert_tokens_num_flag and expert_tokens_num_type not in (0, 1):
+        raise NotImplementedError("npu_moe_init_routing_v2 twin: expert_tokens_num_type 0 or 1")
+    num_tokens, top_k = expert_idx.shape
+    start, end = active_expert_range if len(active_expert_range) else (0, expert_num)
+    flat = expert_idx.reshape(-1).to(torch.int64)
+    order = torch.argsort(flat, stable=True)
+    sorted_experts = flat[order]
+    kept = (sorted_experts >= start) & (sorted_experts < end)
+    pairs = order[kept]
+    rows = num_tokens * top_k if active_num < 0 else min(active_num, num_tokens * top_k)
+    pairs = pairs[:rows]
+    source = pairs // top_k
+    expanded_row_idx = torch.full((num_tokens * top_k,), -1, dtype=torch.int32, device=x.device)
+    kept_rows = torch.arange(pairs.numel(), dtype=torch.int32, device=x.device)
+    if row_idx_type == 0:
+        expanded_row_idx[pairs] = kept_rows
+    else:
+        expanded_row_idx[:pairs.numel()] = pairs.to(torch.int32)
+    picked = x[source]
+    expanded_scale = torch.zeros(rows, dtype=torch.float32, device=x.device)
+    if quant_mode == 1:
+        if scale is not None:
+            picked = picked.float() * scale.float()[flat[pairs] - start]
+        q, row_scale = npu_dynamic_quant(picked)
+        expanded_x = torch.zeros(rows, x.shape[1], dtype=torch.int8, device=x.device)
+        expanded_x[:pairs.numel()] = q
+        expanded_scale[:pairs.numel()] = row_scale
+    else:
+        expanded_x = torch.zeros(rows, x.shape[1], dtype=x.dtype, device=x.device)
+        expanded_x[:pairs.numel()] = picked
+        if scale is not None:
+            expanded_scale[:pairs.numel()] = scale.float()[source]
+    counts = torch.bincount(flat[pairs] - start, minlength=end - start).to(torch.int64)
+    expert_tokens = (counts.cumsum(0) if expert_tokens_num_type == 0 else counts) if expert_tokens_num_flag else None
+    return expanded_x, expanded_row_idx, expert_tokens, expanded_scale
+
+
+def npu_moe_token_unpermute(permuted_tokens: torch.Tensor, sorted_indices: torch.Tensor,
+                            probs: Optional[torch.Tensor] = None, padded_mode: bool = False,
+                            restore_shape=None) -> torch.Tensor:
+    """out[t] = sum_k probs[t, k] * permuted_tokens[sorted_indices[t * K + k]] (K = 1 without probs).
+
+    ASSUMPTION: products and the sum over k in fp32, rounded once to permuted_tokens' dtype.
+    """
+    if padded_mode:
+        raise NotImplementedError("npu_moe_token_unpermute twin: padded_mode=False only")
+    top_k = 1 if probs is None else probs.shape[1]
+    index = sorted_indices.to(torch.int64)
+    if index.numel() and (index.min() < 0 or index.max() >= permuted_tokens.shape[0]):
+        raise IndexError(f"sorted_indices out of range [0, {permuted_tokens.shape[0]})")
+    rows = permuted_tokens[index].float().reshape(-1, top_k, permuted_tokens.shape[-1])
+    if probs is not None:
+        rows = rows * probs.float().unsqueeze(-1)
+    return rows.sum(dim=1).to(permuted_tokens.dtype)

@@ -1,0 +1,139 @@
+"""What every expert scheme shares: the per-expert checkpoint tensor specs, the scheme protocol, and
+the parameter registration that carries the loading rules.
+
+One `ExpertScheme` serves one weight group of a fused-MoE layer: "w13" (gate_proj and up_proj fused
+along the output dim, column-parallel) or "w2" (down_proj, row-parallel). A layer holds one of each,
+so gate/up and down may use different schemes (mixed checkpoints).
+
+Loading rule of a parameter (`register_expert`): the checkpoint tensor of one expert and one shard
+is validated against its `TensorSpec`, narrowed to this rank's tensor-parallel slice along
+`spec.tp_dim`, and handed to the parameter's `write(target, tensor)`, which converts it straight
+into the parameter's (final) layout inside the slice of that expert (and of that shard: gate is
+the first half of `n_dim`, up the second). Nothing is staged beside the parameter.
+"""
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Callable, Dict, Optional, Tuple
+
+import torch
+
+from sgl_ascend.errors import CheckpointError, shape_str
+
+#: checkpoint projection names -> (weight group, SGLang FusedMoE shard id)
+PROJECTIONS = {"gate_proj": ("w13", "w1"), "up_proj": ("w13", "w3"), "down_proj": ("w2", "w2")}
+SHARD_INDEX = {"w1": 0, "w3": 1}
+
+_KINDS = {
+    "int8": lambda d: d == torch.int8,
+    "int32": lambda d: d == torch.int32,
+    "int": lambda d: not d.is_floating_point and d != torch.bool,
+    "float": lambda d: d.is_floating_point,
+    "float_or_int64": lambda d: d.is_floating_point or d == torch.int64,
+    "number": lambda d: d != torch.bool,
+}
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One per-expert checkpoint tensor: full (unsharded) shape, accepted dtypes, how tp splits it."""
+
+    shape: Tuple[int, ...]
+    kind: str
+    tp_dim: Optional[int] = None
+
+    def check(self, dtype: torch.dtype, shape, name: str, file: Optional[str] = None):
+        if not _KINDS[self.kind](dtype):
+            raise CheckpointError(f"dtype {dtype} where {self.kind} is expected; the description's scheme "
+                                  "does not match this tensor.", file=file, tensor=name)
+        if tuple(shape) != self.shape and not (_numel(shape) == _numel(self.shape) == 1):
+            raise CheckpointError(
+                f"shape {shape_str(shape)} where {shape_str(self.shape)} is expected for this expert "
+                "(model config sizes); the checkpoint does not match the model config.", file=file, tensor=name)
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n
+
+
+def copy_write(target: torch.Tensor, loaded: torch.Tensor) -> None:
+    """Default conversion: same values, the target's dtype and shape ([N, 1] and [N] are one layout)."""
+    target.copy_(loaded.reshape(target.shape))
+
+
+def register_expert(layer: torch.nn.Module, attr: str, data: torch.Tensor, spec: TensorSpec, *,
+                    n_dim: Optional[int] = 0, write: Callable = copy_write, **extra_weight_attrs):
+    """Attach a fused expert parameter [E_local, ...] with its loading rule (see module docstring).
+
+    n_dim: the dim of one expert's slice that holds output channels (gate/up halves), None when
+    the tensor has none (a per-expert scalar).
+    """
+    param = torch.nn.Parameter(data, requires_grad=False)
+    param.moe_spec, param.moe_n_dim, param.moe_write = spec, n_dim, write
+    param.tensor_name = f"{getattr(layer, 'prefix', '') or type(layer).__name__}.{attr}"
+    for key, value in extra_weight_attrs.items():  # SGLang's set_weight_attrs (weight_loader, ...)
+        setattr(param, key, value)
+    layer.register_parameter(attr, param)
+    return param
+
+
+class ExpertScheme(ABC):
+    """One weight group ("w13" or "w2") of a fused-MoE layer in one quantization scheme."""
+
+    #: activation quantization the grouped matmul consumes: torch.int8, torch.quint4x2 or None
+    act_dtype: Optional[torch.dtype] = None
+
+    def __init__(self, role: str):
+        if role not in ("w13", "w2"):
+            raise ValueError(f"role must be w13 or w2, got {role!r}")
+        self.role = role
+
+    def a(self, name: str) -> str:
+        """Layer attribute of this group's tensor, e.g. w13_weight_scale."""
+        return f"{self.role}_{name}"
+
+    @abstractmethod
+    def checkpoint_tensors(self, n: int, k: int, tp_size: int) -> Dict[str, TensorSpec]:
+        """Suffix -> spec of the per-expert tensors of one checkpoint projection [n out, k in] (full sizes)."""
+
+    @abstractmethod
+    def create_weights(self, layer: torch.nn.Module, num_experts: int, n: int, k: int, tp_size: int,
+                       **extra_weight_attrs) -> None:
+        """Register this group's parameters for num_experts local experts; n, k are this rank's sizes."""
+
+    @abstractmethod
+    def process_weights_after_loading(self, layer: torch.nn.Module) -> None: ...
+
+    @abstractmethod
+    def apply(self, layer: torch.nn.Module, x: torch.Tensor, token_scale: Optional[torch.Tensor],
+              group_list: torch.Tensor, output_dtype: torch.dtype) -> torch.Tensor:
+        """Grouped matmul of the routed rows x (quantized as act_dtype says) with this group's experts."""
+
+    @abstractmethod
+    def theoretical_bytes(self, num_experts: int, n: int, k: int) -> int:
+        """Bytes the processed group should hold (values + scales + biases), for memory checks."""
+
+    # -- helpers shared by the schemes ----------------------------------------------------------
+    def spec_for(self, n: int, k: int, tp_size: int, suffix: str) -> TensorSpec:
+        return self.checkpoint_tensors(n, k, tp_size)[suffix]
+
+    def full_sizes(self, n: int, k: int, tp_size: int) -> Tuple[int, int]:
+        """Checkpoint projection sizes (one shard for w13) from this rank's sizes."""
+        return (n // 2 * tp_size, k) if self.role == "w13" else (n, k * tp_size)
+
+    def tp_split_dim(self, out_dim: int = 0, in_dim: int = 1) -> int:
+        """w13 splits the output dim of every tensor, w2 the input dim."""
+        return out_dim if self.role == "w13" else in_dim
+
+
+def check_zero_and_drop(layer: torch.nn.Module, attr: str, why: str) -> None:
+    """Symmetric expert kernels take no weight offset: check the checkpoint's is zero, then free it."""
+    param = getattr(layer, attr)
+    if torch.count_nonzero(param.data):
+        raise CheckpointError(
+            f"non-zero weight offset (max |offset| = {param.data.abs().max().item():g}) but {why} is "
+            "symmetric; re-quantize with symmetric weights.", tensor=param.tensor_name)
+    delattr(layer, attr)

@@ -1,0 +1,43 @@
+"""Int4 expert weights straight into the grouped matmul's layout, one checkpoint tensor at a time.
+
+Kernel layout (all int4 schemes): [K, N/8] int32 per expert, eight signed nibbles per int32 along N,
+little-endian (sgl_ascend.ops.int4). Each writer fills the (possibly column-narrowed) slice of one
+expert and one shard in place; the only temporary is what the conversion itself needs.
+"""
+
+import torch
+
+from sgl_ascend.errors import CheckpointError
+from sgl_ascend.layers.schemes.common import pack_int4_for_kernel
+from sgl_ascend.ops.scales import encode_fp32_as_int64
+
+
+def write_modelslim_pairs(target: torch.Tensor, packed: torch.Tensor) -> None:
+    """msModelSlim W4A8 int8 [n/2, K], two nibbles per byte along n (low = even row) -> int32 [K, n/8].
+
+    Byte j of a kernel row holds columns 2j (low) and 2j+1 (high): the checkpoint byte transposed,
+    so the int32 slice viewed as bytes takes the transposed checkpoint directly (no unpacking).
+    """
+    target.view(torch.int8).copy_(packed.t())
+
+
+def write_int4_values(target: torch.Tensor, values: torch.Tensor) -> None:
+    """One int4 value per int8 byte, [n, K] (W4A4, older W4A8 writers) -> int32 [K, n/8]."""
+    lo, hi = int(values.min()), int(values.max())
+    if lo < -8 or hi > 7:
+        raise CheckpointError(f"values span [{lo}, {hi}] but int4 weights stored one per byte must lie in "
+                              "[-8, 7]; the description's scheme (or version) does not match the tensor.")
+    target.copy_(pack_int4_for_kernel(values))
+
+
+def write_fp32_bits(target: torch.Tensor, scale: torch.Tensor) -> None:
+    """A float scale [n] / [n, 1] -> int64 holding its fp32 bits (the W4A8 kernels' scale format)."""
+    target.copy_(encode_fp32_as_int64(scale.reshape(target.shape)))
+
+
+def write_scale_or_bits(target: torch.Tensor, scale: torch.Tensor) -> None:
+    """Like write_fp32_bits, but an int64 scale (already fp32 bits, activation-clip files) is kept."""
+    if scale.dtype == torch.int64:
+        target.copy_(scale.reshape(target.shape) & 0xFFFFFFFF)
+    else:
+        write_fp32_bits(target, scale)

@@ -1,0 +1,37 @@
+"""FLOAT experts (bf16/fp16): weights stay in the checkpoint's [E, N, K] bytes; the kernel reads the
+[E, K, N] FRACTAL_NZ view (`to_kernel_layout`), so there is exactly one copy of every expert."""
+
+from typing import Dict
+
+import torch
+
+from sgl_ascend.layers.moe.base import ExpertScheme, TensorSpec, register_expert
+from sgl_ascend.layers.parameters import replace_data
+from sgl_ascend.layers.schemes.common import to_kernel_layout
+from sgl_ascend.ops import ops
+
+
+class UnquantizedExperts(ExpertScheme):
+    act_dtype = None
+
+    def __init__(self, role: str, params_dtype: torch.dtype = torch.bfloat16):
+        super().__init__(role)
+        self.params_dtype = params_dtype
+
+    def checkpoint_tensors(self, n, k, tp_size) -> Dict[str, TensorSpec]:
+        return {"weight": TensorSpec((n, k), "float", tp_dim=self.tp_split_dim())}
+
+    def create_weights(self, layer, num_experts, n, k, tp_size, **attrs):
+        specs = self.checkpoint_tensors(*self.full_sizes(n, k, tp_size), tp_size)
+        register_expert(layer, self.a("weight"), torch.empty(num_experts, n, k, dtype=self.params_dtype),
+                        specs["weight"], **attrs)
+
+    def process_weights_after_loading(self, layer):
+        replace_data(layer, self.a("weight"), to_kernel_layout(getattr(layer, self.a("weight")).data))
+
+    def apply(self, layer, x, token_scale, group_list, output_dtype):
+        return ops.npu_grouped_matmul([x], [getattr(layer, self.a("weight"))], group_list=group_list,
+                                      group_list_type=1, output_dtype=output_dtype)[0]
+
+    def theoretical_bytes(self, num_experts, n, k):
+        return num_experts * n * k * torch.finfo(self.params_dtype).bits // 8

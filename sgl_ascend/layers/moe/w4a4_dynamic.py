@@ -1,0 +1,46 @@
+"""W4A4_DYNAMIC experts: int4 per-channel symmetric weights, int4 per-token activations.
+
+msModelSlim per expert: weight int8 [N, K] holding one int4 value per byte, weight_scale [N, 1],
+weight_offset [N, 1] (zeros: checked while loading, never stored). The weight is packed straight
+into the kernel's [K, N/8] int32 while loading; the scale is held once, in fp32.
+"""
+
+from typing import Dict
+
+import torch
+
+from sgl_ascend.layers.moe.base import ExpertScheme, TensorSpec, register_expert
+from sgl_ascend.layers.moe.checks import CHECK_ONLY, drop_check_only, write_zero_check
+from sgl_ascend.layers.moe.int4 import write_int4_values
+from sgl_ascend.ops import ops
+
+
+class W4A4DynamicExperts(ExpertScheme):
+    act_dtype = torch.quint4x2
+
+    def checkpoint_tensors(self, n, k, tp_size) -> Dict[str, TensorSpec]:
+        out = 0 if self.role == "w13" else None
+        return {"weight": TensorSpec((n, k), "int8", tp_dim=self.tp_split_dim()),
+                "weight_scale": TensorSpec((n, 1), "float", tp_dim=out),
+                "weight_offset": TensorSpec((n, 1), "float", tp_dim=out)}
+
+    def create_weights(self, layer, num_experts, n, k, tp_size, **attrs):
+        specs = self.checkpoint_tensors(*self.full_sizes(n, k, tp_size), tp_size)
+        register_expert(layer, self.a("weight"), torch.empty(num_experts, k, n // 8, dtype=torch.int32),
+                        specs["weight"], n_dim=1, write=write_int4_values, **attrs)
+        register_expert(layer, self.a("weight_scale"), torch.empty(num_experts, n, dtype=torch.float32),
+                        specs["weight_scale"], **attrs)
+        register_expert(layer, self.a("weight_offset"), CHECK_ONLY(), specs["weight_offset"],
+                        write=write_zero_check, **attrs)
+
+    def process_weights_after_loading(self, layer):
+        drop_check_only(layer, self.role)
+
+    def apply(self, layer, x, token_scale, group_list, output_dtype):
+        return ops.npu_grouped_matmul([x], [getattr(layer, self.a("weight"))],
+                                      scale=[getattr(layer, self.a("weight_scale"))],
+                                      per_token_scale=[token_scale], group_list=group_list,
+                                      group_list_type=1, output_dtype=output_dtype)[0]
+
+    def theoretical_bytes(self, num_experts, n, k):
+        return num_experts * n * (k // 2 + 4)
