@@ -118,7 +118,14 @@ def load_linear(layer: ParallelLinear, checkpoint, shards: Dict[ShardId, str]) -
                     f"tensor {shape_str(info.shape)} {info.dtype} has no place in layer {layer.prefix} "
                     f"({type(scheme).__name__}, which holds {', '.join(sorted(expected))}); the "
                     "description's scheme does not match the tensors.", file=info.file, tensor=info.name)
-            layer.weight_loader(param, checkpoint.get(info.name), shard_id)
+            try:
+                layer.weight_loader(param, checkpoint.get(info.name), shard_id)
+            except CheckpointError as exc:
+                if exc.file is not None:
+                    raise
+                # Parameters know neither the file nor the checkpoint's tensor name: name both here.
+                where = f" (layer tensor {exc.tensor})" if exc.tensor and exc.tensor != info.name else ""
+                raise CheckpointError(exc.message + where, file=info.file, tensor=info.name) from exc
         for suffix in sorted(expected - set(present)):
             raise CheckpointError(
                 f"the layer needs {prefix}.{suffix} ({type(scheme).__name__}) but the checkpoint "

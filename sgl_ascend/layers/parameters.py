@@ -117,7 +117,9 @@ class ShardedParameter(torch.nn.Parameter):
     def _check_dtype(self, loaded, shard_index=None):
         want_int = not self.data.dtype.is_floating_point
         got_int = not loaded.dtype.is_floating_point
-        if want_int != got_int or (want_int and loaded.dtype != self.data.dtype):
+        # FP8 values are codes like ints: a copy from (or into) another float dtype would re-quantize.
+        fp8 = self.data.dtype.itemsize == 1 or loaded.dtype.itemsize == 1
+        if want_int != got_int or ((want_int or fp8) and loaded.dtype != self.data.dtype):
             raise CheckpointError(
                 f"dtype {loaded.dtype} where {self.data.dtype} is expected; the checkpoint's scheme "
                 "does not match this tensor. Re-export it or check quant_model_description.json.",

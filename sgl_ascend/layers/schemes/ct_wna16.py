@@ -1,0 +1,119 @@
+"""compressed-tensors WNA16: int4 / int8 weights per channel or per group, activations in bf16/fp16.
+
+Checkpoint, pack-quantized: weight_packed int32 [N, K*b/32] (value q + 2^(b-1), element k at bit
+k*b, unpacked by the library's `unpack_from_int32`), weight_scale [N, K/g] or [N, 1], weight_shape
+[2] (metadata: checked, then dropped), weight_zero_point int32 [N*b/32, K/g] (packed along N) when
+asymmetric. int-quantized stores `weight` int8 [N, K], one value per byte, zero point unpacked.
+compressed-tensors dequantizes (q - z) * s; npu_weight_quant_batchmatmul computes (w + offset) * scale,
+so the offset handed over is -z. int4 goes to the kernel eight per int32 along N ([K, N/8]), int8 as
+the [K, N] view; group scales as [K/g, N] in the activation dtype.
+
+Also serves W4A8 linear layers (int4 weights, dynamic int8 tokens): no NPU matmul takes int8
+activations with int4 weights, so, like vllm-ascend, they run weight-only and keep activations exact.
+Tensor parallelism: row-parallel layers split K of weight_packed (K*b/32 words per rank) and of the
+group scales (K/g per rank), so the local K must be a multiple of 32/b and of g.
+"""
+
+from typing import List, Optional
+
+import torch
+from compressed_tensors.compressors import unpack_from_int32
+
+from sgl_ascend.errors import CheckpointError
+from sgl_ascend.layers.parameters import register, replace_data
+from sgl_ascend.layers.schemes.base import LinearScheme
+from sgl_ascend.layers.schemes.common import check_int_range, pack_int4_for_kernel, to_kernel_layout
+from sgl_ascend.layers.schemes.ct_common import check_and_drop_weight_shape, register_weight_shape
+from sgl_ascend.ops import ops
+
+
+class CTWNA16Linear(LinearScheme):
+    def __init__(self, num_bits: int, group_size: int, symmetric: bool, packed: bool):
+        if num_bits not in (4, 8):
+            raise ValueError(f"WNA16 serves 4- and 8-bit weights, got {num_bits}")
+        self.num_bits, self.group_size = num_bits, group_size
+        self.symmetric, self.packed = symmetric, packed
+
+    def create_weights(self, layer, input_size_per_partition: int, output_partition_sizes: List[int],
+                       input_size: int, output_size: int, params_dtype: torch.dtype, **_):
+        n, k, b = sum(output_partition_sizes), input_size_per_partition, self.num_bits
+        self.act_dtype, self.full_size = params_dtype, (output_size, input_size)
+        prefix = getattr(layer, "prefix", "")
+        per_word = 32 // b
+        if self.packed and k % per_word:
+            raise CheckpointError(
+                f"layer {prefix}: {k} input channels per rank do not fill whole int32 words of {per_word} "
+                f"{b}-bit values; pick a tp size that keeps K per rank a multiple of {per_word}.")
+        if self.group_size and k % self.group_size:
+            raise CheckpointError(
+                f"layer {prefix}: {k} input channels per rank are not a whole number of groups of "
+                f"{self.group_size}; pick a tp size that keeps K per rank a multiple of the group size.")
+        if self.packed:
+            register(layer, "weight_packed", torch.empty(n, k // per_word, dtype=torch.int32),
+                     output_dim=0, input_dim=1)
+            register_weight_shape(layer, len(output_partition_sizes), input_size)
+        else:
+            register(layer, "weight", torch.empty(n, k, dtype=torch.int8), output_dim=0, input_dim=1)
+        groups = k // self.group_size if self.group_size else 1
+        group_dim = 1 if self.group_size else None
+        register(layer, "weight_scale", torch.empty(n, groups, dtype=params_dtype), output_dim=0,
+                 input_dim=group_dim)
+        if not self.symmetric:
+            if self.packed:
+                if n % per_word:
+                    raise CheckpointError(
+                        f"layer {prefix}: {n} output channels per rank do not fill whole int32 words of "
+                        f"packed zero points ({per_word} per word); pick another tp size.")
+                register(layer, "weight_zero_point", torch.empty(n // per_word, groups, dtype=torch.int32),
+                         output_dim=0, output_pack_factor=per_word, input_dim=group_dim)
+            else:
+                register(layer, "weight_zero_point", torch.empty(n, groups, dtype=torch.int8), output_dim=0,
+                         input_dim=group_dim)
+
+    def _values(self, layer) -> torch.Tensor:
+        """[N, K] int8 signed weight values, from the library's unpacking or the int8 tensor."""
+        if self.packed:
+            packed = layer.weight_packed.data
+            n, k = packed.shape[0], packed.shape[1] * 32 // self.num_bits
+            values = unpack_from_int32(packed, self.num_bits, torch.Size([n, k]))
+            delattr(layer, "weight_packed")
+            check_and_drop_weight_shape(layer, self.full_size[1], self.full_size[0])
+            return values
+        if self.num_bits == 4:
+            check_int_range(layer, "weight", -8, 7)
+        values = layer.weight.data
+        delattr(layer, "weight")
+        return values
+
+    def _kernel_side(self, per_row: torch.Tensor) -> torch.Tensor:
+        """[N, groups] -> [groups, N] per group, [N] per channel, in the activation dtype."""
+        if self.group_size:
+            return per_row.t().contiguous().to(self.act_dtype)
+        return per_row.reshape(-1).to(self.act_dtype)
+
+    def process_weights_after_loading(self, layer):
+        values = self._values(layer)
+        kernel_weight = pack_int4_for_kernel(values) if self.num_bits == 4 else to_kernel_layout(values)
+        layer.register_parameter("weight", torch.nn.Parameter(kernel_weight, requires_grad=False))
+        replace_data(layer, "weight_scale", self._kernel_side(layer.weight_scale.data))
+        if not self.symmetric:
+            zp = layer.weight_zero_point.data
+            if self.packed:
+                n = zp.shape[0] * 32 // self.num_bits
+                zp = unpack_from_int32(zp, self.num_bits, torch.Size([n, zp.shape[1]]), packed_dim=0)
+            if torch.count_nonzero(zp):
+                replace_data(layer, "weight_zero_point", self._kernel_side(-zp.to(torch.float32)))
+            else:
+                delattr(layer, "weight_zero_point")
+
+    def apply_weights(self, layer, x: torch.Tensor, bias: Optional[torch.Tensor] = None):
+        return ops.npu_weight_quant_batchmatmul(x, layer.weight, layer.weight_scale,
+                                                getattr(layer, "weight_zero_point", None), bias,
+                                                antiquant_group_size=self.group_size)
+
+    def theoretical_bytes(self, input_size_per_partition: int, output_size_per_partition: int) -> int:
+        n, k = output_size_per_partition, input_size_per_partition
+        groups = k // self.group_size if self.group_size else 1
+        scale_bytes = torch.finfo(self.act_dtype).bits // 8
+        per_group = scale_bytes * (1 if self.symmetric else 2)
+        return n * k * self.num_bits // 8 + n * groups * per_group

@@ -1,0 +1,363 @@
+"""compressed-tensors checkpoints, written by the library itself, served through the op surface.
+
+Reference for every layer: the library's own dequantization (`ModelCompressor.decompress_model`)
+applied to the original input; static activations go through the library's `fake_quantize` with the
+checkpoint's input scale. Dynamic per-token activations have no stored convention: the NPU's
+(absmax / 127, round half-even) is emulated for the tight check.
+"""
+
+import json
+import logging
+import os
+
+import pytest
+import torch
+from compressed_tensors.quantization import QuantizationArgs
+from compressed_tensors.quantization.lifecycle.forward import fake_quantize
+from safetensors.torch import load_file
+
+from ct_fixtures import (FORMATS, QWEN3_BF16, SCHEMES, Qwen3LayerLinears, quantize_with_library, write_checkpoint,
+                         write_qwen3_ct_checkpoint)
+from conftest import rel_err
+from sgl_ascend.errors import CheckpointError
+from sgl_ascend.layers.linear import ParallelLinear, QKVSizes, load_linear
+from sgl_ascend.ops.int4 import pack_int4_to_int32, unpack_int32_to_int4
+from sgl_ascend.quant import compressed_tensors as ct
+from sgl_ascend.quant.checkpoint import SafetensorsCheckpoint
+
+HIDDEN, INTER, HEADS, KV_HEADS, HEAD_DIM = 128, 256, 4, 2, 32
+P = "model.layers.0"
+LAYERS = {  # fused layer -> (parallel, shards, input size, output sizes)
+    "self_attn.qkv_proj": ("column", {s: f"{P}.self_attn.{s}_proj" for s in "qkv"}, HIDDEN, None),
+    "self_attn.o_proj": ("row", {None: f"{P}.self_attn.o_proj"}, HEADS * HEAD_DIM, [HIDDEN]),
+    "mlp.gate_up_proj": ("column", {0: f"{P}.mlp.gate_proj", 1: f"{P}.mlp.up_proj"}, HIDDEN, [INTER, INTER]),
+    "mlp.down_proj": ("row", {None: f"{P}.mlp.down_proj"}, INTER, [HIDDEN]),
+}
+EXPECTED_KIND = {"w8a8_static": ct.W8A8_STATIC, "w8a8_static_asym": ct.W8A8_STATIC,
+                 "w8a8_dynamic": ct.W8A8_DYNAMIC, "w8a8_dynamic_tensor": ct.W8A8_DYNAMIC, "w4a16_group": ct.WNA16, "w4a16_group_asym": ct.WNA16,
+                 "w8a16_channel": ct.WNA16, "w8a16_channel_unpacked": ct.WNA16, "w4a8": ct.W4A8, "fp8_dynamic": ct.FP8_W8A16,
+                 "fp8_static": ct.FP8_W8A16}
+TOKENS = 8
+
+
+def _inputs():
+    gen = torch.Generator().manual_seed(1)
+    return {HIDDEN: torch.randn(TOKENS, HIDDEN, generator=gen), INTER: torch.randn(TOKENS, INTER, generator=gen)}
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """scheme -> (checkpoint dir, library-dequantized weights, quantization_config)."""
+    out, x = {}, _inputs()
+    for name, scheme in SCHEMES.items():
+        model = Qwen3LayerLinears(HIDDEN, INTER, HEADS, KV_HEADS, HEAD_DIM, vocab=64,
+                                  generator=torch.Generator().manual_seed(0))
+        calib = {n: x[m.in_features] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+        tensors, qconfig, deq = quantize_with_library(model, scheme, fmt=FORMATS.get(name), calib=calib)
+        path = write_checkpoint(str(tmp_path_factory.mktemp(name)), tensors, qconfig)
+        out[name] = (path, deq, qconfig, tensors)
+    return out
+
+
+def build(path, fused, tp_rank=0, tp_size=1, dtype=torch.float32, config=None, prefix_layer=0):
+    config = config or ct.CompressedTensorsConfig.from_dir(path)
+    parallel, shards, k, sizes = LAYERS[fused]
+    if prefix_layer:
+        shards = {i: s.replace(P, f"model.layers.{prefix_layer}") for i, s in shards.items()}
+    qkv = QKVSizes(HEADS, KV_HEADS, HEAD_DIM, tp_size) if fused.endswith("qkv_proj") else None
+    sizes = qkv.full_sizes if qkv else sizes
+    prefix = f"model.layers.{prefix_layer}.{fused}"
+    layer = ParallelLinear(k, sizes, config.get_linear_scheme(prefix), parallel=parallel, prefix=prefix,
+                           tp_rank=tp_rank, tp_size=tp_size, params_dtype=dtype, qkv=qkv)
+    load_linear(layer, SafetensorsCheckpoint(path), shards)
+    return layer
+
+
+def reference(name, fused, deq, tensors, x):
+    """The library's dequantized weights (fused shards concatenated) applied as the checkpoint says."""
+    _, shards, _, _ = LAYERS[fused]
+    weight = torch.cat([deq[s] for s in shards.values()]).float()
+    first = next(iter(shards.values()))
+    if EXPECTED_KIND[name] == ct.W8A8_STATIC:
+        args = QuantizationArgs.model_validate(SCHEMES[name]["input_activations"])
+        zero_point = tensors.get(f"{first}.input_zero_point", torch.zeros(1, dtype=torch.int8))
+        x = fake_quantize(x, tensors[f"{first}.input_scale"], zero_point, args)
+    elif EXPECTED_KIND[name] == ct.W8A8_DYNAMIC:
+        scale = x.abs().amax(dim=-1, keepdim=True) / 127  # the NPU's per-token quantization
+        x = torch.round(x / scale) * scale
+    return x @ weight.t()
+
+
+def resident_bytes(layer) -> int:
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+                for t in list(layer.parameters()) + list(layer.buffers())}
+    return sum(storages.values())
+
+
+# -- config parsing and the scheme decision ---------------------------------------------------------
+def test_library_configs_decide_expected_kind(checkpoints):
+    for name, (path, _, qconfig, _) in checkpoints.items():
+        config = ct.CompressedTensorsConfig.from_dir(path)
+        args = config.scheme_args(f"{P}.self_attn.qkv_proj")
+        assert args.kind == EXPECTED_KIND[name], name
+        assert args.format == qconfig["format"]
+        assert config.scheme_args("lm_head") is None  # ignored -> unquantized
+
+
+def _config(weights, acts=None, fmt="int-quantized", **extra):
+    group = {"targets": ["Linear"], "weights": weights, "input_activations": acts}
+    return {"quant_method": "compressed-tensors", "format": fmt, "config_groups": {"group_0": group}, **extra}
+
+
+INT4_G = {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "group_size": 128}
+INT8_C = {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "channel"}
+TOKEN8 = {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "token", "dynamic": True}
+FP8_C = {"num_bits": 8, "type": "float", "symmetric": True, "strategy": "channel"}
+FP8_TOKEN = {"num_bits": 8, "type": "float", "symmetric": True, "strategy": "token", "dynamic": True}
+
+
+@pytest.mark.parametrize("weights,acts,fmt,kind", [
+    (INT4_G, None, "pack-quantized", ct.WNA16),
+    (INT8_C, None, "pack-quantized", ct.WNA16),
+    (INT8_C, {**TOKEN8, "strategy": "tensor", "dynamic": False}, "int-quantized", ct.W8A8_STATIC),
+    ({**INT8_C, "strategy": "tensor"}, {**TOKEN8, "strategy": "tensor", "dynamic": False}, "int-quantized",
+     ct.W8A8_STATIC),
+    (INT8_C, TOKEN8, "int-quantized", ct.W8A8_DYNAMIC),
+    (INT4_G, TOKEN8, "int-quantized", ct.W4A8),
+    (INT4_G, TOKEN8, "pack-quantized", ct.W4A8),
+    (FP8_C, None, "float-quantized", ct.FP8_W8A16),
+])
+def test_decision_order(weights, acts, fmt, kind):
+    config = ct.CompressedTensorsConfig.from_dict(_config(weights, acts, fmt))
+    assert config.scheme_args("model.layers.0.mlp.down_proj").kind == kind
+
+
+@pytest.mark.parametrize("weights,acts,fmt,what", [
+    (INT4_G, {**TOKEN8, "strategy": "tensor", "dynamic": False}, "int-quantized", "not a scheme"),
+    ({**INT8_C, "num_bits": 2}, None, "pack-quantized", "not a scheme"),
+    (INT8_C, FP8_TOKEN, "int-quantized", "not a scheme"),
+    ({**INT8_C, "symmetric": False}, TOKEN8, "int-quantized", "not a scheme"),
+    (INT4_G, None, "float-quantized", "format 'float-quantized'"),
+    (INT4_G, None, "bogus-format", "format 'bogus-format'"),
+])
+def test_unsupported_combinations_are_checkpoint_errors(weights, acts, fmt, what):
+    with pytest.raises(CheckpointError, match=what) as info:
+        ct.CompressedTensorsConfig.from_dict(_config(weights, acts, fmt), source="/ckpt/config.json")
+    assert "/ckpt/config.json" in str(info.value) and "config_groups.group_0" in str(info.value)
+
+
+def test_malformed_config_and_unknown_group_format():
+    bad = _config(INT4_G, None, "pack-quantized")
+    bad["config_groups"]["group_0"]["format"] = "no-such-format"
+    with pytest.raises(CheckpointError, match="malformed quantization_config") as info:
+        ct.CompressedTensorsConfig.from_dict(bad, source="/ckpt/config.json")
+    assert info.value.file == "/ckpt/config.json"
+    with pytest.raises(CheckpointError, match="kv_cache_scheme"):
+        ct.CompressedTensorsConfig.from_dict(_config(INT4_G, None, "pack-quantized",
+                                                     kv_cache_scheme={"num_bits": 8, "type": "float"}))
+    with pytest.raises(CheckpointError, match="not 'compressed-tensors'"):
+        ct.CompressedTensorsConfig.from_dict({**_config(INT4_G), "quant_method": "gptq"})
+
+
+def test_seed_002_fp8_labelled_w8a16_is_w8a8_fp8(caplog):
+    """Vezora/QwQ-32B-Preview-fp8-W8A16: FP8 weights AND dynamic FP8 token activations in config.json."""
+    raw = _config({**FP8_C, "strategy": "tensor"}, FP8_TOKEN, "float-quantized", ignore=["lm_head"])
+    assert ct.CompressedTensorsConfig.from_dict(raw, fp8_matmul=True).scheme_args("x.q_proj").kind == ct.W8A8_FP8
+    with caplog.at_level(logging.WARNING, logger=ct.__name__):
+        config = ct.CompressedTensorsConfig.from_dict(raw)  # this device: no FP8 matmul
+    assert config.scheme_args("x.q_proj").kind == ct.FP8_W8A16
+    assert any("is W8A8-FP8" in r.getMessage() and "weight-only FP8 (W8A16)" in r.getMessage()
+               for r in caplog.records)
+    with pytest.raises(CheckpointError, match="W8A8_FP8"):
+        ct.CompressedTensorsConfig.from_dict(raw, fp8_matmul=True).get_linear_scheme("x.q_proj")
+
+
+# -- targets / ignore -----------------------------------------------------------------------------
+def test_targets_and_ignore_resolution():
+    raw = {
+        "quant_method": "compressed-tensors", "format": "mixed-precision",
+        "config_groups": {
+            "by_class": {"targets": ["Linear"], "weights": INT8_C, "input_activations": TOKEN8,
+                         "format": "int-quantized"},
+            "by_regex": {"targets": [r"re:.*mlp\.(gate|up|down)_proj$", r"re:.*experts.*"], "weights": INT4_G,
+                         "format": "pack-quantized"},
+            "by_name": {"targets": ["model.layers.0.self_attn.o_proj"], "weights": INT4_G,
+                        "input_activations": TOKEN8, "format": "int-quantized"},
+        },
+        "ignore": ["lm_head", r"re:model\.layers\.1\..*"],
+    }
+    config = ct.CompressedTensorsConfig.from_dict(raw)
+    kind = lambda p: (config.scheme_args(p) or ct.CTSchemeArgs("none", "", None, None, "")).kind
+    assert kind("model.layers.0.self_attn.qkv_proj") == ct.W8A8_DYNAMIC  # class `Linear`
+    assert kind("model.layers.0.mlp.gate_up_proj") == ct.WNA16  # regex beats class
+    assert kind("model.layers.0.self_attn.o_proj") == ct.W4A8  # exact name beats all
+    assert kind("lm_head") == "none" and kind("model.layers.1.self_attn.qkv_proj") == "none"
+    assert config.moe_scheme_args("model.layers.0.mlp.experts", num_experts=4).kind == ct.WNA16
+    assert config.moe_scheme_args("model.layers.1.mlp.experts", num_experts=4) is None
+
+    raw["ignore"] = ["model.layers.0.self_attn.k_proj", "model.layers.0.mlp.experts.3.down_proj"]
+    config = ct.CompressedTensorsConfig.from_dict(raw)
+    with pytest.raises(CheckpointError, match="k_proj=unquantized"):
+        config.scheme_args("model.layers.0.self_attn.qkv_proj")
+    with pytest.raises(CheckpointError, match="experts"):
+        config.moe_scheme_args("model.layers.0.mlp.experts", num_experts=4)
+
+
+# -- layer outputs ------------------------------------------------------------------------------
+# Tight where the twin reproduces the checkpoint's math exactly (fp32 activations); bf16 runs
+# carry bf16 rounding of activations, scales and outputs.
+TOL_FP32, TOL_BF16 = 2e-5, 1.5e-2
+
+
+@pytest.mark.parametrize("name", list(SCHEMES))
+def test_layer_outputs_match_library_dequantization(checkpoints, name):
+    path, deq, _, tensors = checkpoints[name]
+    x = _inputs()
+    for fused, (_, _, k, _) in LAYERS.items():
+        expected = reference(name, fused, deq, tensors, x[k])
+        assert rel_err(build(path, fused)(x[k]), expected) < TOL_FP32, fused
+        assert rel_err(build(path, fused, dtype=torch.bfloat16)(x[k].bfloat16()), expected) < TOL_BF16, fused
+
+
+def test_dynamic_activations_stay_close_to_float(checkpoints):
+    path, deq, _, tensors = checkpoints["w8a8_dynamic"]
+    x = _inputs()[HIDDEN]
+    weight = torch.cat([deq[f"{P}.self_attn.{s}_proj"] for s in "qkv"])
+    assert rel_err(build(path, "self_attn.qkv_proj")(x), x @ weight.t()) < 1e-2
+
+
+@pytest.mark.parametrize("name", list(SCHEMES))
+def test_tp2_shards_match_whole(checkpoints, name):
+    path, _, _, _ = checkpoints[name]
+    x = _inputs()
+    for fused, (parallel, shards, k, _) in LAYERS.items():
+        whole = build(path, fused)(x[k])
+        ranks = [build(path, fused, tp_rank=r, tp_size=2) for r in range(2)]
+        if parallel == "row":
+            parts = [layer(xs) for layer, xs in zip(ranks, x[k].chunk(2, dim=-1))]
+            # Per-token dynamic quantization sees each rank's slice of K, as it does on the NPU.
+            tol = 1e-2 if EXPECTED_KIND[name] == ct.W8A8_DYNAMIC else TOL_FP32
+            assert rel_err(parts[0] + parts[1], whole) < tol, fused
+        else:
+            sizes = [HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM] if len(shards) == 3 else [INTER] * 2
+            per_rank = [layer(x[k]).split([s // 2 for s in sizes], dim=-1) for layer in ranks]
+            joined = torch.cat([torch.cat([per_rank[r][i] for r in range(2)], -1) for i in range(len(sizes))], -1)
+            assert rel_err(joined, whole) < TOL_FP32, fused
+
+
+@pytest.mark.parametrize("name", list(SCHEMES))
+def test_resident_bytes_match_theory(checkpoints, name):
+    path = checkpoints[name][0]
+    for fused in LAYERS:
+        for dtype in (torch.bfloat16, torch.float16):
+            layer = build(path, fused, dtype=dtype)
+            theory = layer.scheme.theoretical_bytes(layer.input_size_per_partition,
+                                                    sum(layer.output_partition_sizes))
+            assert abs(resident_bytes(layer) - theory) <= 0.02 * theory, (fused, dtype)
+
+
+# -- the tests see broken conventions -------------------------------------------------------------
+def test_wrong_group_scale_order_or_zero_point_sign_raises_the_error(checkpoints):
+    x = _inputs()[HIDDEN]
+    path, deq, _, tensors = checkpoints["w4a16_group_asym"]
+    expected = reference("w4a16_group_asym", "mlp.gate_up_proj", deq, tensors, x)
+    layer = build(path, "mlp.gate_up_proj")
+    assert rel_err(layer(x), expected) < TOL_FP32
+    layer.weight_scale.data = layer.weight_scale.data.flip(0)  # groups of K in the wrong order
+    assert rel_err(layer(x), expected) > 100 * TOL_FP32
+    layer = build(path, "mlp.gate_up_proj")
+    layer.weight_zero_point.data = -layer.weight_zero_point.data  # (q + z) instead of (q - z)
+    assert rel_err(layer(x), expected) > 100 * TOL_FP32
+    layer = build(path, "mlp.gate_up_proj")
+    values = unpack_int32_to_int4(layer.weight.data)  # [K, N]: swap the two nibbles of every byte
+    layer.weight.data = pack_int4_to_int32(values.reshape(values.shape[0], -1, 2).flip(-1).flatten(1))
+    assert rel_err(layer(x), expected) > 100 * TOL_FP32
+
+    path, deq, _, tensors = checkpoints["w8a8_static_asym"]
+    expected = reference("w8a8_static_asym", "mlp.down_proj", deq, tensors, _inputs()[INTER])
+    layer = build(path, "mlp.down_proj")
+    assert rel_err(layer(_inputs()[INTER]), expected) < TOL_FP32
+    del layer.quant_bias  # forget the activation zero point's correction
+    assert rel_err(layer(_inputs()[INTER]), expected) > 100 * TOL_FP32
+
+
+# -- bad checkpoints ----------------------------------------------------------------------------
+def _edited(tmp_path, checkpoints, name, edit):
+    path, _, qconfig, tensors = checkpoints[name]
+    tensors = dict(tensors)
+    edit(tensors)
+    return write_checkpoint(str(tmp_path / name), tensors, qconfig)
+
+
+def test_missing_weight_scale_names_file_and_tensor(tmp_path, checkpoints):
+    path = _edited(tmp_path, checkpoints, "w4a16_group", lambda t: t.pop(f"{P}.self_attn.k_proj.weight_scale"))
+    with pytest.raises(CheckpointError, match="does not have it") as info:
+        build(path, "self_attn.qkv_proj")
+    assert f"{P}.self_attn.k_proj.weight_scale" in str(info.value) and info.value.file
+
+
+def test_wrong_weight_shape_names_file_and_tensor(tmp_path, checkpoints):
+    name = f"{P}.mlp.up_proj.weight_shape"
+    path = _edited(tmp_path, checkpoints, "w4a16_group",
+                   lambda t: t.__setitem__(name, torch.tensor([INTER, HIDDEN + 32])))
+    with pytest.raises(CheckpointError, match="weight_shape says") as info:
+        build(path, "mlp.gate_up_proj")
+    assert name in str(info.value) and info.value.file.endswith("model.safetensors")
+    path = _edited(tmp_path, checkpoints, "w4a16_group",
+                   lambda t: t.__setitem__(name, torch.tensor([INTER + 8, HIDDEN])))
+    with pytest.raises(CheckpointError, match="weight_shape says"):
+        build(path, "mlp.gate_up_proj")
+
+
+def test_tp_size_that_splits_a_group_is_refused(checkpoints):
+    path = checkpoints["w4a16_group"][0]
+    assert build(path, "self_attn.o_proj", tp_rank=3, tp_size=4).weight_scale.shape == (1, HIDDEN)
+    with pytest.raises(CheckpointError, match="whole number of groups of 32"):
+        build(path, "self_attn.o_proj", tp_rank=0, tp_size=8)
+
+
+def test_packed_width_mismatch_names_file_and_tensor(tmp_path, checkpoints):
+    name = f"{P}.mlp.down_proj.weight_packed"
+    path = _edited(tmp_path, checkpoints, "w4a16_group", lambda t: t.__setitem__(name, t[name][:, :-1].clone()))
+    with pytest.raises(CheckpointError) as info:
+        build(path, "mlp.down_proj", tp_rank=1, tp_size=2)
+    assert name in str(info.value) and info.value.file.endswith("model.safetensors")
+
+
+def test_fp8_weight_stored_as_bf16_is_rejected(tmp_path, checkpoints):
+    name = f"{P}.self_attn.o_proj.weight"
+    path = _edited(tmp_path, checkpoints, "fp8_dynamic", lambda t: t.__setitem__(name, t[name].bfloat16()))
+    with pytest.raises(CheckpointError, match="dtype torch.bfloat16 where torch.float8_e4m3fn") as info:
+        build(path, "self_attn.o_proj")
+    assert name in str(info.value) and info.value.file.endswith("model.safetensors")
+
+
+def test_unknown_format_in_config_json(tmp_path, checkpoints):
+    path, _, qconfig, tensors = checkpoints["w8a8_dynamic"]
+    bad = json.loads(json.dumps(qconfig))
+    bad["format"] = bad["config_groups"]["group_0"]["format"] = None
+    bad["format"] = "marlin-48"
+    with pytest.raises(CheckpointError, match="format 'marlin-48'") as info:
+        ct.CompressedTensorsConfig.from_dir(write_checkpoint(str(tmp_path / "bad"), tensors, bad))
+    assert info.value.file.endswith("config.json")
+
+
+# -- the end-to-end checkpoint -----------------------------------------------------------------
+def test_full_qwen3_checkpoint_is_hf_loadable(tmp_path):
+    path = write_qwen3_ct_checkpoint(str(tmp_path / "qwen3-ct"), "w4a16_group")
+    tensors = load_file(os.path.join(path, "model.safetensors"))
+    assert "model.layers.1.self_attn.q_proj.weight_packed" in tensors
+    assert "model.embed_tokens.weight" in tensors and "lm_head.weight" in tensors
+    assert tensors["lm_head.weight"].dtype == torch.bfloat16
+    assert "model.layers.1.self_attn.q_proj.weight" not in tensors  # no float copy beside the packed one
+    for name in ("tokenizer.json", "config.json"):
+        assert os.path.exists(os.path.join(path, name))
+    config = ct.CompressedTensorsConfig.from_dir(path)
+    assert config.scheme_args("model.layers.1.mlp.gate_up_proj").kind == ct.WNA16
+    assert config.scheme_args("lm_head") is None
+    bf16 = load_file(os.path.join(QWEN3_BF16, "model.safetensors"))
+    layer = build(path, "mlp.gate_up_proj", dtype=torch.bfloat16, prefix_layer=1, config=config)
+    x = _inputs()[HIDDEN].bfloat16()
+    weight = torch.cat([bf16[f"model.layers.1.mlp.{s}_proj.weight"] for s in ("gate", "up")]).float()
+    # int4 symmetric group-32 weights: about 0.098 relative error against the bf16 source here.
+    assert rel_err(layer(x), x.float() @ weight.t()) < 0.12
