@@ -40,11 +40,13 @@ def _serves_checkpoint_formats() -> bool:
 def _register_quantization_methods() -> None:
     from sglang.srt.layers import quantization
 
+    from sgl_ascend.sglang.ct_config import AscendCompressedTensorsConfig
     from sgl_ascend.sglang.modelslim_config import AscendModelSlimConfig, W4A4Int4Config
 
     ours = {"w4a4_int4": W4A4Int4Config}
     if _serves_checkpoint_formats():
         ours["modelslim"] = AscendModelSlimConfig
+        ours["compressed-tensors"] = AscendCompressedTensorsConfig
     for registry in (quantization.QUANTIZATION_METHODS, quantization.CPU_QUANTIZATION_METHODS):
         # In-place: replacing an existing key keeps its position, so SGLang's
         # override_quantization_method loop still asks the configs in upstream's order.

@@ -32,11 +32,12 @@ def read_tensors(model_dir: str) -> Dict[str, torch.Tensor]:
     return tensors
 
 
-def _unpack_int4_pairs_rows(packed: torch.Tensor) -> torch.Tensor:
+def _unpack_int4_pairs_rows(packed: torch.Tensor, swap_nibbles: bool = False) -> torch.Tensor:
     b = packed.to(torch.int16)
     low = ((b & 0xF) ^ 0x8) - 0x8
     high = b >> 4  # arithmetic shift of a sign-extended byte = signed high nibble
-    return torch.stack([low, high], dim=1).reshape(-1, packed.shape[1])
+    pair = [high, low] if swap_nibbles else [low, high]
+    return torch.stack(pair, dim=1).reshape(-1, packed.shape[1])
 
 
 def _deq_scale_fp32(deq: torch.Tensor) -> torch.Tensor:
@@ -44,7 +45,8 @@ def _deq_scale_fp32(deq: torch.Tensor) -> torch.Tensor:
     return deq.to(torch.int32).view(torch.float32) if deq.dtype == torch.int64 else deq.float()
 
 
-def dequantize_modelslim(model_dir: str) -> Dict[str, torch.Tensor]:
+def dequantize_modelslim(model_dir: str, swap_nibbles: bool = False) -> Dict[str, torch.Tensor]:
+    """swap_nibbles: the wrong W4A8 nibble order, for the test that proves the comparison catches it."""
     with open(os.path.join(model_dir, "quant_model_description.json")) as f:
         description = json.load(f)
     legacy = description.get("version", "0") in ("0", "")
@@ -64,7 +66,7 @@ def dequantize_modelslim(model_dir: str) -> Dict[str, torch.Tensor]:
         elif kind == "W4A8_DYNAMIC":
             if f"{prefix}.weight_scale_second" in tensors:
                 raise NotImplementedError("group-wise W4A8 is not used by the e2e fixtures")
-            q = tensor.to(torch.int16) if legacy else _unpack_int4_pairs_rows(tensor)
+            q = tensor.to(torch.int16) if legacy else _unpack_int4_pairs_rows(tensor, swap_nibbles)
             out[name] = (q.float() - get("weight_offset")) * get("weight_scale")
         elif kind == "W8A8":
             deq = _deq_scale_fp32(tensors[f"{prefix}.deq_scale"])

@@ -28,10 +28,11 @@ CASES = {
     "qwen3-tiny-w8a8": ([], 0.05),
     "qwen3-tiny-w8a8-dynamic": ([], 0.05),
     "qwen3-tiny-w4a4-dynamic": (["--quantization", "w4a4_int4"], 0.15),
+    "qwen3moe-tiny-w4a8-dynamic": ([], 0.05),
 }
 
 
-def served_vs_float(tmp_path, fixture: str, extra_args, tolerance: float):
+def served_vs_float(tmp_path, fixture: str, extra_args, tolerance: float, swap_nibbles: bool = False):
     model_dir = msmodelslim_fixture(fixture)
     start = time.monotonic()
     with launch(model_dir, extra_args) as server:
@@ -42,13 +43,21 @@ def served_vs_float(tmp_path, fixture: str, extra_args, tolerance: float):
                                            str(tmp_path / "float"))
     result = compare(served, teacher_forced_logprobs(reference_dir, PROMPT, served["token_ids"]), tolerance)
     print(f"\n[e2e] {fixture} {' '.join(extra_args)}: server {served_s:.1f}s, {result}")
+    if swap_nibbles:
+        broken_dir = write_float_checkpoint(
+            model_dir, drop_zero_biases(dequantize_modelslim(model_dir, swap_nibbles=True)), str(tmp_path / "broken"))
+        broken = compare(served, teacher_forced_logprobs(broken_dir, PROMPT, served["token_ids"]), tolerance)
+        print(f"[e2e] {fixture} vs a reference with swapped int4 nibbles: {broken}")
+        assert not broken["ok"], "the comparison must catch a wrong int4 nibble order"
     return served, result, log
 
 
 @pytest.mark.parametrize("fixture", list(CASES))
 def test_serves_modelslim_checkpoint(tmp_path, fixture):
     extra_args, tolerance = CASES[fixture]
-    served, result, log = served_vs_float(tmp_path, fixture, extra_args, tolerance)
+    # MoE W4A8 also proves the comparison is sharp enough to catch a wrong packing order.
+    served, result, log = served_vs_float(tmp_path, fixture, extra_args, tolerance,
+                                          swap_nibbles="w4a8" in fixture)
     assert len(served["token_ids"]) == MAX_TOKENS
     assert result["ok"], result
     # The checkpoint went through our config, not upstream's NPU-only one.

@@ -10,9 +10,11 @@ from typing import Any, Dict, List, Optional
 import torch
 from sglang.srt.layers.quantization.base_config import QuantizationConfig
 
+from sgl_ascend.layers.moe import moe_method_for_modelslim
 from sgl_ascend.layers.schemes import UnquantizedLinear
 from sgl_ascend.quant.modelslim import DESCRIPTION_FILE, ModelSlimConfig, parse_description
 from sgl_ascend.sglang.linear_method import AscendLinearMethod
+from sgl_ascend.sglang.moe_method import AscendFusedMoEMethod
 
 W4A4_TYPE = "W4A4_DYNAMIC"
 
@@ -62,6 +64,8 @@ class AscendModelSlimConfig(QuantizationConfig):
         from sglang.srt.layers.linear import LinearBase
         from sglang.srt.layers.quantization.unquant import UnquantizedLinearMethod
 
+        from sglang.srt.layers.moe.fused_moe_triton import FusedMoE
+
         if isinstance(layer, LinearBase):
             scheme = self.modelslim.get_linear_scheme(prefix)
             if isinstance(scheme, UnquantizedLinear):
@@ -70,6 +74,9 @@ class AscendModelSlimConfig(QuantizationConfig):
             for shard in self.modelslim.shard_prefixes(prefix):
                 self.shard_schemes[shard] = scheme
             return AscendLinearMethod(scheme)
+        if isinstance(layer, FusedMoE):
+            block = prefix[: -len(".experts")] if prefix.endswith(".experts") else prefix
+            return AscendFusedMoEMethod(moe_method_for_modelslim(self.modelslim, block, layer.params_dtype))
         return None
 
     def is_ignored_tensor(self, name: str) -> bool:
