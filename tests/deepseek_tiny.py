@@ -27,7 +27,10 @@ CONFIG = {
     "n_routed_experts": 4, "num_experts_per_tok": 2, "n_shared_experts": 1, "n_group": 1, "topk_group": 1,
     "first_k_dense_replace": 1, "moe_layer_freq": 1, "routed_scaling_factor": 1.0, "norm_topk_prob": True,
     "scoring_func": "sigmoid", "topk_method": "noaux_tc", "hidden_act": "silu",
-    "max_position_embeddings": 512, "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "rope_scaling": None,
+    "max_position_embeddings": 512, "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
+    # SGLang's CPU rotary embedding serves DeepSeek's yarn only; factor 1 keeps it plain RoPE.
+    "rope_scaling": {"type": "yarn", "rope_type": "yarn", "factor": 1.0, "original_max_position_embeddings": 512,
+                     "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0},
     "attention_bias": False, "tie_word_embeddings": False, "bos_token_id": 0, "eos_token_id": 1,
     "torch_dtype": "bfloat16", "initializer_range": 0.02,
 }
@@ -88,7 +91,9 @@ def write_bf16(path: str, weights: Dict[str, torch.Tensor]) -> str:
 
 
 def is_quantized_projection(name: str) -> bool:
-    return name.endswith("_proj.weight")
+    """Every linear projection (incl. MLA's kv_a_proj_with_mqa); not the router, norms, embeddings, lm_head."""
+    module = name.rsplit(".", 2)[-2]
+    return name.endswith(".weight") and "_proj" in module
 
 
 def write_modelslim_w8a8_dynamic(path: str, weights: Dict[str, torch.Tensor]) -> str:
