@@ -58,11 +58,13 @@ def _register_hooks() -> None:
     from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
     from sgl_ascend.models.deepseek import float_kv_b_proj_for_mla, mla_for_torch_native
+    from sgl_ascend.models.norm_bias import add_norm_bias
     from sgl_ascend.sglang.weight_filter import drop_ignored_tensors
 
     HookRegistry.register("sglang.srt.model_loader.loader.DefaultModelLoader.load_weights_only",
                           drop_ignored_tensors, HookType.BEFORE)
     HookRegistry.register("sglang.srt.models.deepseek_common.attention_backend_handler."
                           "AttentionBackendRegistry.get_handler", mla_for_torch_native, HookType.AROUND)
+    HookRegistry.register("sglang.srt.layers.layernorm.RMSNorm.__init__", add_norm_bias, HookType.AFTER)
     HookRegistry.register("sglang.srt.models.deepseek_common.deepseek_weight_loader."
                           "DeepseekV2WeightLoaderMixin.post_load_weights", float_kv_b_proj_for_mla, HookType.AROUND)

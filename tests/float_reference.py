@@ -57,8 +57,10 @@ def dequantize_modelslim(model_dir: str, swap_nibbles: bool = False) -> Dict[str
         if suffix in QUANT_SUFFIXES:
             continue
         kind = description.get(name, "FLOAT") if suffix == "weight" else "FLOAT"
+        if suffix == "bias" and description.get(f"{prefix}.weight") == "W8A8":
+            continue  # W8A8 folds the float bias into quant_bias; the W8A8 branch below recovers it
         if kind == "FLOAT":
-            out[name] = out.get(name, torch.zeros(())) + tensor.float() if name.endswith(".bias") else tensor.float()
+            out[name] = tensor.float()
             continue
         get = lambda s: tensors[f"{prefix}.{s}"].float()  # noqa: E731
         if kind in ("W8A8_DYNAMIC", "W8A16", "W4A4_DYNAMIC"):
@@ -75,7 +77,7 @@ def dequantize_modelslim(model_dir: str, swap_nibbles: bool = False) -> Dict[str
             out[name] = q * (deq / input_scale)[:, None]
             residual = (tensors[f"{prefix}.quant_bias"].double() + input_offset.double() * q.double().sum(1))
             bias = (residual * deq.double()).float()
-            out[f"{prefix}.bias"] = out.get(f"{prefix}.bias", torch.zeros(())) + bias
+            out[f"{prefix}.bias"] = bias
         else:
             raise NotImplementedError(f"{name}: {kind}")
     return out
@@ -108,12 +110,21 @@ def drop_zero_biases(tensors: Dict[str, torch.Tensor], atol: float = 1e-6) -> Di
     return out
 
 
-def teacher_forced_logprobs(model_dir: str, prompt_ids: Sequence[int], output_ids: Sequence[int]):
+def norm_biases(tensors: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """Anti-outlier norm biases (rmsnorm(x) * weight + bias), which transformers' RMSNorm lacks."""
+    return {name: t for name, t in tensors.items() if name.endswith("norm.bias")}
+
+
+def teacher_forced_logprobs(model_dir: str, prompt_ids: Sequence[int], output_ids: Sequence[int],
+                            norm_bias: Dict[str, torch.Tensor] = None):
     """Per output step: (log p(output token), argmax token, log p(argmax)) under the float model."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     model.eval()
+    for name, bias in (norm_bias or {}).items():
+        norm = model.get_submodule(name[: -len(".bias")])
+        norm.register_forward_hook(lambda _m, _a, out, b=bias: out + b.to(out.dtype))
     ids = torch.tensor([list(prompt_ids) + list(output_ids)])
     with torch.no_grad():
         logits = model(ids).logits[0, len(prompt_ids) - 1: -1].float()

@@ -14,8 +14,8 @@ import time
 import pytest
 
 from conftest import msmodelslim_fixture
-from float_reference import (compare, dequantize_modelslim, drop_zero_biases, teacher_forced_logprobs,
-                             write_float_checkpoint)
+from float_reference import (compare, dequantize_modelslim, drop_zero_biases, norm_biases,
+                             teacher_forced_logprobs, write_float_checkpoint)
 from sglang_server import launch, run_launcher
 
 pytestmark = pytest.mark.sglang
@@ -77,3 +77,25 @@ def test_w4a4_int4_flag_on_w8a8_checkpoint_is_a_clear_error():
     assert result.returncode != 0
     assert "--quantization w4a4_int4 needs a W4A4_DYNAMIC checkpoint" in output, output[-3000:]
     assert "model_quant_type='W8A8'" in output
+
+
+def test_anti_outlier_norm_bias_is_applied(tmp_path):
+    """qwen3moe-tiny-w8a8-v0 (older msModelSlim writer, anti-outlier smoothing): W8A8 static attention
+    with float q/k/v biases folded into quant_bias, W8A8_DYNAMIC experts, and FLOAT norm biases that
+    SGLang's RMSNorm would drop. The float reference applies rmsnorm(x) * w + b and the projection
+    biases; dropping the norm biases moves the logprobs far outside the tolerance (checked below)."""
+    fixture, tolerance = "qwen3moe-tiny-w8a8-v0", 0.05
+    model_dir = msmodelslim_fixture(fixture)
+    start = time.monotonic()
+    with launch(model_dir) as server:
+        served = server.complete(PROMPT, MAX_TOKENS)
+    served_s = time.monotonic() - start
+    tensors = dequantize_modelslim(model_dir)
+    biases = norm_biases(tensors)
+    reference_dir = write_float_checkpoint(model_dir, tensors, str(tmp_path / "float"), {"attention_bias": True})
+    result = compare(served, teacher_forced_logprobs(reference_dir, PROMPT, served["token_ids"], biases), tolerance)
+    without = compare(served, teacher_forced_logprobs(reference_dir, PROMPT, served["token_ids"]), tolerance)
+    print(f"\n[e2e] {fixture}: server {served_s:.1f}s, {result}; reference without norm biases: {without}")
+    assert any(b.abs().max() > 0 for b in biases.values())
+    assert result["ok"], result
+    assert not without["ok"], "the norm biases must matter for this check to mean anything"

@@ -12,6 +12,7 @@ from sglang.srt.layers.quantization.base_config import QuantizationConfig
 
 from sgl_ascend.layers.moe import moe_method_for_modelslim
 from sgl_ascend.layers.schemes import UnquantizedLinear
+from sgl_ascend.models.norm_bias import enable_norm_bias, needs_norm_bias
 from sgl_ascend.quant.modelslim import DESCRIPTION_FILE, ModelSlimConfig, parse_description
 from sgl_ascend.sglang.linear_method import AscendLinearMethod
 from sgl_ascend.sglang.moe_method import AscendFusedMoEMethod
@@ -30,6 +31,8 @@ class AscendModelSlimConfig(QuantizationConfig):
         raw = {k: v for k, v in description.items() if k not in ("quant_method", "packed_modules_mapping",
                                                                     "hf_config")}
         self.modelslim = ModelSlimConfig(parse_description(raw), DESCRIPTION_FILE)
+        if needs_norm_bias(self.modelslim.types):
+            enable_norm_bias()
         # checkpoint shard prefix -> scheme, filled as SGLang builds the layers; the weight filter
         # uses it to drop tensors a scheme knowingly ignores.
         self.shard_schemes: Dict[str, Any] = {}
