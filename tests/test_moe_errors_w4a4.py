@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import save_file
 
 import sgl_ascend.layers.moe.layer as moe_layer
-from conftest import msmodelslim_fixture, rel_err
+from conftest import rel_err
 from moe_reference import moe_reference, routing
 from sgl_ascend.errors import CheckpointError
 from sgl_ascend.layers.moe import build_moe, moe_method_for_compressed_tensors, moe_method_for_modelslim

@@ -13,9 +13,9 @@ copy) is not counted as the layer's.
 Asserted: peak <= final resident bytes + the largest single per-expert parameter + 1 MiB (allocator
 and interpreter noise); final resident == theoretical (well within 2%); W4A8 <= 0.27 x bf16,
 W8A8 <= 0.52 x bf16 (group-wise W4A8, g = 128: <= 0.30). Measured (Linux x86-64, torch 2.13 CPU):
-W4A8 49.50 MiB = 0.2578 x bf16, peak - final 140-300 KiB; W8A8 96.50 MiB = 0.5026 x bf16, peak -
-final 300-400 KiB; group-wise W4A8 54.50 MiB = 0.2839 x bf16, peak - final ~550 KiB; largest expert
-tensors 512 / 1024 KiB.
+W4A8 49.50 MiB = 0.2578 x bf16, peak - final 140-350 KiB; W8A8 96.50 MiB = 0.5026 x bf16, peak -
+final 300-520 KiB; group-wise W4A8 54.50 MiB = 0.2839 x bf16, peak - final ~380 KiB (run-to-run
+noise ~150 KiB); largest expert tensors 512 / 1024 KiB.
 """
 
 import ctypes

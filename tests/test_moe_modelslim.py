@@ -170,7 +170,7 @@ def test_mixed_w4a8_gate_up_w8a8_down(tmp_path, gen):
 
 
 def test_unquantized_experts_one_copy_in_kernel_layout(gen):
-    """bf16 experts: the kernel reads the NZ [E, K, N] view of the loaded [E, N, K] bytes."""
+    """bf16 experts are loaded straight into the kernel's [E, K, N] layout: one copy, no staging."""
     ckpt = SafetensorsCheckpoint(msmodelslim_fixture("qwen3moe-tiny-bf16"))
     method = lambda: FusedMoEMethod(UnquantizedExperts("w13"), UnquantizedExperts("w2"))  # noqa: E731
     x, w, ids = _inputs(gen)
@@ -178,5 +178,43 @@ def test_unquantized_experts_one_copy_in_kernel_layout(gen):
     for tp, ep in [(1, 1), (2, 1), (1, 2)]:
         out, layer = _run(method, ckpt, 64, x, w, ids, tp, ep)
         assert rel_err(out, moe_reference(x, w, ids, experts, act_bits=(None, None), tp=tp, ep=ep)) <= TOL
-    assert layer.w13_weight.shape == (2, 128, 128) and not layer.w13_weight.is_contiguous()
+    assert layer.w13_weight.shape == (2, 128, 128) and layer.w2_weight.shape == (2, 64, 128)
     assert layer.resident_bytes() == method().theoretical_bytes(2, 128, 64)
+
+
+def test_modelslim_activation_clip_form_equals_scale_bias_form(tmp_path, gen):
+    """The same experts written in the activation-clip form (bias = the kernel correction, alpha 1,
+    no scale_bias) give the same outputs as the scale_bias form, for tp 1, 2 and ep 2."""
+    fixture = "qwen3moe-tiny-w4a8-dynamic"
+    src = SafetensorsCheckpoint(msmodelslim_fixture(fixture))
+
+    def to_clip(name, t):
+        if ".experts." not in name or not name.endswith("scale_bias"):
+            return t
+        return None
+
+    def clip_tensors(d):
+        for name in list(d):
+            if ".experts." in name and name.endswith(".scale_bias"):
+                del d[name]
+                d[name.replace(".scale_bias", ".bias")] = "W4A8_DYNAMIC"
+                if ".down_proj." in name:
+                    d[name.replace(".scale_bias", ".alpha")] = "W4A8_DYNAMIC"
+
+    path = _copy_fixture(tmp_path, fixture, to_clip, clip_tensors)
+    extra = {}
+    for name in src.names():
+        if ".experts." in name and name.endswith(".scale_bias"):
+            extra[name.replace(".scale_bias", ".bias")] = src.get(name).sum(dim=-1)
+            if ".down_proj." in name:
+                extra[name.replace(".scale_bias", ".alpha")] = torch.ones(1)
+    save_file(extra, os.path.join(path, "quant_model_weights-clip.safetensors"))
+    config = ModelSlimConfig.from_dir(path)
+    assert moe_method_for_modelslim(config, PREFIX).w2.clip
+    plain = ModelSlimConfig.from_dir(msmodelslim_fixture(fixture))
+    x, w, ids = _inputs(gen)
+    for tp, ep in [(1, 1), (2, 1), (1, 2)]:
+        out, layer = _run(lambda: moe_method_for_modelslim(config, PREFIX), SafetensorsCheckpoint(path), 64, x, w,
+                          ids, tp, ep)
+        ref, _ = _run(lambda: moe_method_for_modelslim(plain, PREFIX), src, 64, x, w, ids, tp, ep)
+        assert rel_err(out, ref) <= TOL

@@ -64,6 +64,11 @@ def copy_write(target: torch.Tensor, loaded: torch.Tensor) -> None:
     target.copy_(loaded.reshape(target.shape))
 
 
+def transposed_write(target: torch.Tensor, loaded: torch.Tensor) -> None:
+    """[n, k] checkpoint rows into the kernel's [k, n] slice (a strided copy, no staging tensor)."""
+    target.copy_(loaded.t())
+
+
 def register_expert(layer: torch.nn.Module, attr: str, data: torch.Tensor, spec: TensorSpec, *,
                     n_dim: Optional[int] = 0, write: Callable = copy_write, **extra_weight_attrs):
     """Attach a fused expert parameter [E_local, ...] with its loading rule (see module docstring).
@@ -117,23 +122,10 @@ class ExpertScheme(ABC):
         """Bytes the processed group should hold (values + scales + biases), for memory checks."""
 
     # -- helpers shared by the schemes ----------------------------------------------------------
-    def spec_for(self, n: int, k: int, tp_size: int, suffix: str) -> TensorSpec:
-        return self.checkpoint_tensors(n, k, tp_size)[suffix]
-
     def full_sizes(self, n: int, k: int, tp_size: int) -> Tuple[int, int]:
         """Checkpoint projection sizes (one shard for w13) from this rank's sizes."""
         return (n // 2 * tp_size, k) if self.role == "w13" else (n, k * tp_size)
 
-    def tp_split_dim(self, out_dim: int = 0, in_dim: int = 1) -> int:
-        """w13 splits the output dim of every tensor, w2 the input dim."""
-        return out_dim if self.role == "w13" else in_dim
-
-
-def check_zero_and_drop(layer: torch.nn.Module, attr: str, why: str) -> None:
-    """Symmetric expert kernels take no weight offset: check the checkpoint's is zero, then free it."""
-    param = getattr(layer, attr)
-    if torch.count_nonzero(param.data):
-        raise CheckpointError(
-            f"non-zero weight offset (max |offset| = {param.data.abs().max().item():g}) but {why} is "
-            "symmetric; re-quantize with symmetric weights.", tensor=param.tensor_name)
-    delattr(layer, attr)
+    def tp_split_dim(self) -> int:
+        """Checkpoint dim tp splits: w13 the output dim (0), w2 the input dim (1)."""
+        return 0 if self.role == "w13" else 1

@@ -50,9 +50,9 @@ def moe_method_for_modelslim(config, prefix: str, params_dtype: torch.dtype = to
 
 
 def moe_method_for_compressed_tensors(quantization_config: dict, prefix: str) -> FusedMoEMethod:
-    """W4A8 (int4 channel symmetric weights, pack-quantized) and W8A8 (int8 channel weights) experts
-    with dynamic per-token int8 activations. A config group may set `activation_use_clip` (read
-    here, not a compressed-tensors field)."""
+    """W4A8 experts: int4 channel symmetric weights (pack-quantized) with dynamic per-token int8
+    activations. A config group may set `activation_use_clip` (read here, not a compressed-tensors
+    field)."""
     from compressed_tensors.quantization import QuantizationConfig
     from compressed_tensors.utils import match_name
 
@@ -85,10 +85,8 @@ def _ct_scheme(role, group, fmt, clip, module):
     fmt = group.format or fmt
     if channel and dynamic_int8 and w.num_bits == 4 and fmt == "pack-quantized":
         return W4A8DynamicExperts(role, fmt="compressed_tensors", clip=clip)
-    if channel and dynamic_int8 and w.num_bits == 8 and fmt in ("int-quantized", "naive-quantized") and not clip:
-        return W8A8DynamicExperts(role, with_offset=False)
     raise CheckpointError(
         f"experts quantized as weights={w and w.model_dump(include={'num_bits', 'strategy', 'symmetric'})}, "
         f"input_activations={a and a.model_dump(include={'num_bits', 'strategy', 'dynamic'})}, format {fmt} "
-        "are not served; served: int4 (pack-quantized) or int8 channel symmetric weights with dynamic "
-        "per-token int8 activations.", tensor=module)
+        "are not served; served: int4 channel symmetric weights (pack-quantized) with dynamic per-token "
+        "int8 activations.", tensor=module)

@@ -12,7 +12,8 @@ from typing import Optional
 import torch
 
 from sgl_ascend.errors import CheckpointError
-from sgl_ascend.layers.moe.base import PROJECTIONS, SHARD_INDEX
+from sgl_ascend.layers.moe.base import PROJECTIONS
+from sgl_ascend.layers.moe.loader import load_expert_tensor
 from sgl_ascend.layers.moe.method import FusedMoEMethod, apply_moe
 
 CLIP_SUFFIXES = ("bias", "alpha")
@@ -32,7 +33,7 @@ class MoELayer(torch.nn.Module):
         self.intermediate_size_per_partition = intermediate_size // tp_size
         self.moe_tp_rank, self.moe_tp_size, self.moe_ep_rank, self.moe_ep_size = tp_rank, tp_size, ep_rank, ep_size
         method.create_weights(self, self.num_local_experts, hidden_size, self.intermediate_size_per_partition,
-                              params_dtype, weight_loader=self.weight_loader)
+                              params_dtype)
 
     def weight_loader(self, param, loaded_weight, weight_name, shard_id, expert_id, **_) -> bool:
         return load_expert_tensor(self, param, loaded_weight, weight_name, shard_id, expert_id)
@@ -42,42 +43,6 @@ class MoELayer(torch.nn.Module):
 
     def resident_bytes(self) -> int:
         return sum(p.data.untyped_storage().nbytes() for p in self.parameters())
-
-
-def load_expert_tensor(layer, param, loaded: torch.Tensor, weight_name: str, shard_id: str,
-                       expert_id: int) -> bool:
-    """Write one expert's checkpoint tensor into its fused parameter; False if another ep rank holds it."""
-    if shard_id not in ("w1", "w2", "w3"):
-        raise ValueError(f"shard_id must be w1, w2 or w3, got {shard_id!r}")
-    local = expert_id - layer.moe_ep_rank * layer.num_local_experts
-    if not 0 <= local < layer.num_local_experts:
-        return False
-    spec = param.moe_spec
-    spec.check(loaded.dtype, loaded.shape, weight_name)
-    rank, tp = layer.moe_tp_rank, layer.moe_tp_size
-    full = loaded
-    if spec.tp_dim is not None and tp > 1:
-        size = loaded.shape[spec.tp_dim]
-        if size % tp:
-            raise CheckpointError(f"dim {spec.tp_dim} of size {size} does not split into {tp} tensor-parallel "
-                                  "slices", tensor=weight_name)
-        loaded = loaded.narrow(spec.tp_dim, rank * (size // tp), size // tp)
-    target = None
-    if param.data.numel():
-        target = param.data[local]
-        if shard_id != "w2" and param.moe_n_dim is not None:
-            half = target.shape[param.moe_n_dim] // 2
-            target = target.narrow(param.moe_n_dim, SHARD_INDEX[shard_id] * half, half)
-    try:
-        if getattr(param, "moe_write_full", False):  # the write also needs the unsliced tensor
-            param.moe_write(target, loaded, full, layer, local)
-        else:
-            param.moe_write(target, loaded)
-    except CheckpointError as exc:
-        if exc.tensor is None:
-            raise CheckpointError(str(exc), tensor=weight_name) from exc
-        raise
-    return True
 
 
 def expert_prefix(prefix: str, expert: int, proj: str) -> str:

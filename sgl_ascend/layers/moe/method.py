@@ -13,6 +13,7 @@ from typing import Dict
 import torch
 
 from sgl_ascend.layers.moe.base import PROJECTIONS, ExpertScheme, TensorSpec
+from sgl_ascend.layers.moe.loader import bound_loader
 from sgl_ascend.ops import ops
 
 
@@ -26,6 +27,7 @@ class FusedMoEMethod:
                        intermediate_size_per_partition: int, params_dtype: torch.dtype, **extra_weight_attrs):
         tp_size = getattr(layer, "moe_tp_size", 1)
         layer.moe_method = self
+        extra_weight_attrs = dict(extra_weight_attrs, weight_loader=bound_loader(layer))
         self.w13.create_weights(layer, num_experts, 2 * intermediate_size_per_partition, hidden_size, tp_size,
                                 **extra_weight_attrs)
         self.w2.create_weights(layer, num_experts, hidden_size, intermediate_size_per_partition, tp_size,

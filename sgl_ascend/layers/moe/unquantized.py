@@ -1,14 +1,14 @@
-"""FLOAT experts (bf16/fp16): weights stay in the checkpoint's [E, N, K] bytes; the kernel reads the
-[E, K, N] FRACTAL_NZ view (`to_kernel_layout`), so there is exactly one copy of every expert."""
+"""FLOAT experts (bf16/fp16), in the kernel's [E, K, N] layout from the start: each expert's [N, K]
+checkpoint tensor is copied transposed into its slice while loading, and the layer is then cast to
+FRACTAL_NZ (identity on the CPU twin). No [E, N, K] copy ever exists beside it."""
 
 from typing import Dict
 
 import torch
 
-from sgl_ascend.layers.moe.base import ExpertScheme, TensorSpec, register_expert
+from sgl_ascend.layers.moe.base import ExpertScheme, TensorSpec, register_expert, transposed_write
 from sgl_ascend.layers.parameters import replace_data
-from sgl_ascend.layers.schemes.common import to_kernel_layout
-from sgl_ascend.ops import ops
+from sgl_ascend.ops import ACL_FORMAT_FRACTAL_NZ, ops
 
 
 class UnquantizedExperts(ExpertScheme):
@@ -23,11 +23,12 @@ class UnquantizedExperts(ExpertScheme):
 
     def create_weights(self, layer, num_experts, n, k, tp_size, **attrs):
         specs = self.checkpoint_tensors(*self.full_sizes(n, k, tp_size), tp_size)
-        register_expert(layer, self.a("weight"), torch.empty(num_experts, n, k, dtype=self.params_dtype),
-                        specs["weight"], **attrs)
+        register_expert(layer, self.a("weight"), torch.empty(num_experts, k, n, dtype=self.params_dtype),
+                        specs["weight"], n_dim=1, write=transposed_write, **attrs)
 
     def process_weights_after_loading(self, layer):
-        replace_data(layer, self.a("weight"), to_kernel_layout(getattr(layer, self.a("weight")).data))
+        weight = getattr(layer, self.a("weight")).data
+        replace_data(layer, self.a("weight"), ops.npu_format_cast(weight, ACL_FORMAT_FRACTAL_NZ))
 
     def apply(self, layer, x, token_scale, group_list, output_dtype):
         return ops.npu_grouped_matmul([x], [getattr(layer, self.a("weight"))], group_list=group_list,

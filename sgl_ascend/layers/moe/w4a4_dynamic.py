@@ -2,7 +2,8 @@
 
 msModelSlim per expert: weight int8 [N, K] holding one int4 value per byte, weight_scale [N, 1],
 weight_offset [N, 1] (zeros: checked while loading, never stored). The weight is packed straight
-into the kernel's [K, N/8] int32 while loading; the scale is held once, in fp32.
+into the kernel's [K, N/8] int32 while loading; the scale is held once, as int64 fp32 bits (the
+form upstream hands the W4A4 grouped matmul).
 """
 
 from typing import Dict
@@ -11,7 +12,7 @@ import torch
 
 from sgl_ascend.layers.moe.base import ExpertScheme, TensorSpec, register_expert
 from sgl_ascend.layers.moe.checks import CHECK_ONLY, drop_check_only, write_zero_check
-from sgl_ascend.layers.moe.int4 import write_int4_values
+from sgl_ascend.layers.moe.int4 import write_fp32_bits, write_int4_values
 from sgl_ascend.ops import ops
 
 
@@ -28,8 +29,8 @@ class W4A4DynamicExperts(ExpertScheme):
         specs = self.checkpoint_tensors(*self.full_sizes(n, k, tp_size), tp_size)
         register_expert(layer, self.a("weight"), torch.empty(num_experts, k, n // 8, dtype=torch.int32),
                         specs["weight"], n_dim=1, write=write_int4_values, **attrs)
-        register_expert(layer, self.a("weight_scale"), torch.empty(num_experts, n, dtype=torch.float32),
-                        specs["weight_scale"], **attrs)
+        register_expert(layer, self.a("weight_scale"), torch.empty(num_experts, n, dtype=torch.int64),
+                        specs["weight_scale"], write=write_fp32_bits, **attrs)
         register_expert(layer, self.a("weight_offset"), CHECK_ONLY(), specs["weight_offset"],
                         write=write_zero_check, **attrs)
 
@@ -43,4 +44,4 @@ class W4A4DynamicExperts(ExpertScheme):
                                       group_list_type=1, output_dtype=output_dtype)[0]
 
     def theoretical_bytes(self, num_experts, n, k):
-        return num_experts * n * (k // 2 + 4)
+        return num_experts * n * (k // 2 + 8)

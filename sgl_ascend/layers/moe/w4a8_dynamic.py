@@ -49,6 +49,7 @@ from sgl_ascend.ops.scales import decode_int64_scale, encode_fp32_as_int64
 FORMATS = ("modelslim", "modelslim_legacy", "compressed_tensors")
 #: rows of K per step when computing the correction term from int4 weights
 _ROWS = 256
+_LOW32 = 0xFFFFFFFF
 
 
 def _write_ct_packed(target, packed):
@@ -56,6 +57,16 @@ def _write_ct_packed(target, packed):
 
     n, words = packed.shape
     write_int4_values(target, unpack_from_int32(packed, 4, torch.Size((n, words * 8))))
+
+
+def _write_low_bits(target, scale_second):
+    """Group scales [n, K/g] -> low 32 bits of the [K/g, n] slots (fp32 bits)."""
+    target.copy_((target & ~_LOW32) | encode_fp32_as_int64(scale_second.t()))
+
+
+def _write_high_bits(target, scale):
+    """Channel scale [n, 1] -> high 32 bits of every group's slot, until post-processing folds it in."""
+    target.copy_((target & _LOW32) | (encode_fp32_as_int64(scale.reshape(1, -1)) << 32))
 
 
 def _write_scale_bias(target, loaded):
@@ -144,10 +155,12 @@ class W4A8DynamicExperts(ExpertScheme):
         else:
             reg("weight_offset", CHECK_ONLY(), write=write_zero_check)
         if self.group_size:
-            reg("weight_scale", torch.empty(e, n, dtype=torch.float32))
-            # The group scales are written as fp32 bits into their final int64 [K/g, N] slots.
-            reg("weight_scale_second", torch.empty(e, k // self.group_size, n, dtype=torch.int64), n_dim=1,
-                write=lambda target, s2: target.copy_(encode_fp32_as_int64(s2.t())))
+            # Both scales go straight into the final int64 [K/g, N] slots: the group scale's fp32 bits
+            # in the low half, the channel scale's in the (finally zero) high half of every group;
+            # post-processing multiplies them in place. So no scale is ever held twice.
+            slots = torch.empty(e, k // self.group_size, n, dtype=torch.int64)
+            reg("weight_scale", slots, n_dim=1, write=_write_high_bits)
+            reg("weight_scale_second", slots, n_dim=1, write=_write_low_bits)
             reg("weight_offset_second", CHECK_ONLY(), write=write_zero_check)
         else:
             reg("weight_scale", torch.empty(e, n, dtype=torch.int64),
@@ -167,10 +180,11 @@ class W4A8DynamicExperts(ExpertScheme):
             delattr(layer, self.a("weight_packed"))
             layer.register_parameter(self.a("weight"), weight)
         if self.group_size:
-            channel = getattr(layer, self.a("weight_scale")).data
             groups = getattr(layer, self.a("weight_scale_second"))
             for e in range(groups.shape[0]):  # in place, one expert at a time
-                groups.data[e] = encode_fp32_as_int64(decode_int64_scale(groups.data[e]) * channel[e])
+                slot = groups.data[e]
+                channel = decode_int64_scale((slot >> 32) & _LOW32)
+                slot.copy_(encode_fp32_as_int64(decode_int64_scale(slot & _LOW32) * channel))
             delattr(layer, self.a("weight_scale"))
             delattr(layer, self.a("weight_scale_second"))
             layer.register_parameter(self.a("weight_scale"), groups)

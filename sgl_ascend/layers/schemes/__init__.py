@@ -7,6 +7,7 @@ from sgl_ascend.layers.schemes.ct_w8a8_static import CTW8A8StaticLinear
 from sgl_ascend.layers.schemes.ct_wna16 import CTWNA16Linear
 from sgl_ascend.layers.schemes.unquantized import UnquantizedLinear
 from sgl_ascend.layers.schemes.w4a4_dynamic import W4A4DynamicLinear
+from sgl_ascend.layers.schemes.w4a8_dynamic import W4A8DynamicLinear
 from sgl_ascend.layers.schemes.w8a8_dynamic import W8A8DynamicLinear
 from sgl_ascend.layers.schemes.w8a8_static import W8A8StaticLinear
 from sgl_ascend.layers.schemes.w8a16 import W8A16Linear
@@ -17,6 +18,7 @@ MODELSLIM_LINEAR_SCHEMES = {
     "W8A8_DYNAMIC": W8A8DynamicLinear,
     "W8A16": W8A16Linear,
     "W4A4_DYNAMIC": W4A4DynamicLinear,
+    "W4A8_DYNAMIC": W4A8DynamicLinear,
 }
 
 
@@ -63,4 +65,4 @@ def linear_scheme_for_compressed_tensors(args, config, prefix: str) -> LinearSch
 __all__ = ["linear_scheme_for_compressed_tensors", "CTWNA16Linear", "CTW8A8DynamicTensorLinear",
            "CTW8A8StaticLinear", "CTFP8W8A16Linear",
            "LinearScheme", "SchemeLinearMethod", "MODELSLIM_LINEAR_SCHEMES", "linear_scheme_for_modelslim",
-           "UnquantizedLinear", "W4A4DynamicLinear", "W8A8DynamicLinear", "W8A8StaticLinear", "W8A16Linear"]
+           "UnquantizedLinear", "W4A4DynamicLinear", "W4A8DynamicLinear", "W8A8DynamicLinear", "W8A8StaticLinear", "W8A16Linear"]
