@@ -122,7 +122,8 @@ class ShardedParameter(torch.nn.Parameter):
         if want_int != got_int or ((want_int or fp8) and loaded.dtype != self.data.dtype):
             raise CheckpointError(
                 f"dtype {loaded.dtype} where {self.data.dtype} is expected; the checkpoint's scheme "
-                "does not match this tensor. Re-export it or check quant_model_description.json.",
+                "does not match this tensor. Re-export it or check its quantization description "
+                "(quant_model_description.json, or quantization_config in config.json).",
                 tensor=self._shard_name(shard_index))
 
     def _shard_name(self, shard_index):
