@@ -11,7 +11,7 @@ class CheckpointError(ValueError):
     def __init__(self, message: str, *, file: str | None = None, tensor: str | None = None):
         where = ", ".join(p for p in (f"file {file}" if file else "", f"tensor {tensor}" if tensor else "") if p)
         super().__init__(f"{where}: {message}" if where else message)
-        self.message = message
+        self.message = message  # without the location, so a caller can re-raise it located better
         self.file = file
         self.tensor = tensor
 

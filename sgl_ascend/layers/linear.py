@@ -103,12 +103,19 @@ def load_linear(layer: ParallelLinear, checkpoint, shards: Dict[ShardId, str]) -
 
     `shards` maps shard id (None for an unfused layer, 0/1 for gate/up, "q"/"k"/"v") to the checkpoint
     prefix. A checkpoint tensor with no place in the layer, or a layer tensor missing from the
-    checkpoint, is an error naming both.
+    checkpoint, is an error naming both. Errors the parameters or the scheme raise about a layer
+    tensor are re-raised naming the checkpoint file(s) and tensor(s) it came from.
     """
     scheme = layer.scheme
     expected = {name for name, p in layer.named_parameters(recurse=False) if isinstance(p, ShardedParameter)}
+    sources: Dict[str, List] = {}  # layer attribute -> checkpoint TensorInfos loaded into it
     for shard_id, prefix in shards.items():
         present = checkpoint.with_prefix(prefix)
+        for suffix in sorted(expected - set(present)):
+            raise CheckpointError(
+                f"the layer needs {prefix}.{suffix} ({type(scheme).__name__}) but the checkpoint "
+                "does not have it; the checkpoint is incomplete or its description is wrong.",
+                file=checkpoint.index_file or checkpoint.path, tensor=f"{prefix}.{suffix}")
         for suffix, info in sorted(present.items()):
             if suffix in scheme.ignored_suffixes:
                 continue
@@ -118,17 +125,22 @@ def load_linear(layer: ParallelLinear, checkpoint, shards: Dict[ShardId, str]) -
                     f"tensor {shape_str(info.shape)} {info.dtype} has no place in layer {layer.prefix} "
                     f"({type(scheme).__name__}, which holds {', '.join(sorted(expected))}); the "
                     "description's scheme does not match the tensors.", file=info.file, tensor=info.name)
+            sources.setdefault(suffix, []).append(info)
             try:
                 layer.weight_loader(param, checkpoint.get(info.name), shard_id)
             except CheckpointError as exc:
-                if exc.file is not None:
-                    raise
-                # Parameters know neither the file nor the checkpoint's tensor name: name both here.
-                where = f" (layer tensor {exc.tensor})" if exc.tensor and exc.tensor != info.name else ""
-                raise CheckpointError(exc.message + where, file=info.file, tensor=info.name) from exc
-        for suffix in sorted(expected - set(present)):
-            raise CheckpointError(
-                f"the layer needs {prefix}.{suffix} ({type(scheme).__name__}) but the checkpoint "
-                "does not have it; the checkpoint is incomplete or its description is wrong.",
-                file=checkpoint.path, tensor=f"{prefix}.{suffix}")
-    scheme.process_weights_after_loading(layer)
+                raise _located(exc, [info]) from None
+    try:
+        scheme.process_weights_after_loading(layer)
+    except CheckpointError as exc:
+        suffix = (exc.tensor or "").rpartition(".")[2].split(" ")[0]
+        if exc.file is not None or suffix not in sources:
+            raise
+        raise _located(exc, sources[suffix]) from None
+
+
+def _located(exc: CheckpointError, infos: list) -> CheckpointError:
+    """The same error, naming the checkpoint file(s) and tensor(s) instead of the layer's parameter."""
+    files = ", ".join(sorted({info.file for info in infos}))
+    names = ", ".join(info.name for info in infos)
+    return CheckpointError(f"{exc.message} (layer tensor {exc.tensor})", file=files, tensor=names)

@@ -54,7 +54,8 @@ class ShardedParameter(torch.nn.Parameter):
     def load_qkv_weight(self, loaded_weight: torch.Tensor, shard_id: Union[str, None] = None,
                         shard_offset: Optional[int] = None, shard_size: Optional[int] = None,
                         num_heads: int = 1, tp_rank: int = 0, use_presharded_weights: bool = False, **_):
-        # SGLang passes the kv group's rank for k/v already; num_heads replicas share one slice.
+        # SGLang passes tp_rank (its kv group's rank for k/v) and num_heads = kv head replicas:
+        # that many consecutive ranks share one k/v slice, as in SGLang's own parameters.
         source_rank = tp_rank if shard_id == "q" else tp_rank // max(num_heads, 1)
         index = QKV_SHARD_INDEX[shard_id] if shard_id is not None else None
         self._load_fused_shard(loaded_weight, index, shard_offset, shard_size,

@@ -4,6 +4,9 @@ Layout (the one `npu_convert_weight_to_int4pack` and `npu_dynamic_quant(dst_type
 eight signed int4 values per int32 along the last dim, element j of a group in bits [4j, 4j+4),
 two's-complement nibbles, no +8 offset. ASSUMPTION (not verifiable without an NPU): little-endian
 nibble order inside the int32, the same order compressed-tensors uses for its int32 packing.
+compressed-tensors (`pack_to_int32`) stores v + 8 in each nibble instead, which flips exactly the
+nibble's top bit: its int32 words are ours XOR 0x88888888 (tests/test_ops_twin.py checks this).
+msModelSlim W4A8 pairs (`unpack_int8_pairs`) are checked against the real tool's output there too.
 """
 
 import torch

@@ -104,10 +104,12 @@ def npu_weight_quant_batchmatmul(x: torch.Tensor, weight: torch.Tensor, antiquan
     x2d = x.reshape(-1, x.shape[-1])
     per_channel = antiquant_group_size == 0
     if per_channel and weight.dtype == torch.int8 and weight.t().is_contiguous():
-        # Fast exact path: torch's int8 weight-only kernel wants [N, K], which is how our
-        # processed weights sit in memory (see layers/schemes/layout.py).
-        scale = antiquant_scale.reshape(-1).to(x.dtype)
-        out = torch._weight_int8pack_mm(x2d.contiguous(), weight.t(), scale).float()
+        # Fast path: torch's int8 weight-only kernel wants [N, K], which is how our processed
+        # weights sit in memory (common.to_kernel_layout). Run in fp32 so the output is rounded once,
+        # after the offset term (a bf16 product would be rounded before a large offset term cancels
+        # against it); the bf16 kernel also crashes (SIGSEGV, torch 2.13 CPU) when K % 16 != 0.
+        scale = antiquant_scale.reshape(-1).float()
+        out = torch._weight_int8pack_mm(x2d.float().contiguous(), weight.t(), scale)
         if antiquant_offset is not None:
             offset = antiquant_offset.reshape(-1).float() * antiquant_scale.reshape(-1).float()
             out = out + x2d.float().sum(dim=-1, keepdim=True) * offset

@@ -70,10 +70,11 @@ class SafetensorsCheckpoint:
         for file in files:
             if not os.path.exists(file):
                 missing = sorted(k for k, v in self.index.items() if os.path.join(self.path, v) == file)
+                more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
                 raise CheckpointError(
-                    f"the index lists {os.path.basename(file)} for {len(missing)} tensors (e.g. "
-                    f"{missing[0]}) but the file is missing; copy the whole checkpoint folder.",
-                    file=self.index_file)
+                    f"the index places it{more} in {os.path.basename(file)}, but that file is missing; "
+                    "copy the whole checkpoint folder.",
+                    file=self.index_file, tensor=missing[0])
         return files
 
     def _read_header(self, file: str):
@@ -90,9 +91,12 @@ class SafetensorsCheckpoint:
         except CheckpointError:
             raise
         except Exception as exc:  # safetensors raises its own error type for truncated/corrupt files
+            cut = _tensors_past_end(file)
+            detail = (f"{len(cut)} tensor(s) end past the file's {os.path.getsize(file)} bytes, first {cut[0]}"
+                      if cut else "its header cannot be read")
             raise CheckpointError(
-                f"cannot read the safetensors header ({exc}); the file is truncated or not "
-                "safetensors. Download or copy it again.", file=file) from exc
+                f"the file is truncated or not safetensors: {detail} ({exc}). Download or copy it again.",
+                file=file, tensor=cut[0] if cut else None) from None
 
     def _check_index_consistency(self):
         for name, fname in self.index.items():
@@ -135,3 +139,24 @@ class SafetensorsCheckpoint:
         head = prefix + "."
         return {n[len(head):]: i for n, i in self._infos.items()
                 if n.startswith(head) and "." not in n[len(head):]}
+
+
+def _tensors_past_end(file: str) -> List[str]:
+    """Names of the tensors a truncated file cannot hold, from the header safetensors refused.
+
+    safetensors rejects the whole file; reading its documented header (u64 length + json) names the
+    tensors that are cut, so the error can say which ones. Empty if the header itself is unreadable.
+    """
+    try:
+        size = os.path.getsize(file)
+        with open(file, "rb") as f:
+            length = int.from_bytes(f.read(8), "little")
+            if length > size - 8:
+                return []
+            header = json.loads(f.read(length))
+        available = size - 8 - length
+        cut = [(entry["data_offsets"][0], name) for name, entry in header.items()
+               if name != "__metadata__" and entry["data_offsets"][1] > available]
+        return [name for _, name in sorted(cut)]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []

@@ -121,6 +121,10 @@ class ModelSlimConfig:
         """Anti-outlier smoothing leaves a float bias on projections that had none."""
         return all(self.types.get(f"{s}.bias") == "FLOAT" for s in self.shard_prefixes(prefix))
 
+    def norm_bias_names(self) -> List[str]:
+        """The FLOAT `*norm.bias` tensors anti-outlier smoothing adds; the model adds them after its norms."""
+        return sorted(name for name, kind in self.types.items() if kind == "FLOAT" and name.endswith("norm.bias"))
+
     def get_linear_scheme(self, prefix: str):
         from sgl_ascend.layers.schemes import linear_scheme_for_modelslim
 

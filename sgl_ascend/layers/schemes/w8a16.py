@@ -30,7 +30,8 @@ class W8A16Linear(LinearScheme):
         flatten_channel_scale(layer, "weight_scale")
         replace_data(layer, "weight_scale", layer.weight_scale.data.to(self.act_dtype))
         flatten_channel_scale(layer, "weight_offset")
-        if torch.count_nonzero(layer.weight_offset.data):
+        self.asymmetric = bool(torch.count_nonzero(layer.weight_offset.data))
+        if self.asymmetric:
             replace_data(layer, "weight_offset", (-layer.weight_offset.data).to(self.act_dtype))
         else:
             delattr(layer, "weight_offset")
@@ -40,5 +41,6 @@ class W8A16Linear(LinearScheme):
                                                 getattr(layer, "weight_offset", None), bias)
 
     def theoretical_bytes(self, input_size_per_partition: int, output_size_per_partition: int) -> int:
-        scale_bytes = torch.finfo(self.act_dtype).bits // 8
-        return output_size_per_partition * (input_size_per_partition + scale_bytes)
+        # int8 weight + scale (and the negated offset of asymmetric checkpoints) in the activation dtype
+        vector_bytes = torch.finfo(self.act_dtype).bits // 8 * (2 if getattr(self, "asymmetric", False) else 1)
+        return output_size_per_partition * (input_size_per_partition + vector_bytes)
