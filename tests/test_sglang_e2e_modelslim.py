@@ -28,6 +28,7 @@ CASES = {
     "qwen3-tiny-w8a8": ([], 0.05),
     "qwen3-tiny-w8a8-dynamic": ([], 0.05),
     "qwen3-tiny-w4a4-dynamic": (["--quantization", "w4a4_int4"], 0.15),
+    "qwen3-tiny-w4a8-dynamic": ([], 0.05),
     "qwen3moe-tiny-w4a8-dynamic": ([], 0.05),
 }
 

@@ -3,14 +3,14 @@
 SGLang's FusedMoE builds the layer (num_experts, num_local_experts, moe_tp_*/moe_ep_* attributes),
 its dispatcher hands us the layer's tokens with the router's top-k, and its model's load_weights
 calls each parameter's `weight_loader(param, tensor, name, shard_id=, expert_id=)` with global
-expert ids; ours writes the tensor into the parameter's final layout (`load_expert_tensor`).
+expert ids; the core attaches its own loader (`sgl_ascend.layers.moe.loader.bound_loader`), which
+writes the tensor into the parameter's final layout.
 """
 
 import torch
 from sglang.srt.layers.quantization.base_config import FusedMoEMethodBase
 
 from sgl_ascend.layers.moe import FusedMoEMethod, apply_moe
-from sgl_ascend.layers.moe.layer import load_expert_tensor
 
 
 class AscendFusedMoEMethod(FusedMoEMethodBase):
@@ -20,10 +20,6 @@ class AscendFusedMoEMethod(FusedMoEMethodBase):
 
     def create_weights(self, layer: torch.nn.Module, num_experts: int, hidden_size: int,
                        intermediate_size_per_partition: int, params_dtype: torch.dtype, **extra_weight_attrs):
-        def weight_loader(param, loaded_weight, weight_name, shard_id, expert_id, **_):
-            return load_expert_tensor(layer, param, loaded_weight, weight_name, shard_id, expert_id)
-
-        extra_weight_attrs["weight_loader"] = weight_loader
         self.method.create_weights(layer, num_experts, hidden_size, intermediate_size_per_partition,
                                    params_dtype, **extra_weight_attrs)
 
