@@ -4,8 +4,10 @@
 
 # CANN toolkit (and ATB / nnal when installed): libraries, op kernels, torch_npu's runtime.
 for env in /usr/local/Ascend/ascend-toolkit/set_env.sh /usr/local/Ascend/nnal/atb/set_env.sh; do
-    # shellcheck disable=SC1090
-    [ -f "$env" ] && source "$env"
+    if [ -f "$env" ]; then
+        # shellcheck disable=SC1090
+        source "$env"
+    fi
 done
 
 # Which NPUs this server uses (the NPU counterpart of CUDA_VISIBLE_DEVICES).
@@ -16,7 +18,9 @@ export PYTORCH_NPU_ALLOC_CONF=${PYTORCH_NPU_ALLOC_CONF:-expandable_segments:True
 export HCCL_BUFFSIZE=${HCCL_BUFFSIZE:-200}
 export HCCL_OP_EXPANSION_MODE=${HCCL_OP_EXPANSION_MODE:-AIV}
 # Network interfaces HCCL / Gloo bind to; set them on multi-NIC hosts (e.g. eth0).
-[ -n "${NIC:-}" ] && export HCCL_SOCKET_IFNAME=$NIC GLOO_SOCKET_IFNAME=$NIC
+if [ -n "${NIC:-}" ]; then
+    export HCCL_SOCKET_IFNAME=$NIC GLOO_SOCKET_IFNAME=$NIC
+fi
 # Host threads: avoid oversubscribing the CPU cores next to each NPU process.
 export OMP_PROC_BIND=${OMP_PROC_BIND:-false}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-16}
