@@ -4,6 +4,7 @@ Parsing and the scheme decision live in `sgl_ascend.quant.compressed_tensors` (t
 QuantizationConfig); here each SGLang layer gets our linear scheme or fused-MoE method.
 """
 
+import logging
 from typing import Any, Dict, List, Optional
 
 import torch
@@ -15,6 +16,8 @@ from sgl_ascend.quant.compressed_tensors import QUANT_METHOD, CompressedTensorsC
 from sgl_ascend.sglang.linear_method import AscendLinearMethod
 from sgl_ascend.sglang.moe_method import AscendFusedMoEMethod
 
+logger = logging.getLogger(__name__)
+
 # Keys SGLang adds to the checkpoint's quantization_config before from_config.
 _SGLANG_KEYS = ("packed_modules_mapping", "hf_config", "requantization_method")
 
@@ -25,6 +28,8 @@ class AscendCompressedTensorsConfig(QuantizationConfig):
         self.raw = {k: v for k, v in raw.items() if k not in _SGLANG_KEYS}
         self.ct = CompressedTensorsConfig.from_dict(self.raw)
         self.shard_schemes: Dict[str, Any] = {}
+        logger.info("sgl-ascend compressed-tensors config: format %s, config groups %s",
+                    self.raw.get("format"), ", ".join(sorted(self.ct.groups)))
 
     @classmethod
     def get_name(cls) -> str:

@@ -5,6 +5,7 @@ layer one of our schemes. `w4a4_int4` is the explicit flag for W4A4_DYNAMIC chec
 weights and int4 per-token activations); it refuses checkpoints of another scheme at start-up.
 """
 
+import logging
 from typing import Any, Dict, List, Optional
 
 import torch
@@ -18,6 +19,8 @@ from sgl_ascend.sglang.linear_method import AscendLinearMethod
 from sgl_ascend.sglang.moe_method import AscendFusedMoEMethod
 
 W4A4_TYPE = "W4A4_DYNAMIC"
+
+logger = logging.getLogger(__name__)
 
 
 def is_modelslim(hf_quant_cfg) -> bool:
@@ -33,6 +36,12 @@ class AscendModelSlimConfig(QuantizationConfig):
         self.modelslim = ModelSlimConfig(parse_description(raw), DESCRIPTION_FILE)
         if needs_norm_bias(self.modelslim.types):
             enable_norm_bias()
+        description = self.modelslim.description
+        # Printed by the process that builds the model (SGLang's scheduler), so the log shows which
+        # config served the checkpoint there.
+        logger.info("sgl-ascend %s config: msModelSlim checkpoint, model_quant_type=%s, writer version %s%s",
+                    self.get_name(), description.model_quant_type, description.version,
+                    ", anti-outlier norm biases" if needs_norm_bias(self.modelslim.types) else "")
         # checkpoint shard prefix -> scheme, filled as SGLang builds the layers; the weight filter
         # uses it to drop tensors a scheme knowingly ignores.
         self.shard_schemes: Dict[str, Any] = {}
