@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Serve a quantized MoE model (Qwen3-MoE, DeepSeek-V2/V3) with TP attention and expert parallelism.
+#   TP=8 EP=8 scripts/npu_serve_moe_ep.sh MODEL_DIR [extra args]
+# Experts are split over EP ranks (each holds num_experts / EP of them); attention and dense layers
+# over TP. DeepSeek MLA models: SGLANG_NPU_USE_MLAPO=1 fuses MLA preprocessing, and
+# SGLANG_NPU_USE_MULTI_STREAM=1 overlaps shared and routed experts.
+set -euo pipefail
+MODEL=${1:?usage: TP=N EP=M $0 MODEL_DIR [extra args]}; shift
+TP=${TP:-8}
+EP=${EP:-$TP}
+export ASCEND_RT_VISIBLE_DEVICES=${ASCEND_RT_VISIBLE_DEVICES:-$(seq -s, 0 $((TP - 1)))}
+export SGLANG_NPU_USE_MULTI_STREAM=${SGLANG_NPU_USE_MULTI_STREAM:-1}
+source "$(dirname "$0")/npu_env.sh"
+exec python -m sglang.launch_server \
+    --model-path "$MODEL" \
+    --device npu \
+    --attention-backend ascend \
+    --tp-size "$TP" \
+    --ep-size "$EP" \
+    --host "${HOST:-0.0.0.0}" --port "${PORT:-30000}" \
+    --mem-fraction-static "${MEM_FRACTION:-0.8}" \
+    "$@"

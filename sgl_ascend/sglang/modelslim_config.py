@@ -1,0 +1,133 @@
+"""SGLang QuantizationConfigs for msModelSlim checkpoints: `modelslim` and `w4a4_int4`.
+
+Both read `quant_model_description.json` through `sgl_ascend.quant.modelslim` and hand every linear
+layer one of our schemes. `w4a4_int4` is the explicit flag for W4A4_DYNAMIC checkpoints (int4
+weights and int4 per-token activations); it refuses checkpoints of another scheme at start-up.
+"""
+
+import logging
+from typing import Any, Dict, List, Optional
+
+import torch
+from sglang.srt.layers.quantization.base_config import QuantizationConfig
+
+from sgl_ascend.layers.moe import moe_method_for_modelslim
+from sgl_ascend.layers.schemes import UnquantizedLinear
+from sgl_ascend.models.norm_bias import enable_norm_bias, needs_norm_bias
+from sgl_ascend.quant.modelslim import DESCRIPTION_FILE, ModelSlimConfig, parse_description
+from sgl_ascend.sglang.linear_method import AscendLinearMethod
+from sgl_ascend.sglang.moe_method import AscendFusedMoEMethod
+
+W4A4_TYPE = "W4A4_DYNAMIC"
+
+logger = logging.getLogger(__name__)
+
+
+def is_modelslim(hf_quant_cfg) -> bool:
+    # SGLang's ModelConfig tags the description it found with quant_method "modelslim".
+    return isinstance(hf_quant_cfg, dict) and hf_quant_cfg.get("quant_method") == "modelslim"
+
+
+class AscendModelSlimConfig(QuantizationConfig):
+    def __init__(self, description: Dict[str, Any]):
+        super().__init__()
+        raw = {k: v for k, v in description.items() if k not in ("quant_method", "packed_modules_mapping",
+                                                                    "hf_config")}
+        self.modelslim = ModelSlimConfig(parse_description(raw), DESCRIPTION_FILE)
+        if needs_norm_bias(self.modelslim.types):
+            enable_norm_bias()
+        description = self.modelslim.description
+        # Printed by the process that builds the model (SGLang's scheduler), so the log shows which
+        # config served the checkpoint there.
+        logger.info("sgl-ascend %s config: msModelSlim checkpoint, model_quant_type=%s, writer version %s%s",
+                    self.get_name(), description.model_quant_type, description.version,
+                    ", anti-outlier norm biases" if needs_norm_bias(self.modelslim.types) else "")
+        # checkpoint shard prefix -> scheme, filled as SGLang builds the layers; the weight filter
+        # uses it to drop tensors a scheme knowingly ignores.
+        self.shard_schemes: Dict[str, Any] = {}
+
+    @classmethod
+    def get_name(cls) -> str:
+        return "modelslim"
+
+    @classmethod
+    def get_supported_act_dtypes(cls) -> List[torch.dtype]:
+        return [torch.bfloat16, torch.float16]
+
+    @classmethod
+    def get_min_capability(cls) -> int:
+        return 0
+
+    @staticmethod
+    def get_config_filenames() -> List[str]:
+        return [DESCRIPTION_FILE]
+
+    @classmethod
+    def from_config(cls, config: Dict[str, Any]) -> "AscendModelSlimConfig":
+        return cls(config)
+
+    @classmethod
+    def override_quantization_method(cls, hf_quant_cfg, user_quant) -> Optional[str]:
+        if is_modelslim(hf_quant_cfg) and user_quant in (None, "modelslim"):
+            return "modelslim"
+        return None
+
+    def get_quant_method(self, layer: torch.nn.Module, prefix: str):
+        from sglang.srt.layers.linear import LinearBase
+        from sglang.srt.layers.quantization.unquant import UnquantizedLinearMethod
+
+        from sglang.srt.layers.moe.fused_moe_triton import FusedMoE
+
+        if isinstance(layer, LinearBase):
+            scheme = self.modelslim.get_linear_scheme(prefix)
+            if isinstance(scheme, UnquantizedLinear):
+                return UnquantizedLinearMethod()
+            layer.scheme = scheme
+            for shard in self.modelslim.shard_prefixes(prefix):
+                self.shard_schemes[shard] = scheme
+            return AscendLinearMethod(scheme)
+        if isinstance(layer, FusedMoE):
+            block = prefix[: -len(".experts")] if prefix.endswith(".experts") else prefix
+            return AscendFusedMoEMethod(moe_method_for_modelslim(self.modelslim, block, layer.params_dtype))
+        return None
+
+    def is_ignored_tensor(self, name: str) -> bool:
+        """A checkpoint tensor the layer's scheme knowingly does not load (see LinearScheme)."""
+        prefix, _, suffix = name.rpartition(".")
+        scheme = self.shard_schemes.get(prefix)
+        return scheme is not None and suffix in scheme.ignored_suffixes
+
+    def get_scaled_act_names(self) -> List[str]:
+        return []
+
+
+class W4A4Int4Config(AscendModelSlimConfig):
+    """`--quantization w4a4_int4`: an msModelSlim checkpoint whose scheme is W4A4_DYNAMIC."""
+
+    @classmethod
+    def get_name(cls) -> str:
+        return "w4a4_int4"
+
+    @classmethod
+    def override_quantization_method(cls, hf_quant_cfg, user_quant) -> Optional[str]:
+        if user_quant != "w4a4_int4":
+            return None
+        if not is_modelslim(hf_quant_cfg):
+            method = hf_quant_cfg.get("quant_method") if isinstance(hf_quant_cfg, dict) else None
+            raise ValueError(
+                f"--quantization w4a4_int4 serves msModelSlim W4A4_DYNAMIC checkpoints (with "
+                f"{DESCRIPTION_FILE}); this checkpoint is quant_method={method!r}. Drop the flag to "
+                "serve it with its own method.")
+        check_w4a4(hf_quant_cfg)
+        return "w4a4_int4"
+
+
+def check_w4a4(description: Dict[str, Any]) -> None:
+    kinds = {v for k, v in description.items() if isinstance(v, str) and k.endswith(".weight")}
+    model_type = description.get("model_quant_type")
+    if model_type != W4A4_TYPE and W4A4_TYPE not in kinds:
+        found = ", ".join(sorted(kinds - {"FLOAT"})) or "no quantized layers"
+        raise ValueError(
+            f"--quantization w4a4_int4 needs a W4A4_DYNAMIC checkpoint, but {DESCRIPTION_FILE} says "
+            f"model_quant_type={model_type!r} with layers {found}. Serve it without --quantization "
+            "(sgl-ascend picks the scheme from the description) or with --quantization modelslim.")

@@ -1,0 +1,147 @@
+"""The float reference for end-to-end tests: a checkpoint's weights dequantized by its own convention.
+
+Written independently of sgl_ascend's loaders (plain json + safetensors): msModelSlim dequantizes
+`(q - offset) * scale`; W8A8 static folds `input_offset * sum_k(q)` into `quant_bias`, so the float
+bias left is `(quant_bias + input_offset * sum_k q) * deq_scale`; W4A8 stores two signed int4 per
+byte along the output dim, low nibble first. The result is saved as a float32 Hugging Face checkpoint
+and run with transformers, teacher-forced on the server's tokens.
+"""
+
+import glob
+import json
+import os
+import shutil
+from typing import Dict, List, Sequence
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+QUANT_SUFFIXES = ("weight_scale", "weight_offset", "weight_scale_second", "weight_offset_second",
+                  "input_scale", "input_offset", "quant_bias", "deq_scale", "scale_bias")
+COPIED_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+                "vocab.json", "merges.txt", "special_tokens_map.json")
+
+
+def read_tensors(model_dir: str) -> Dict[str, torch.Tensor]:
+    tensors = {}
+    for file in sorted(glob.glob(os.path.join(model_dir, "*.safetensors"))):
+        with safe_open(file, "pt") as f:
+            for name in f.keys():
+                tensors[name] = f.get_tensor(name)
+    return tensors
+
+
+def _unpack_int4_pairs_rows(packed: torch.Tensor, swap_nibbles: bool = False) -> torch.Tensor:
+    b = packed.to(torch.int16)
+    low = ((b & 0xF) ^ 0x8) - 0x8
+    high = b >> 4  # arithmetic shift of a sign-extended byte = signed high nibble
+    pair = [high, low] if swap_nibbles else [low, high]
+    return torch.stack(pair, dim=1).reshape(-1, packed.shape[1])
+
+
+def _deq_scale_fp32(deq: torch.Tensor) -> torch.Tensor:
+    # fp16 models store the fp32 bit pattern in the low 32 bits of an int64.
+    return deq.to(torch.int32).view(torch.float32) if deq.dtype == torch.int64 else deq.float()
+
+
+def dequantize_modelslim(model_dir: str, swap_nibbles: bool = False) -> Dict[str, torch.Tensor]:
+    """swap_nibbles: the wrong W4A8 nibble order, for the test that proves the comparison catches it."""
+    with open(os.path.join(model_dir, "quant_model_description.json")) as f:
+        description = json.load(f)
+    legacy = description.get("version", "0") in ("0", "")
+    tensors = read_tensors(model_dir)
+    out = {}
+    for name, tensor in tensors.items():
+        prefix, _, suffix = name.rpartition(".")
+        if suffix in QUANT_SUFFIXES:
+            continue
+        kind = description.get(name, "FLOAT") if suffix == "weight" else "FLOAT"
+        if suffix == "bias" and description.get(f"{prefix}.weight") == "W8A8":
+            continue  # W8A8 folds the float bias into quant_bias; the W8A8 branch below recovers it
+        if kind == "FLOAT":
+            out[name] = tensor.float()
+            continue
+        get = lambda s: tensors[f"{prefix}.{s}"].float()  # noqa: E731
+        if kind in ("W8A8_DYNAMIC", "W8A16", "W4A4_DYNAMIC"):
+            out[name] = (tensor.float() - get("weight_offset")) * get("weight_scale")
+        elif kind == "W4A8_DYNAMIC":
+            if f"{prefix}.weight_scale_second" in tensors:
+                raise NotImplementedError("group-wise W4A8 is not used by the e2e fixtures")
+            q = tensor.to(torch.int16) if legacy else _unpack_int4_pairs_rows(tensor, swap_nibbles)
+            out[name] = (q.float() - get("weight_offset")) * get("weight_scale")
+        elif kind == "W8A8":
+            deq = _deq_scale_fp32(tensors[f"{prefix}.deq_scale"])
+            input_scale, input_offset = get("input_scale").reshape(()), get("input_offset").reshape(())
+            q = tensor.float()
+            out[name] = q * (deq / input_scale)[:, None]
+            residual = (tensors[f"{prefix}.quant_bias"].double() + input_offset.double() * q.double().sum(1))
+            bias = (residual * deq.double()).float()
+            out[f"{prefix}.bias"] = bias
+        else:
+            raise NotImplementedError(f"{name}: {kind}")
+    return out
+
+
+def write_float_checkpoint(src_dir: str, tensors: Dict[str, torch.Tensor], dst_dir: str,
+                           config_updates: Dict = None) -> str:
+    os.makedirs(dst_dir, exist_ok=True)
+    for file in COPIED_FILES:
+        if os.path.exists(os.path.join(src_dir, file)):
+            shutil.copy(os.path.join(src_dir, file), dst_dir)
+    with open(os.path.join(dst_dir, "config.json")) as f:
+        config = json.load(f)
+    config.pop("quantization_config", None)
+    config.update(config_updates or {})
+    config["torch_dtype"] = config["dtype"] = "float32"
+    with open(os.path.join(dst_dir, "config.json"), "w") as f:
+        json.dump(config, f, indent=1)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, os.path.join(dst_dir, "model.safetensors"))
+    return dst_dir
+
+
+def drop_zero_biases(tensors: Dict[str, torch.Tensor], atol: float = 1e-6) -> Dict[str, torch.Tensor]:
+    """W8A8 layers of models without projection biases leave a (numerically) zero residual bias."""
+    out = {}
+    for name, tensor in tensors.items():
+        if name.endswith(".bias") and ("proj" in name) and tensor.abs().max() <= atol:
+            continue
+        out[name] = tensor
+    return out
+
+
+def norm_biases(tensors: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """Anti-outlier norm biases (rmsnorm(x) * weight + bias), which transformers' RMSNorm lacks."""
+    return {name: t for name, t in tensors.items() if name.endswith("norm.bias")}
+
+
+def teacher_forced_logprobs(model_dir: str, prompt_ids: Sequence[int], output_ids: Sequence[int],
+                            norm_bias: Dict[str, torch.Tensor] = None):
+    """Per output step: (log p(output token), argmax token, log p(argmax)) under the float model."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model.eval()
+    for name, bias in (norm_bias or {}).items():
+        norm = model.get_submodule(name[: -len(".bias")])
+        norm.register_forward_hook(lambda _m, _a, out, b=bias: out + b.to(out.dtype))
+    ids = torch.tensor([list(prompt_ids) + list(output_ids)])
+    with torch.no_grad():
+        logits = model(ids).logits[0, len(prompt_ids) - 1: -1].float()
+    logprobs = torch.log_softmax(logits, dim=-1)
+    chosen = logprobs.gather(1, torch.tensor(output_ids)[:, None])[:, 0]
+    best = logprobs.max(dim=-1)
+    return chosen.tolist(), best.indices.tolist(), best.values.tolist()
+
+
+def compare(served: Dict, reference, tolerance: float) -> Dict:
+    """Greedy agreement: equal tokens, or a flip between tokens whose float logprobs differ by less
+    than `tolerance`; and every served logprob within `tolerance` of the float model's."""
+    chosen, best_ids, best_lp = reference
+    served_ids, served_lp = served["token_ids"], served["token_logprobs"]
+    lp_diff = [abs(a - b) for a, b in zip(served_lp, chosen)]
+    flips = [i for i, (s, b) in enumerate(zip(served_ids, best_ids)) if s != b]
+    flip_margins = [best_lp[i] - chosen[i] for i in flips]
+    return {"tokens": len(served_ids), "exact": len(served_ids) - len(flips), "flips": flips,
+            "flip_margins": flip_margins, "max_logprob_diff": max(lp_diff),
+            "ok": max(lp_diff) <= tolerance and all(m <= tolerance for m in flip_margins)}

@@ -1,0 +1,50 @@
+"""End to end: SGLang on CPU serves a compressed-tensors checkpoint through sgl-ascend's config.
+
+The checkpoint is a tiny Qwen3 quantized by the compressed-tensors library itself (tests/ct_fixtures,
+W4A16 group-32, pack-quantized); the float reference is the same checkpoint decompressed by the
+library (transformers' compressed-tensors integration, run_compressed=False), in float32.
+"""
+
+import time
+
+import pytest
+import torch
+
+from float_reference import compare
+from sglang_server import launch
+
+pytestmark = pytest.mark.sglang
+
+PROMPT = list(range(10, 26))
+MAX_TOKENS = 8
+TOLERANCE = 0.05  # nats; weight-only scheme, the error left is bf16 vs float32
+
+
+def library_decompressed_logprobs(model_dir, prompt_ids, output_ids):
+    from transformers import AutoModelForCausalLM
+    from transformers.utils.quantization_config import CompressedTensorsConfig
+
+    model = AutoModelForCausalLM.from_pretrained(
+        model_dir, dtype=torch.float32, quantization_config=CompressedTensorsConfig(run_compressed=False))
+    ids = torch.tensor([list(prompt_ids) + list(output_ids)])
+    with torch.no_grad():
+        logprobs = torch.log_softmax(model(ids).logits[0, len(prompt_ids) - 1: -1].float(), dim=-1)
+    chosen = logprobs.gather(1, torch.tensor(output_ids)[:, None])[:, 0]
+    best = logprobs.max(dim=-1)
+    return chosen.tolist(), best.indices.tolist(), best.values.tolist()
+
+
+def test_serves_compressed_tensors_w4a16(tmp_path):
+    from ct_fixtures import write_qwen3_ct_checkpoint
+
+    model_dir = write_qwen3_ct_checkpoint(str(tmp_path / "ct-w4a16"), "w4a16_group")
+    start = time.monotonic()
+    with launch(model_dir) as server:
+        served = server.complete(PROMPT, MAX_TOKENS)
+        log = server.log_tail(400)
+    served_s = time.monotonic() - start
+    result = compare(served, library_decompressed_logprobs(model_dir, PROMPT, served["token_ids"]), TOLERANCE)
+    print(f"\n[e2e] compressed-tensors w4a16_group: server {served_s:.1f}s, {result}")
+    assert len(served["token_ids"]) == MAX_TOKENS
+    assert result["ok"], result
+    assert "sgl-ascend compressed-tensors config: format pack-quantized" in log, log[-3000:]
