@@ -9,14 +9,11 @@ import logging
 from typing import Any, Dict, List, Optional
 
 import torch
-from sglang.srt.layers.quantization.base_config import QuantizationConfig
 
 from sgl_ascend.layers.moe import moe_method_for_modelslim
-from sgl_ascend.layers.schemes import UnquantizedLinear
 from sgl_ascend.models.norm_bias import enable_norm_bias, needs_norm_bias
 from sgl_ascend.quant.modelslim import DESCRIPTION_FILE, ModelSlimConfig, parse_description
-from sgl_ascend.sglang.linear_method import AscendLinearMethod
-from sgl_ascend.sglang.moe_method import AscendFusedMoEMethod
+from sgl_ascend.sglang.config_base import AscendQuantConfigBase
 
 W4A4_TYPE = "W4A4_DYNAMIC"
 
@@ -28,7 +25,7 @@ def is_modelslim(hf_quant_cfg) -> bool:
     return isinstance(hf_quant_cfg, dict) and hf_quant_cfg.get("quant_method") == "modelslim"
 
 
-class AscendModelSlimConfig(QuantizationConfig):
+class AscendModelSlimConfig(AscendQuantConfigBase):
     def __init__(self, description: Dict[str, Any]):
         super().__init__()
         raw = {k: v for k, v in description.items() if k not in ("quant_method", "packed_modules_mapping",
@@ -42,29 +39,14 @@ class AscendModelSlimConfig(QuantizationConfig):
         logger.info("sgl-ascend %s config: msModelSlim checkpoint, model_quant_type=%s, writer version %s%s",
                     self.get_name(), description.model_quant_type, description.version,
                     ", anti-outlier norm biases" if needs_norm_bias(self.modelslim.types) else "")
-        # checkpoint shard prefix -> scheme, filled as SGLang builds the layers; the weight filter
-        # uses it to drop tensors a scheme knowingly ignores.
-        self.shard_schemes: Dict[str, Any] = {}
 
     @classmethod
     def get_name(cls) -> str:
         return "modelslim"
 
-    @classmethod
-    def get_supported_act_dtypes(cls) -> List[torch.dtype]:
-        return [torch.bfloat16, torch.float16]
-
-    @classmethod
-    def get_min_capability(cls) -> int:
-        return 0
-
     @staticmethod
     def get_config_filenames() -> List[str]:
         return [DESCRIPTION_FILE]
-
-    @classmethod
-    def from_config(cls, config: Dict[str, Any]) -> "AscendModelSlimConfig":
-        return cls(config)
 
     @classmethod
     def override_quantization_method(cls, hf_quant_cfg, user_quant) -> Optional[str]:
@@ -72,33 +54,14 @@ class AscendModelSlimConfig(QuantizationConfig):
             return "modelslim"
         return None
 
-    def get_quant_method(self, layer: torch.nn.Module, prefix: str):
-        from sglang.srt.layers.linear import LinearBase
-        from sglang.srt.layers.quantization.unquant import UnquantizedLinearMethod
+    def linear_scheme(self, prefix: str, layer: torch.nn.Module):
+        return self.modelslim.get_linear_scheme(prefix)
 
-        from sglang.srt.layers.moe.fused_moe_triton import FusedMoE
+    def shard_prefixes(self, prefix: str) -> List[str]:
+        return self.modelslim.shard_prefixes(prefix)
 
-        if isinstance(layer, LinearBase):
-            scheme = self.modelslim.get_linear_scheme(prefix)
-            if isinstance(scheme, UnquantizedLinear):
-                return UnquantizedLinearMethod()
-            layer.scheme = scheme
-            for shard in self.modelslim.shard_prefixes(prefix):
-                self.shard_schemes[shard] = scheme
-            return AscendLinearMethod(scheme)
-        if isinstance(layer, FusedMoE):
-            block = prefix[: -len(".experts")] if prefix.endswith(".experts") else prefix
-            return AscendFusedMoEMethod(moe_method_for_modelslim(self.modelslim, block, layer.params_dtype))
-        return None
-
-    def is_ignored_tensor(self, name: str) -> bool:
-        """A checkpoint tensor the layer's scheme knowingly does not load (see LinearScheme)."""
-        prefix, _, suffix = name.rpartition(".")
-        scheme = self.shard_schemes.get(prefix)
-        return scheme is not None and suffix in scheme.ignored_suffixes
-
-    def get_scaled_act_names(self) -> List[str]:
-        return []
+    def moe_method(self, block_prefix: str, layer: torch.nn.Module):
+        return moe_method_for_modelslim(self.modelslim, block_prefix, layer.params_dtype)
 
 
 class W4A4Int4Config(AscendModelSlimConfig):
