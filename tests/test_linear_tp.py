@@ -9,6 +9,7 @@ outputs after processing, with fp32 activations (params_dtype fp32) so that bf16
 import pytest
 import torch
 
+from sgl_ascend.ops.int4 import unpack_int32_to_int4
 from conftest import msmodelslim_fixture
 from linear_helpers import (KV_HEADS, build_layer, layer_reference, layer_spec, open_checkpoint, rel_err,
                             synthetic_qwen3, tight_error)
@@ -74,7 +75,10 @@ def test_rank_holds_exactly_its_slice(name, kind, tp, synthetic_dirs):
         layer = build_layer(path, kind, tp_rank=rank, tp_size=tp, process=False)
         for attr, param in layer.named_parameters():
             expected = _expected_slice(checkpoint, shards, attr, layer.parallel, rank, tp)
-            assert torch.equal(param.data, expected.to(param.dtype).reshape(param.shape)), (attr, rank)
+            data = param.data
+            if getattr(param, "checkpoint_layout", None) is not None:  # int4 packed while loading
+                data = unpack_int32_to_int4(data).t()
+            assert torch.equal(data, expected.to(data.dtype).reshape(data.shape)), (attr, rank)
             seen.add(attr)
     assert "weight" in seen and ("bias" in seen) == (name.endswith("-bias") or "v0" in name and kind == "qkv_proj")
 

@@ -7,13 +7,54 @@ the same methods. A layer built for rank r of tp ranks therefore holds exactly r
 whoever loads it.
 """
 
-from typing import Optional, Union
+from dataclasses import dataclass
+from typing import Callable, Optional, Tuple, Union
 
 import torch
 
 from sgl_ascend.errors import CheckpointError, shape_str
 
 QKV_SHARD_INDEX = {"q": 0, "k": 1, "v": 2}
+
+
+@dataclass(frozen=True)
+class CheckpointLayout:
+    """A parameter stored in its kernel layout from the start, filled from checkpoint slices.
+
+    The sharding rules (output_dim, input_dim, shard offsets) stay in checkpoint coordinates; each
+    narrowed checkpoint slice goes to `write(stored slice, checkpoint slice)`, which converts it in
+    place, so no checkpoint-layout copy of the weight is ever held (as the MoE experts' writers).
+    shape / dtype: this rank's tensor as the checkpoint stores it.
+    stored_output_dim / outputs_per_element: where the output channels lie in the stored tensor.
+    """
+
+    shape: Tuple[int, ...]
+    dtype: torch.dtype
+    write: Callable[[torch.Tensor, torch.Tensor], None]
+    stored_output_dim: int
+    outputs_per_element: int = 1
+
+
+class _StoredSlice:
+    """A stored tensor seen in checkpoint coordinates: what `_copy_slice` needs of a target."""
+
+    def __init__(self, stored: torch.Tensor, shape, layout: CheckpointLayout):
+        self.stored, self.shape, self.layout = stored, torch.Size(shape), layout
+
+    def dim(self) -> int:
+        return len(self.shape)
+
+    def narrow(self, dim: int, start: int, length: int) -> "_StoredSlice":
+        # only output channels are narrowed (fused shards); alignment is checked by the caller
+        per = self.layout.outputs_per_element
+        shape = list(self.shape)
+        shape[dim] = length
+        stored = self.stored.narrow(self.layout.stored_output_dim, start // per, length // per)
+        return _StoredSlice(stored, shape, self.layout)
+
+    def copy_(self, loaded: torch.Tensor) -> None:
+        if not self.stored.is_meta:  # header-only loads (inspect) have no values to convert
+            self.layout.write(self.stored, loaded)
 
 
 class ShardedParameter(torch.nn.Parameter):
@@ -25,6 +66,7 @@ class ShardedParameter(torch.nn.Parameter):
     per_shard: one entry per fused shard (per-tensor scales of a fused qkv / gate_up layer).
     first_rank_only: an additive term of a row-parallel layer; ranks > 0 hold zeros so the
         all-reduce adds it once.
+    checkpoint_layout: set when the stored tensor is in another layout than the checkpoint's.
     """
 
     def __new__(cls, data: torch.Tensor, **_):
@@ -32,18 +74,20 @@ class ShardedParameter(torch.nn.Parameter):
 
     def __init__(self, data: torch.Tensor, *, name: str, output_dim: Optional[int] = None,
                  input_dim: Optional[int] = None, output_pack_factor: int = 1,
-                 per_shard: bool = False, first_rank_only: bool = False):
+                 per_shard: bool = False, first_rank_only: bool = False,
+                 checkpoint_layout: Optional[CheckpointLayout] = None):
         self.tensor_name = name
         self.output_dim = output_dim
         self.input_dim = input_dim
         self.output_pack_factor = output_pack_factor
         self.per_shard = per_shard
         self.first_rank_only = first_rank_only
+        self.checkpoint_layout = checkpoint_layout
 
     # -- the four SGLang loader entry points -------------------------------------------------
     def load_column_parallel_weight(self, loaded_weight: torch.Tensor, tp_rank: int = 0,
                                     use_presharded_weights: bool = False, **_):
-        self._copy_slice(self.data, loaded_weight, self.output_dim, tp_rank, use_presharded_weights)
+        self._copy_slice(self._target(), loaded_weight, self.output_dim, tp_rank, use_presharded_weights)
 
     def load_merged_column_weight(self, loaded_weight: torch.Tensor, shard_id: Optional[int] = None,
                                   shard_offset: Optional[int] = None, shard_size: Optional[int] = None,
@@ -67,9 +111,13 @@ class ShardedParameter(torch.nn.Parameter):
             self._check_dtype(loaded_weight)
             self.data.zero_()
             return
-        self._copy_slice(self.data, loaded_weight, self.input_dim, tp_rank, use_presharded_weights)
+        self._copy_slice(self._target(), loaded_weight, self.input_dim, tp_rank, use_presharded_weights)
 
     # -- helpers -----------------------------------------------------------------------------
+    def _target(self):
+        layout = self.checkpoint_layout
+        return self.data if layout is None else _StoredSlice(self.data, layout.shape, layout)
+
     def _load_fused_shard(self, loaded, shard_index, shard_offset, shard_size, source_rank, presharded):
         if self.per_shard:
             if loaded.numel() != 1:
@@ -81,14 +129,17 @@ class ShardedParameter(torch.nn.Parameter):
             return
         if self.output_dim is None or shard_offset is None:
             # Per-layer data that every shard must agree on is loaded whole (e.g. replicated vectors).
-            self._copy_slice(self.data, loaded, None, source_rank, presharded)
+            self._copy_slice(self._target(), loaded, None, source_rank, presharded)
             return
         factor = self.output_pack_factor
+        if self.checkpoint_layout is not None:
+            factor *= self.checkpoint_layout.outputs_per_element
         if shard_offset % factor or shard_size % factor:
             raise CheckpointError(
                 f"fused shard at rows {shard_offset}..{shard_offset + shard_size} does not align with "
                 f"{factor} values packed per stored row", tensor=self._shard_name(shard_index))
-        target = self.data.narrow(self.output_dim, shard_offset // factor, shard_size // factor)
+        rows = self.output_pack_factor
+        target = self._target().narrow(self.output_dim, shard_offset // rows, shard_size // rows)
         self._copy_slice(target, loaded, self.output_dim, source_rank, presharded, shard_index)
 
     def _copy_slice(self, target, loaded, dim, rank, presharded, shard_index=None):
@@ -113,16 +164,22 @@ class ShardedParameter(torch.nn.Parameter):
                     f"shape {shape_str(loaded.shape)} does not fit the layer's {shape_str(target.shape)} "
                     "(after tensor-parallel slicing). Check that the checkpoint matches the model config.",
                     tensor=self._shard_name(shard_index))
-        target.copy_(loaded)
+        try:
+            target.copy_(loaded)
+        except CheckpointError as exc:  # a layout writer's value check: name the tensor
+            if exc.tensor is not None:
+                raise
+            raise CheckpointError(exc.message, tensor=self._shard_name(shard_index)) from None
 
     def _check_dtype(self, loaded, shard_index=None):
-        want_int = not self.data.dtype.is_floating_point
+        want = self.data.dtype if self.checkpoint_layout is None else self.checkpoint_layout.dtype
+        want_int = not want.is_floating_point
         got_int = not loaded.dtype.is_floating_point
         # FP8 values are codes like ints: a copy from (or into) another float dtype would re-quantize.
-        fp8 = self.data.dtype.itemsize == 1 or loaded.dtype.itemsize == 1
-        if want_int != got_int or ((want_int or fp8) and loaded.dtype != self.data.dtype):
+        fp8 = want.itemsize == 1 or loaded.dtype.itemsize == 1
+        if want_int != got_int or ((want_int or fp8) and loaded.dtype != want):
             raise CheckpointError(
-                f"dtype {loaded.dtype} where {self.data.dtype} is expected; the checkpoint's scheme "
+                f"dtype {loaded.dtype} where {want} is expected; the checkpoint's scheme "
                 "does not match this tensor. Re-export it or check its quantization description "
                 "(quant_model_description.json, or quantization_config in config.json).",
                 tensor=self._shard_name(shard_index))

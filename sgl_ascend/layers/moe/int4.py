@@ -7,8 +7,7 @@ expert and one shard in place; the only temporary is what the conversion itself 
 
 import torch
 
-from sgl_ascend.errors import CheckpointError
-from sgl_ascend.layers.schemes.common import pack_int4_for_kernel
+from sgl_ascend.layers.schemes.common import write_int4_values  # noqa: F401 (the experts' int4 writer too)
 from sgl_ascend.ops.scales import encode_fp32_as_int64
 
 
@@ -19,15 +18,6 @@ def write_modelslim_pairs(target: torch.Tensor, packed: torch.Tensor) -> None:
     so the int32 slice viewed as bytes takes the transposed checkpoint directly (no unpacking).
     """
     target.view(torch.int8).copy_(packed.t())
-
-
-def write_int4_values(target: torch.Tensor, values: torch.Tensor) -> None:
-    """One int4 value per int8 byte, [n, K] (W4A4, older W4A8 writers) -> int32 [K, n/8]."""
-    lo, hi = int(values.min()), int(values.max())
-    if lo < -8 or hi > 7:
-        raise CheckpointError(f"values span [{lo}, {hi}] but int4 weights stored one per byte must lie in "
-                              "[-8, 7]; the description's scheme (or version) does not match the tensor.")
-    target.copy_(pack_int4_for_kernel(values))
 
 
 def write_fp32_bits(target: torch.Tensor, scale: torch.Tensor) -> None:

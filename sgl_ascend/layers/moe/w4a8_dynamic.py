@@ -44,19 +44,13 @@ from sgl_ascend.layers.moe.base import ExpertScheme, TensorSpec, register_expert
 from sgl_ascend.layers.moe.checks import CHECK_ONLY, drop_check_only, write_zero_check
 from sgl_ascend.layers.moe.int4 import (write_fp32_bits, write_int4_values, write_modelslim_pairs,
                                         write_scale_or_bits)
+from sgl_ascend.layers.schemes.ct_common import write_packed_int4
 from sgl_ascend.layers.schemes.w4a8_kernel import group_scale_bits, kernel_correction, w4a8_grouped_matmul
 from sgl_ascend.ops.int4 import unpack_int8_pairs
 from sgl_ascend.ops.scales import decode_int64_scale, encode_fp32_as_int64
 
 FORMATS = ("modelslim", "modelslim_legacy", "compressed_tensors")
 _LOW32 = 0xFFFFFFFF
-
-
-def _write_ct_packed(target, packed):
-    from compressed_tensors.compressors import unpack_from_int32
-
-    n, words = packed.shape
-    write_int4_values(target, unpack_from_int32(packed, 4, torch.Size((n, words * 8))))
 
 
 def _write_low_bits(target, scale_second):
@@ -144,7 +138,7 @@ class W4A8DynamicExperts(ExpertScheme):
                                   f"multiple of 8 (16 for gate+up), got {n}")
         specs = self.checkpoint_tensors(*self.full_sizes(n, k, tp_size), tp_size)
         weight_write = {"modelslim": write_modelslim_pairs, "modelslim_legacy": write_int4_values,
-                        "compressed_tensors": _write_ct_packed}[self.fmt]
+                        "compressed_tensors": write_packed_int4}[self.fmt]
         weight_suffix = "weight_packed" if self.fmt == "compressed_tensors" else "weight"
         e = num_experts
 

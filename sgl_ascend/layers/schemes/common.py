@@ -1,13 +1,18 @@
 """Steps every scheme shares, one helper each: kernel layout, int4 packing, scale shapes, offsets."""
 
+from typing import Optional
+
 import torch
 
 from sgl_ascend.errors import CheckpointError
+from sgl_ascend.layers.parameters import CheckpointLayout, register
 from sgl_ascend.ops import ACL_FORMAT_FRACTAL_NZ, ops
 
-# int4 values packed per call when converting weights, so the int32 staging tensors stay small
-# (rows of K per call = this / N; a fixed 1024 rows staged ~16 bytes per value of wide layers).
-_INT4_PACK_CHUNK_VALUES = 1 << 20
+# int4 values packed per call when converting weights, so the staging tensors stay small: ~12
+# bytes per value (int32 temporaries of the conversion), ~400 KiB per call. Weights are packed
+# while they load, when everything else is already resident, so this is all the headroom there is
+# (about as fast on CPU as 1M-value calls were: each chunk is a block of whole checkpoint rows).
+INT4_PACK_CHUNK_VALUES = 1 << 15
 
 
 def to_kernel_layout(weight_nk: torch.Tensor) -> torch.Tensor:
@@ -20,18 +25,44 @@ def to_kernel_layout(weight_nk: torch.Tensor) -> torch.Tensor:
     return ops.npu_format_cast(weight_nk.transpose(-2, -1), ACL_FORMAT_FRACTAL_NZ)
 
 
-def pack_int4_for_kernel(values_nk: torch.Tensor) -> torch.Tensor:
-    """int4 values stored one per int8, [N, K] -> [K, N/8] int32, eight per int32 (npu int4pack)."""
-    values_kn = values_nk.transpose(0, 1)
-    k, n = values_kn.shape
+def pack_int4_for_kernel(values_nk: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """int4 values stored one per int8, [N, K] -> [K, N/8] int32, eight per int32 (npu int4pack),
+    into `out` (e.g. a shard's slice of the kernel weight, on the kernel's device) when given.
+
+    A few whole rows of N at a time: each chunk is a small contiguous block of the checkpoint,
+    transposed in cache, and its staging tensors stay bounded.
+    """
+    n, k = values_nk.shape
     if n % 8:
         raise CheckpointError(f"int4 weights need an output size divisible by 8 to pack, got {n}")
-    packed = torch.empty(k, n // 8, dtype=torch.int32, device=values_nk.device)
-    rows = max(1, _INT4_PACK_CHUNK_VALUES // n)
-    for start in range(0, k, rows):
-        chunk = values_kn[start:start + rows].to(torch.int32)
-        packed[start:start + rows] = ops.npu_convert_weight_to_int4pack(chunk)
+    packed = torch.empty(k, n // 8, dtype=torch.int32, device=values_nk.device) if out is None else out
+    rows = max(8, INT4_PACK_CHUNK_VALUES // max(k, 1) // 8 * 8)
+    for start in range(0, n, rows):
+        chunk = values_nk[start:start + rows].t().contiguous().to(packed.device, torch.int32)
+        packed[:, start // 8:(start + chunk.shape[1]) // 8] = ops.npu_convert_weight_to_int4pack(chunk)
     return packed
+
+
+def write_int4_values(target: torch.Tensor, values: torch.Tensor) -> None:
+    """One int4 value per int8 byte, [n, K] -> the kernel's int32 [K, n/8] slice `target`, in place."""
+    lo, hi = int(values.min()), int(values.max())
+    if lo < -8 or hi > 7:
+        raise CheckpointError(f"values span [{lo}, {hi}] but int4 weights stored one per byte must lie in "
+                              "[-8, 7]; the description's scheme (or version) does not match the tensor.")
+    pack_int4_for_kernel(values, out=target)
+
+
+def register_int4_weight(layer: torch.nn.Module, attr: str, n: int, k: int, *, checkpoint_shape=None,
+                         checkpoint_dtype: torch.dtype = torch.int8, write=write_int4_values):
+    """An int4 weight held in the kernel layout int32 [K, N/8] from creation on: each checkpoint shard
+    is packed into its slice while it loads (default: int8 [N, K], one value per byte), so no
+    unpacked copy of the layer's weight exists while the other layers load."""
+    if n % 8:
+        raise CheckpointError(f"int4 weights need an output size divisible by 8 to pack, got {n}")
+    layout = CheckpointLayout(tuple(checkpoint_shape or (n, k)), checkpoint_dtype, write,
+                              stored_output_dim=1, outputs_per_element=8)
+    return register(layer, attr, torch.empty(k, n // 8, dtype=torch.int32), output_dim=0, input_dim=1,
+                    checkpoint_layout=layout)
 
 
 def flatten_channel_scale(layer: torch.nn.Module, attr: str) -> None:

@@ -1,11 +1,27 @@
-"""Steps the compressed-tensors schemes share: per-tensor scales of fused shards, weight_shape metadata."""
+"""Steps the compressed-tensors schemes share: per-tensor scales of fused shards, weight_shape metadata,
+int4 pack-quantized weights into the kernel layout."""
 
 from typing import List
 
 import torch
+from compressed_tensors.compressors import unpack_from_int32
 
 from sgl_ascend.errors import CheckpointError, shape_str
 from sgl_ascend.layers.parameters import QKV_SHARD_INDEX, ShardedParameter
+from sgl_ascend.layers.schemes.common import INT4_PACK_CHUNK_VALUES, write_int4_values
+
+
+def write_packed_int4(target: torch.Tensor, packed: torch.Tensor) -> None:
+    """pack-quantized int4, int32 [n, K/8] (the library's packing) -> the kernel's int32 [K, n/8] slice.
+
+    A few rows of n at a time, so the unpacked values (int32 inside the library) stay small.
+    """
+    n, words = packed.shape
+    rows = max(8, INT4_PACK_CHUNK_VALUES // (words * 8) // 8 * 8)  # whole int32 columns of the target
+    for start in range(0, n, rows):
+        chunk = packed[start:start + rows]
+        values = unpack_from_int32(chunk, 4, torch.Size((chunk.shape[0], words * 8)))
+        write_int4_values(target.narrow(1, start // 8, chunk.shape[0] // 8), values)
 
 
 def expand_per_shard(values: torch.Tensor, output_partition_sizes: List[int]) -> torch.Tensor:

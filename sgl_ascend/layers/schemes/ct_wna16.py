@@ -5,8 +5,9 @@ k*b, unpacked by the library's `unpack_from_int32`), weight_scale [N, K/g] or [N
 [2] (metadata: checked, then dropped), weight_zero_point int32 [N*b/32, K/g] (packed along N) when
 asymmetric. int-quantized stores `weight` int8 [N, K], one value per byte, zero point unpacked.
 compressed-tensors dequantizes (q - z) * s; npu_weight_quant_batchmatmul computes (w + offset) * scale,
-so the offset handed over is -z. int4 goes to the kernel eight per int32 along N ([K, N/8]), int8 as
-the [K, N] view; group scales as [K/g, N] in the activation dtype.
+so the offset handed over is -z. int4 goes to the kernel eight per int32 along N ([K, N/8]), packed
+shard by shard while it loads (the parameter holds that layout from creation on); int8 becomes the
+[K, N] view after loading; group scales become [K/g, N] in the activation dtype.
 
 Tensor parallelism: row-parallel layers split K of weight_packed (K*b/32 words per rank) and of the
 group scales (K/g per rank), so the local K must be a multiple of 32/b and of g.
@@ -20,8 +21,9 @@ from compressed_tensors.compressors import unpack_from_int32
 from sgl_ascend.errors import CheckpointError
 from sgl_ascend.layers.parameters import register, replace_data
 from sgl_ascend.layers.schemes.base import LinearScheme
-from sgl_ascend.layers.schemes.common import check_int_range, pack_int4_for_kernel, to_kernel_layout
-from sgl_ascend.layers.schemes.ct_common import check_and_drop_weight_shape, register_weight_shape
+from sgl_ascend.layers.schemes.common import register_int4_weight, to_kernel_layout
+from sgl_ascend.layers.schemes.ct_common import (check_and_drop_weight_shape, register_weight_shape,
+                                                 write_packed_int4)
 from sgl_ascend.ops import ops
 
 
@@ -46,12 +48,18 @@ class CTWNA16Linear(LinearScheme):
             raise CheckpointError(
                 f"layer {prefix}: {k} input channels per rank are not a whole number of groups of "
                 f"{self.group_size}; pick a tp size that keeps K per rank a multiple of the group size.")
-        if self.packed:
+        if self.packed and b == 4:
+            register_int4_weight(layer, "weight_packed", n, k, checkpoint_shape=(n, k // per_word),
+                                 checkpoint_dtype=torch.int32, write=write_packed_int4)
+        elif self.packed:
             register(layer, "weight_packed", torch.empty(n, k // per_word, dtype=torch.int32),
                      output_dim=0, input_dim=1)
-            register_weight_shape(layer, len(output_partition_sizes), input_size)
+        elif b == 4:
+            register_int4_weight(layer, "weight", n, k)
         else:
             register(layer, "weight", torch.empty(n, k, dtype=torch.int8), output_dim=0, input_dim=1)
+        if self.packed:
+            register_weight_shape(layer, len(output_partition_sizes), input_size)
         groups = k // self.group_size if self.group_size else 1
         group_dim = 1 if self.group_size else None
         register(layer, "weight_scale", torch.empty(n, groups, dtype=params_dtype), output_dim=0,
@@ -68,20 +76,19 @@ class CTWNA16Linear(LinearScheme):
                 register(layer, "weight_zero_point", torch.empty(n, groups, dtype=torch.int8), output_dim=0,
                          input_dim=group_dim)
 
-    def _values(self, layer) -> torch.Tensor:
-        """[N, K] int8 signed weight values, from the library's unpacking or the int8 tensor."""
+    def _kernel_weight(self, layer) -> torch.Tensor:
+        """int4: the weight as loaded (already the kernel's); int8: the [K, N] view of the values."""
+        attr = "weight_packed" if self.packed else "weight"
+        weight = getattr(layer, attr).data
+        delattr(layer, attr)
         if self.packed:
-            packed = layer.weight_packed.data
-            n, k = packed.shape[0], packed.shape[1] * 32 // self.num_bits
-            values = unpack_from_int32(packed, self.num_bits, torch.Size([n, k]))
-            delattr(layer, "weight_packed")
             check_and_drop_weight_shape(layer, self.full_size[1], self.full_size[0])
-            return values
         if self.num_bits == 4:
-            check_int_range(layer, "weight", -8, 7)
-        values = layer.weight.data
-        delattr(layer, "weight")
-        return values
+            return weight
+        if self.packed:
+            n, k = weight.shape[0], weight.shape[1] * 32 // self.num_bits
+            weight = unpack_from_int32(weight, self.num_bits, torch.Size([n, k]))
+        return to_kernel_layout(weight)
 
     def _kernel_side(self, per_row: torch.Tensor) -> torch.Tensor:
         """[N, groups] -> [groups, N] per group, [N] per channel, in the activation dtype."""
@@ -90,8 +97,7 @@ class CTWNA16Linear(LinearScheme):
         return per_row.reshape(-1).to(self.act_dtype)
 
     def process_weights_after_loading(self, layer):
-        values = self._values(layer)
-        kernel_weight = pack_int4_for_kernel(values) if self.num_bits == 4 else to_kernel_layout(values)
+        kernel_weight = self._kernel_weight(layer)
         layer.register_parameter("weight", torch.nn.Parameter(kernel_weight, requires_grad=False))
         replace_data(layer, "weight_scale", self._kernel_side(layer.weight_scale.data))
         if not self.symmetric:

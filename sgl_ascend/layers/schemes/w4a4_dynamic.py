@@ -1,17 +1,17 @@
 """W4A4_DYNAMIC: int4 per-channel symmetric weights, int4 per-token activations quantized at run time.
 
-msModelSlim stores the weight as int8 [N, K] holding one int4 value per byte; after loading it is
-packed eight per int32 as [K, N/8] for npu_quant_matmul, and the int8 copy is released.
+msModelSlim stores the weight as int8 [N, K] holding one int4 value per byte; each checkpoint shard
+is range-checked and packed eight per int32 into the [K, N/8] weight of npu_quant_matmul while it
+loads (register_int4_weight), so no int8 copy of the layer's weight is ever held.
 """
 
 from typing import List, Optional
 
 import torch
 
-from sgl_ascend.layers.parameters import register, replace_data
+from sgl_ascend.layers.parameters import register
 from sgl_ascend.layers.schemes.base import LinearScheme
-from sgl_ascend.layers.schemes.common import (check_int_range, drop_zero_offset, flatten_channel_scale,
-                                              pack_int4_for_kernel)
+from sgl_ascend.layers.schemes.common import drop_zero_offset, flatten_channel_scale, register_int4_weight
 from sgl_ascend.ops import ops
 
 
@@ -19,13 +19,11 @@ class W4A4DynamicLinear(LinearScheme):
     def create_weights(self, layer, input_size_per_partition: int, output_partition_sizes: List[int],
                        input_size: int, output_size: int, params_dtype: torch.dtype, **_):
         n, k = sum(output_partition_sizes), input_size_per_partition
-        register(layer, "weight", torch.empty(n, k, dtype=torch.int8), output_dim=0, input_dim=1)
+        register_int4_weight(layer, "weight", n, k)
         register(layer, "weight_scale", torch.empty(n, 1, dtype=torch.float32), output_dim=0)
         register(layer, "weight_offset", torch.empty(n, 1, dtype=torch.float32), output_dim=0)
 
     def process_weights_after_loading(self, layer):
-        check_int_range(layer, "weight", -8, 7)
-        replace_data(layer, "weight", pack_int4_for_kernel(layer.weight.data))
         flatten_channel_scale(layer, "weight_scale")
         drop_zero_offset(layer, "weight_offset", "the W4A4_DYNAMIC kernel")
 
