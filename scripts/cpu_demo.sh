@@ -30,7 +30,7 @@ for _ in $(seq 1 300); do
     sleep 1
 done
 curl -sf "http://127.0.0.1:$PORT/health_generate" >/dev/null || { echo "server not ready after 300 s"; tail -40 "$LOG"; exit 1; }
-grep -m1 "sgl-ascend" "$LOG" || true
+grep "sgl-ascend" "$LOG" | sed "s/^\[[^]]*\] //" | sort -u || true
 
 curl -sf "http://127.0.0.1:$PORT/v1/completions" -H "Content-Type: application/json" \
     -d '{"model": "default", "prompt": "The capital of France is", "max_tokens": 16, "temperature": 0}' \
