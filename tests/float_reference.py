@@ -11,7 +11,7 @@ import glob
 import json
 import os
 import shutil
-from typing import Dict, List, Sequence
+from typing import Dict, Sequence
 
 import torch
 from safetensors import safe_open

@@ -19,6 +19,7 @@ from typing import Callable, Dict, Optional, Tuple
 import torch
 
 from sgl_ascend.errors import CheckpointError, shape_str
+from sgl_ascend.ops import ops
 
 #: checkpoint projection names -> (weight group, SGLang FusedMoE shard id)
 PROJECTIONS = {"gate_proj": ("w13", "w1"), "up_proj": ("w13", "w3"), "down_proj": ("w2", "w2")}
@@ -122,6 +123,20 @@ class ExpertScheme(ABC):
         """Bytes the processed group should hold (values + scales + biases), for memory checks."""
 
     # -- helpers shared by the schemes ----------------------------------------------------------
+    def per_channel_specs(self, n: int, k: int) -> Dict[str, TensorSpec]:
+        """weight int8 [n, k] with per-channel weight_scale / weight_offset [n, 1] (W8A8, W4A4 files)."""
+        out = 0 if self.role == "w13" else None
+        return {"weight": TensorSpec((n, k), "int8", tp_dim=self.tp_split_dim()),
+                "weight_scale": TensorSpec((n, 1), "float", tp_dim=out),
+                "weight_offset": TensorSpec((n, 1), "float", tp_dim=out)}
+
+    def scaled_grouped_matmul(self, layer, x, token_scale, group_list, output_dtype):
+        """Grouped matmul with this group's per-channel weight scale and the tokens' scales, no bias."""
+        return ops.npu_grouped_matmul([x], [getattr(layer, self.a("weight"))],
+                                      scale=[getattr(layer, self.a("weight_scale"))],
+                                      per_token_scale=[token_scale], group_list=group_list,
+                                      group_list_type=1, output_dtype=output_dtype)[0]
+
     def full_sizes(self, n: int, k: int, tp_size: int) -> Tuple[int, int]:
         """Checkpoint projection sizes (one shard for w13) from this rank's sizes."""
         return (n // 2 * tp_size, k) if self.role == "w13" else (n, k * tp_size)

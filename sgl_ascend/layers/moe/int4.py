@@ -7,7 +7,6 @@ expert and one shard in place; the only temporary is what the conversion itself 
 
 import torch
 
-from sgl_ascend.layers.schemes.common import write_int4_values  # noqa: F401 (the experts' int4 writer too)
 from sgl_ascend.ops.scales import encode_fp32_as_int64
 
 

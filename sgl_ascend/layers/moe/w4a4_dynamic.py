@@ -12,18 +12,15 @@ import torch
 
 from sgl_ascend.layers.moe.base import ExpertScheme, TensorSpec, register_expert
 from sgl_ascend.layers.moe.checks import CHECK_ONLY, drop_check_only, write_zero_check
-from sgl_ascend.layers.moe.int4 import write_fp32_bits, write_int4_values
-from sgl_ascend.ops import ops
+from sgl_ascend.layers.moe.int4 import write_fp32_bits
+from sgl_ascend.layers.schemes.common import write_int4_values
 
 
 class W4A4DynamicExperts(ExpertScheme):
     act_dtype = torch.quint4x2
 
     def checkpoint_tensors(self, n, k, tp_size) -> Dict[str, TensorSpec]:
-        out = 0 if self.role == "w13" else None
-        return {"weight": TensorSpec((n, k), "int8", tp_dim=self.tp_split_dim()),
-                "weight_scale": TensorSpec((n, 1), "float", tp_dim=out),
-                "weight_offset": TensorSpec((n, 1), "float", tp_dim=out)}
+        return self.per_channel_specs(n, k)
 
     def create_weights(self, layer, num_experts, n, k, tp_size, **attrs):
         specs = self.checkpoint_tensors(*self.full_sizes(n, k, tp_size), tp_size)
@@ -38,10 +35,7 @@ class W4A4DynamicExperts(ExpertScheme):
         drop_check_only(layer, self.role)
 
     def apply(self, layer, x, token_scale, group_list, output_dtype):
-        return ops.npu_grouped_matmul([x], [getattr(layer, self.a("weight"))],
-                                      scale=[getattr(layer, self.a("weight_scale"))],
-                                      per_token_scale=[token_scale], group_list=group_list,
-                                      group_list_type=1, output_dtype=output_dtype)[0]
+        return self.scaled_grouped_matmul(layer, x, token_scale, group_list, output_dtype)
 
     def theoretical_bytes(self, num_experts, n, k):
         return num_experts * n * (k // 2 + 8)

@@ -42,8 +42,8 @@ import torch
 from sgl_ascend.errors import CheckpointError
 from sgl_ascend.layers.moe.base import ExpertScheme, TensorSpec, register_expert
 from sgl_ascend.layers.moe.checks import CHECK_ONLY, drop_check_only, write_zero_check
-from sgl_ascend.layers.moe.int4 import (write_fp32_bits, write_int4_values, write_modelslim_pairs,
-                                        write_scale_or_bits)
+from sgl_ascend.layers.moe.int4 import write_fp32_bits, write_modelslim_pairs, write_scale_or_bits
+from sgl_ascend.layers.schemes.common import write_int4_values
 from sgl_ascend.layers.schemes.ct_common import write_packed_int4
 from sgl_ascend.layers.schemes.w4a8_kernel import group_scale_bits, kernel_correction, w4a8_grouped_matmul
 from sgl_ascend.ops.int4 import unpack_int8_pairs
