@@ -120,3 +120,31 @@ def test_deepseek_kv_b_proj_float_weight_and_refusal():
     del proj.weight_scale
     with pytest.raises(CheckpointError, match="export kv_b_proj as FLOAT, W8A8_DYNAMIC"):
         float_kv_b_proj(proj)
+
+
+def test_float_bias_the_model_cannot_hold_is_an_error(registered):
+    """Anti-outlier FLOAT projection biases: folded into W8A8 quant_bias (fine); beside any other
+    scheme, SGLang's bias-less layer would drop them silently, so loading stops instead."""
+    import torch
+
+    from sgl_ascend.errors import CheckpointError
+    from sgl_ascend.layers.schemes import W8A8DynamicLinear, W8A8StaticLinear
+    from sgl_ascend.sglang.linear_method import AscendLinearMethod
+    from sgl_ascend.sglang.modelslim_config import AscendModelSlimConfig
+
+    v0 = AscendModelSlimConfig(_description("qwen3moe-tiny-w8a8-v0"))
+    assert v0.has_float_bias("model.layers.0.self_attn.qkv_proj")
+    assert not v0.has_float_bias("model.layers.0.self_attn.o_proj")
+
+    def processed(scheme):
+        layer = torch.nn.Module()
+        layer.prefix, layer.checkpoint_float_bias, layer.bias = "model.layers.0.self_attn.qkv_proj", True, None
+        method = AscendLinearMethod(scheme)
+        method.create_weights(layer, 64, [64], 64, 64, torch.bfloat16, weight_loader=None)
+        for param in layer.parameters():
+            param.data.zero_()
+        method.process_weights_after_loading(layer)
+
+    processed(W8A8StaticLinear())
+    with pytest.raises(CheckpointError, match="qkv_proj.bias.*FLOAT bias for this W8A8DynamicLinear"):
+        processed(W8A8DynamicLinear())

@@ -13,7 +13,7 @@ from sgl_ascend.sglang.moe_method import AscendFusedMoEMethod
 
 class AscendQuantConfigBase(QuantizationConfig):
     """Subclasses provide `linear_scheme(prefix, layer)`, `shard_prefixes(prefix)` and
-    `moe_method(block_prefix, layer)`."""
+    `moe_method(block_prefix, layer)`; `has_float_bias(prefix)` where a format can carry one."""
 
     def __init__(self):
         super().__init__()
@@ -43,6 +43,8 @@ class AscendQuantConfigBase(QuantizationConfig):
             if isinstance(scheme, UnquantizedLinear):
                 return UnquantizedLinearMethod()
             layer.scheme = scheme
+            layer.prefix = prefix  # names the layer's tensors in CheckpointErrors
+            layer.checkpoint_float_bias = self.has_float_bias(prefix)
             for shard in self.shard_prefixes(prefix):
                 self.shard_schemes[shard] = scheme
             return AscendLinearMethod(scheme)
@@ -50,6 +52,9 @@ class AscendQuantConfigBase(QuantizationConfig):
             block = prefix[: -len(".experts")] if prefix.endswith(".experts") else prefix
             return AscendFusedMoEMethod(self.moe_method(block, layer))
         return None
+
+    def has_float_bias(self, prefix: str) -> bool:
+        return False
 
     def is_ignored_tensor(self, name: str) -> bool:
         """A checkpoint tensor the layer's scheme knowingly does not load (see LinearScheme)."""

@@ -5,7 +5,9 @@ from typing import List, Optional
 import torch
 from sglang.srt.layers.quantization.base_config import LinearMethodBase
 
+from sgl_ascend.errors import CheckpointError
 from sgl_ascend.layers.parameters import ShardedParameter
+from sgl_ascend.quant.modelslim import DESCRIPTION_FILE
 from sgl_ascend.layers.schemes.base import LinearScheme, SchemeLinearMethod
 
 
@@ -30,6 +32,16 @@ class AscendLinearMethod(LinearMethodBase):
                 param.weight_loader = weight_loader
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
+        scheme = self.method.scheme
+        if getattr(layer, "checkpoint_float_bias", False) and getattr(layer, "bias", None) is None \
+                and not scheme.folds_float_bias:
+            # The model built this layer without a bias, so its loader skipped the checkpoint's.
+            raise CheckpointError(
+                f"the checkpoint has a FLOAT bias for this {type(scheme).__name__} layer (anti-outlier "
+                "smoothing) but SGLang's model has no bias on it, so it would be dropped silently. "
+                "sgl-ascend serves such biases folded into W8A8 quant_bias only; re-export the "
+                "checkpoint without smoothing biases on dynamic/weight-only layers.",
+                file=DESCRIPTION_FILE, tensor=f"{layer.prefix}.bias")
         self.method.process_weights_after_loading(layer)
 
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: Optional[torch.Tensor] = None):

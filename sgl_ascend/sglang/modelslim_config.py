@@ -60,6 +60,9 @@ class AscendModelSlimConfig(AscendQuantConfigBase):
     def shard_prefixes(self, prefix: str) -> List[str]:
         return self.modelslim.shard_prefixes(prefix)
 
+    def has_float_bias(self, prefix: str) -> bool:
+        return self.modelslim.has_float_bias(prefix)
+
     def moe_method(self, block_prefix: str, layer: torch.nn.Module):
         return moe_method_for_modelslim(self.modelslim, block_prefix, layer.params_dtype)
 

@@ -19,6 +19,9 @@ class LinearScheme(ABC):
     #: checkpoint tensor suffixes this scheme knowingly does not load (say why where set).
     ignored_suffixes: tuple = ()
 
+    #: the checkpoint writer already folded a FLOAT bias of this layer into the scheme's own tensors
+    folds_float_bias = False
+
     @abstractmethod
     def create_weights(self, layer: torch.nn.Module, input_size_per_partition: int,
                        output_partition_sizes: List[int], input_size: int, output_size: int,

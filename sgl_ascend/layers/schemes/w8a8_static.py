@@ -29,6 +29,8 @@ class W8A8StaticLinear(LinearScheme):
     # deq_scale already carries input_scale * weight_scale; the per-channel weight scale and offset
     # some writers add beside it are not needed by the kernel, so they are not loaded.
     ignored_suffixes = ("weight_scale", "weight_offset")
+    # msModelSlim writes quant_bias = round(bias / deq_scale) - input_offset * sum_k w.
+    folds_float_bias = True
 
     def create_weights(self, layer, input_size_per_partition: int, output_partition_sizes: List[int],
                        input_size: int, output_size: int, params_dtype: torch.dtype, **_):
