@@ -24,7 +24,7 @@ from sgl_ascend.errors import CheckpointError
 from sgl_ascend.layers.linear import ParallelLinear, load_linear
 from sgl_ascend.layers.schemes.ct_wna16 import CTWNA16Linear
 from sgl_ascend.layers.schemes.w4a4_dynamic import W4A4DynamicLinear
-from sgl_ascend.quant.checkpoint import TensorInfo
+from sgl_ascend.quant.checkpoint import TensorInfo, tensors_under
 from sgl_ascend.tools.plan import resident_bytes
 from test_moe_memory import MIB, _status
 
@@ -77,8 +77,7 @@ class SyntheticCheckpoint:
         return cls(infos, dims)
 
     def with_prefix(self, prefix):
-        head = prefix + "."
-        return {n[len(head):]: i for n, i in self.infos.items() if n.startswith(head) and "." not in n[len(head):]}
+        return tensors_under(self.infos, prefix)
 
     def get(self, name):
         info = self.infos[name]

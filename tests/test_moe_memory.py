@@ -27,7 +27,7 @@ import pytest
 import torch
 
 from sgl_ascend.layers.moe import FusedMoEMethod, W4A8DynamicExperts, W8A8DynamicExperts, build_moe
-from sgl_ascend.quant.checkpoint import TensorInfo
+from sgl_ascend.quant.checkpoint import TensorInfo, tensors_under
 
 E, H, I = 64, 1024, 512
 PREFIX = "model.layers.0.mlp"
@@ -52,8 +52,7 @@ class SyntheticCheckpoint:
     path: str = "<synthetic>"
 
     def with_prefix(self, prefix):
-        head = prefix + "."
-        return {n[len(head):]: i for n, i in self.infos.items() if n.startswith(head) and "." not in n[len(head):]}
+        return tensors_under(self.infos, prefix)
 
     def get(self, name):
         info = self.infos[name]

@@ -135,10 +135,13 @@ class SafetensorsCheckpoint:
                                   file=info.file, tensor=name) from exc
 
     def with_prefix(self, prefix: str) -> Dict[str, TensorInfo]:
-        """Tensors directly under `prefix.` (suffix -> info), e.g. weight, weight_scale."""
-        head = prefix + "."
-        return {n[len(head):]: i for n, i in self._infos.items()
-                if n.startswith(head) and "." not in n[len(head):]}
+        return tensors_under(self._infos, prefix)
+
+
+def tensors_under(infos: Dict[str, TensorInfo], prefix: str) -> Dict[str, TensorInfo]:
+    """Tensors directly under `prefix.` (suffix -> info), e.g. weight, weight_scale."""
+    head = prefix + "."
+    return {n[len(head):]: i for n, i in infos.items() if n.startswith(head) and "." not in n[len(head):]}
 
 
 def _tensors_past_end(file: str) -> List[str]:
