@@ -6,17 +6,8 @@
 # SGLANG_NPU_USE_MULTI_STREAM=1 overlaps shared and routed experts.
 set -euo pipefail
 MODEL=${1:?usage: TP=N EP=M $0 MODEL_DIR [extra args]}; shift
-TP=${TP:-8}
+export TP=${TP:-8}
 EP=${EP:-$TP}
-export ASCEND_RT_VISIBLE_DEVICES=${ASCEND_RT_VISIBLE_DEVICES:-$(seq -s, 0 $((TP - 1)))}
 export SGLANG_NPU_USE_MULTI_STREAM=${SGLANG_NPU_USE_MULTI_STREAM:-1}
-source "$(dirname "$0")/npu_env.sh"
-exec python -m sglang.launch_server \
-    --model-path "$MODEL" \
-    --device npu \
-    --attention-backend ascend \
-    --tp-size "$TP" \
-    --ep-size "$EP" \
-    --host "${HOST:-0.0.0.0}" --port "${PORT:-30000}" \
-    --mem-fraction-static "${MEM_FRACTION:-0.8}" \
-    "$@"
+# Same launch as a TP server, with experts split over EP ranks.
+exec bash "$(dirname "$0")/npu_serve_tp.sh" "$MODEL" --ep-size "$EP" "$@"
