@@ -8,7 +8,7 @@ import torch
 
 from sgl_ascend.layers.moe.base import ExpertScheme, TensorSpec, register_expert, transposed_write
 from sgl_ascend.layers.parameters import replace_data
-from sgl_ascend.ops import ACL_FORMAT_FRACTAL_NZ, ops
+from sgl_ascend.ops import ops, to_nz
 
 
 class UnquantizedExperts(ExpertScheme):
@@ -28,7 +28,7 @@ class UnquantizedExperts(ExpertScheme):
 
     def process_weights_after_loading(self, layer):
         weight = getattr(layer, self.a("weight")).data
-        replace_data(layer, self.a("weight"), ops.npu_format_cast(weight, ACL_FORMAT_FRACTAL_NZ))
+        replace_data(layer, self.a("weight"), to_nz(weight))
 
     def apply(self, layer, x, token_scale, group_list, output_dtype):
         return ops.npu_grouped_matmul([x], [getattr(layer, self.a("weight"))], group_list=group_list,

@@ -13,7 +13,7 @@ import torch
 from sgl_ascend.layers.moe.base import ExpertScheme, TensorSpec, register_expert, transposed_write
 from sgl_ascend.layers.moe.checks import CHECK_ONLY, drop_check_only, write_zero_check
 from sgl_ascend.layers.parameters import replace_data
-from sgl_ascend.ops import ACL_FORMAT_FRACTAL_NZ, ops
+from sgl_ascend.ops import ops, to_nz
 
 
 class W8A8DynamicExperts(ExpertScheme):
@@ -33,7 +33,7 @@ class W8A8DynamicExperts(ExpertScheme):
 
     def process_weights_after_loading(self, layer):
         weight = getattr(layer, self.a("weight")).data
-        replace_data(layer, self.a("weight"), ops.npu_format_cast(weight, ACL_FORMAT_FRACTAL_NZ))
+        replace_data(layer, self.a("weight"), to_nz(weight))
         drop_check_only(layer, self.role)
 
     def apply(self, layer, x, token_scale, group_list, output_dtype):

@@ -6,7 +6,7 @@ import torch
 
 from sgl_ascend.errors import CheckpointError
 from sgl_ascend.layers.parameters import CheckpointLayout, register
-from sgl_ascend.ops import ACL_FORMAT_FRACTAL_NZ, ops
+from sgl_ascend.ops import ops, to_nz
 
 # int4 values packed per call when converting weights, so the staging tensors stay small: ~12
 # bytes per value (int32 temporaries of the conversion), ~400 KiB per call. Weights are packed
@@ -22,7 +22,7 @@ def to_kernel_layout(weight_nk: torch.Tensor) -> torch.Tensor:
     released when the parameter's data is replaced). The CPU twin keeps the view, so the bytes stay
     [N, K]-contiguous: zero copies, and torch's fast int8 kernels read them directly.
     """
-    return ops.npu_format_cast(weight_nk.transpose(-2, -1), ACL_FORMAT_FRACTAL_NZ)
+    return to_nz(weight_nk.transpose(-2, -1))
 
 
 def pack_int4_for_kernel(values_nk: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
