@@ -2,7 +2,7 @@
 
     PYTHONPATH=. python bench/load_time.py         # ~1-2 minutes on 2 cores
 
-Synthetic checkpoints of one shape (bench/synthetic.py) are written to a temp folder; each is then
+Synthetic checkpoints of one shape (sgl_ascend/testing/synthetic.py) are written to a temp folder; each is then
 loaded as served: read the safetensors index and headers, build every layer, load every tensor,
 process every layer (SGLang's order), plus the float tensors. The files were just written, so they
 are in the page cache: this measures CPU-side loading and processing, not disk speed. Fastest of
@@ -11,7 +11,6 @@ are in the page cache: this measures CPU-side loading and processing, not disk s
 
 import argparse
 import os
-import sys
 import tempfile
 import time
 
@@ -19,11 +18,9 @@ import torch
 
 from sgl_ascend.layers.linear import load_linear
 from sgl_ascend.quant.checkpoint import SafetensorsCheckpoint
+from sgl_ascend.testing import synthetic
 from sgl_ascend.tools.model_layout import layout_from_config, load_config
 from sgl_ascend.tools.plan import build_linear, scheme_source
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import synthetic  # noqa: E402
 
 
 def load(path: str) -> float:

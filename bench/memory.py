@@ -2,7 +2,7 @@
 
     PYTHONPATH=. python bench/memory.py            # ~2 minutes on 2 cores
 
-For each scheme a synthetic checkpoint of Qwen3-1.7B layer proportions (bench/synthetic.py) is
+For each scheme a synthetic checkpoint of Qwen3-1.7B layer proportions (sgl_ascend/testing/synthetic.py) is
 written to a temp folder, then a fresh subprocess loads it in SGLang's order: build every layer
 (checkpoint-layout parameters), load every tensor, then process every layer. Memory is what glibc's
 malloc has handed out (mallinfo2: uordblks + hblkhd), which is where torch's CPU tensors live;
@@ -151,8 +151,7 @@ def main():
     if args.measure:
         print(json.dumps(measure(args.measure)))
         return
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    import synthetic
+    from sgl_ascend.testing import synthetic
 
     dense = [("bf16", "FLOAT")] + [(k, k) for k in synthetic.MODELSLIM_SCHEMES]
     moe = [("bf16", "FLOAT")] + [(k, k) for k in synthetic.MOE_EXPERT_SCHEMES]

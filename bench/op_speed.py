@@ -11,7 +11,6 @@ the fastest run of each is kept (the machine is shared; see paired_min).
 
 import argparse
 import os
-import sys
 import time
 
 import torch
@@ -20,9 +19,7 @@ import torch.nn.functional as F
 from sgl_ascend.layers.linear import ParallelLinear
 from sgl_ascend.layers.schemes import (CTWNA16Linear, W4A4DynamicLinear, W4A8DynamicLinear, W8A8DynamicLinear,
                                        W8A8StaticLinear, W8A16Linear)
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import synthetic  # noqa: E402
+from sgl_ascend.testing import synthetic
 
 WEIGHT_ONLY = ("W8A16", "CT W4A16 g128")
 SCHEMES = {"W8A8": W8A8StaticLinear, "W8A8_DYNAMIC": W8A8DynamicLinear, "W8A16": W8A16Linear,

@@ -2,8 +2,9 @@
 
     sgl-ascend inspect PATH [--tp N] [--ep N] [--json]
     sgl-ascend verify PATH [--reference BF16_PATH] [--threshold X] [--min-top1 F] [--prompts ...] [--json]
+    sgl-ascend selftest [--json]
 
-Exit codes: 0 fine; 1 verify found errors above the threshold; 2 the checkpoint cannot be served
+Exit codes: 0 fine; 1 verify (or selftest) found errors above the threshold; 2 the checkpoint cannot be served
 as it is (a CheckpointError, printed with file, tensor and what to do).
 """
 
@@ -113,6 +114,21 @@ def cmd_verify(args) -> int:
     return EXIT_OK if passed else EXIT_ABOVE_THRESHOLD
 
 
+def cmd_selftest(args) -> int:
+    from sgl_ascend.tools.selftest import checks_json, device_for_selftest, format_checks, run_selftest
+
+    device = device_for_selftest()
+    checks = run_selftest(device)
+    passed = all(c.passed for c in checks)
+    if args.json:
+        print(json.dumps({"device": device or "cpu (twin vs reference)", "checks": checks_json(checks),
+                          "passed": passed}, indent=2))
+    else:
+        print(f"device: {device or 'none (CPU host): each twin against an independent float reference'}")
+        print(format_checks(checks))
+    return EXIT_OK if passed else EXIT_ABOVE_THRESHOLD
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sgl-ascend", description="Inspect and verify quantized checkpoints "
                                      "(msModelSlim, compressed-tensors) before serving them on Ascend NPUs.")
@@ -135,6 +151,10 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--prompts", nargs="+", help="prompts for the logit comparison")
     v.add_argument("--json", action="store_true")
     v.set_defaults(func=cmd_verify)
+    s = sub.add_parser("selftest", help="every NPU op and scheme layer on this device vs the CPU twin (on a CPU "
+                                        "host: twin vs float reference); run it first on a new NPU host")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_selftest)
     return parser
 
 

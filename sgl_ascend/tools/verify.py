@@ -90,7 +90,7 @@ class _FusedShard(torch.nn.Module):
         return self.cache["y"][..., self.start:self.end]
 
 
-def _own_weight(source, checkpoint, prefix: str) -> torch.Tensor:
+def own_float_weight(source, checkpoint, prefix: str) -> torch.Tensor:
     """Float32 [N, K] weight of one checkpoint module by the producer's own dequantization."""
     if source.format == MSMODELSLIM:
         kind = source.config.types.get(f"{prefix}.weight", "FLOAT")
@@ -104,7 +104,7 @@ def _float_weights(spec: LinearSpec, source, checkpoint, reference) -> Dict[str,
     """checkpoint shard prefix -> float32 [N, K] weight to compare against."""
     if reference is not None:
         return {shard: reference.get(f"{shard}.weight").float() for shard in spec.shards.values()}
-    return {shard: _own_weight(source, checkpoint, shard) for shard in spec.shards.values()}
+    return {shard: own_float_weight(source, checkpoint, shard) for shard in spec.shards.values()}
 
 
 _SHAPE_FIELDS = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "kv_heads", "head_size",
@@ -140,7 +140,7 @@ def _own_float_state_dict(source, checkpoint, layout) -> Dict[str, torch.Tensor]
                 state[f"{shard}.bias"] = checkpoint.get(f"{shard}.bias")
     for spec in layout.experts:
         def dq(e, proj):
-            return _own_weight(source, checkpoint, spec.expert_prefix(e, proj))
+            return own_float_weight(source, checkpoint, spec.expert_prefix(e, proj))
 
         experts = range(spec.num_experts)
         state[f"{spec.prefix}.gate_up_proj"] = torch.stack(

@@ -64,9 +64,13 @@ def modelslim_layer(kind: str, n: int, k: int, gen, row_parallel: bool = False) 
     weight = torch.randint(-high + 1, high, (n, k), generator=gen, dtype=torch.int8)
     scale = torch.rand(n, 1, generator=gen) * 1e-3 + 1e-4
     if kind == "W8A8":
-        return {"weight": weight, "input_scale": torch.tensor([0.02]), "input_offset": torch.tensor([3.0]),
-                "quant_bias": torch.randint(-1000, 1000, (n,), generator=gen, dtype=torch.int32),
-                "deq_scale": scale.reshape(-1) * 0.02}
+        # as msModelSlim writes them: quant_bias folds the input offset, -offset * sum_k w; deq_scale =
+        # input_scale * weight_scale (bf16 models: fp32)
+        input_scale, input_offset = 0.04, 3.0
+        return {"weight": weight, "input_scale": torch.tensor([input_scale]),
+                "input_offset": torch.tensor([input_offset]),
+                "quant_bias": (-input_offset * weight.sum(1, dtype=torch.int32)).to(torch.int32),
+                "deq_scale": scale.reshape(-1) * input_scale}
     return {"weight": weight, "weight_scale": scale, "weight_offset": torch.zeros(n, 1)}
 
 
