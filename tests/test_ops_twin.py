@@ -36,13 +36,13 @@ def test_dynamic_quant_int8_scale_is_absmax_over_127_fp32(gen):
 
 
 def test_dynamic_quant_zero_row_gives_zero_values():
-    q, scale = twin.npu_dynamic_quant(torch.zeros(1, 16))
+    q, scale = twin.npu_dynamic_quant(torch.zeros(1, 16, dtype=torch.bfloat16))
     assert scale.item() == 0 and not q.any()
 
 
 def test_dynamic_quant_rounds_ties_to_even():
     # ASSUMPTION in twin.py: ties go to even. absmax 127 -> scale 1; 2.5 -> 2, 3.5 -> 4, -2.5 -> -2
-    x = torch.tensor([[127.0, 2.5, 3.5, -2.5]])
+    x = torch.tensor([[127.0, 2.5, 3.5, -2.5]], dtype=torch.bfloat16)
     q, scale = twin.npu_dynamic_quant(x)
     assert scale.item() == 1.0 and q.tolist() == [[127, 2, 4, -2]]
 
@@ -60,11 +60,11 @@ def test_dynamic_quant_int4_scale_over_7_packed_eight_per_int32(gen):
 # -- npu_quantize --------------------------------------------------------------------------------
 
 def test_quantize_div_mode_both_ways_and_saturation():
-    x = torch.tensor([[0.3, -0.3, 1.0, 100.0, -100.0, 0.0]])
-    scale, zp = torch.tensor([0.25]), torch.tensor([3.0])
+    x = torch.tensor([[0.3, -0.3, 1.0, 100.0, -100.0, 0.0]], dtype=torch.bfloat16)
+    scale, zp = torch.tensor([0.25], dtype=torch.bfloat16), torch.tensor([3.0], dtype=torch.bfloat16)
     divided = twin.npu_quantize(x, scale, zp, torch.qint8, -1, True)
     multiplied = twin.npu_quantize(x, 1 / scale, zp, torch.qint8, -1, False)
-    # x / 0.25 + 3 = [4.2, 1.8, 7, 403, -397, 3]: rounded, then saturated to int8
+    # x / 0.25 + 3 = [4.2, 1.8, 7, 403, -397, 3] (x in bf16): rounded, then saturated to int8
     assert divided.dtype == torch.int8 and divided.tolist() == [[4, 2, 7, 127, -128, 3]]
     assert torch.equal(divided, multiplied)
     assert twin.npu_quantize(x, scale, None, torch.qint8, -1, True).tolist() == [[1, -1, 4, 127, -128, 0]]
@@ -72,10 +72,17 @@ def test_quantize_div_mode_both_ways_and_saturation():
 
 def test_quantize_per_channel_scales_repeated_over_k(gen):
     # upstream passes 1/input_scale repeated to length K; our one-element form must agree with it
-    x = torch.randn(3, 32, generator=gen)
-    s, zp = torch.tensor([0.02]), torch.tensor([-4.0])
-    assert torch.equal(twin.npu_quantize(x, s, zp, torch.qint8, -1, True),
-                       twin.npu_quantize(x, s.repeat(32), zp.repeat(32), torch.qint8, -1, True))
+    x = torch.randn(3, 32, generator=gen).to(torch.bfloat16)
+    s, zp = torch.tensor([50.0], dtype=torch.bfloat16), torch.tensor([-4.0], dtype=torch.bfloat16)
+    assert torch.equal(twin.npu_quantize(x, s, zp, torch.qint8, -1, False),
+                       twin.npu_quantize(x, s.repeat(32), zp.repeat(32), torch.qint8, -1, False))
+
+
+def test_quantize_multiply_mode_rounds_half_away_from_zero():
+    # div_mode=False runs aclnnAscendQuantV3 with round mode "round" (half away from zero)
+    x = torch.tensor([[0.5, 1.5, 2.5, -0.5, -2.5, 3.5]], dtype=torch.bfloat16)
+    one, zero = torch.ones(1, dtype=torch.bfloat16), torch.zeros(1, dtype=torch.bfloat16)
+    assert twin.npu_quantize(x, one, zero, torch.qint8, -1, False).tolist() == [[1, 2, 3, -1, -3, 4]]
 
 
 # -- npu_quant_matmul ----------------------------------------------------------------------------
@@ -87,18 +94,19 @@ def test_quant_matmul_accumulates_exactly_in_int32(gen):
     b = torch.where(torch.rand(k, 5, generator=gen) < 0.9, -128, 127).to(torch.int8)
     exact = a.long() @ b.long()
     assert exact.abs().max() > 2**24
-    out = twin.npu_quant_matmul(a, b, torch.ones(5), output_dtype=torch.float32)
-    assert torch.equal(out, exact.to(torch.float32))
+    assert torch.equal(twin._int_matmul(a, b).long(), exact)
 
 
 def test_quant_matmul_int32_bias_before_scale_and_scale_encodings(gen):
-    a, b = _int8(gen, 3, 64), _int8(gen, 64, 8)
+    a, b = _int8(gen, 3, 64, low=-8, high=8), _int8(gen, 64, 8, low=-8, high=8)
     bias = torch.randint(-5000, 5000, (8,), generator=gen, dtype=torch.int32)
     scale = torch.tensor([2.0**-e for e in range(8)])  # exact in fp32, bf16 and as int64 bits
-    expected = ((a.long() @ b.long() + bias.long()).double() * scale.double()).float()
-    for encoded in (scale, scale.to(torch.bfloat16), encode_fp32_as_int64(scale)):
-        out = twin.npu_quant_matmul(a, b, encoded, bias=bias, output_dtype=torch.float32)
-        assert torch.equal(out, expected), encoded.dtype
+    exact = (a.long() @ b.long() + bias.long()).double() * scale.double()  # exact in fp32: one rounding
+    # the documented combinations: fp32 / int64 scale -> fp16 output, bf16 scale -> bf16 output
+    for encoded, out_dtype in ((scale, torch.float16), (encode_fp32_as_int64(scale), torch.float16),
+                               (scale.to(torch.bfloat16), torch.bfloat16)):
+        out = twin.npu_quant_matmul(a, b, encoded, bias=bias, output_dtype=out_dtype)
+        assert torch.equal(out, exact.to(out_dtype)), encoded.dtype
 
 
 def test_quant_matmul_per_token_scale_and_output_dtype(gen):
@@ -111,10 +119,10 @@ def test_quant_matmul_per_token_scale_and_output_dtype(gen):
 
 
 def test_quant_matmul_int4_packed_operands(gen):
-    a, b = _int8(gen, 5, 64, low=-8, high=8), _int8(gen, 64, 16, low=-8, high=8)
+    a, b = _int8(gen, 5, 32, low=-8, high=8), _int8(gen, 32, 16, low=-8, high=8)
     out = twin.npu_quant_matmul(pack_int4_to_int32(a), pack_int4_to_int32(b), torch.ones(16),
-                                output_dtype=torch.float32)
-    assert torch.equal(out, (a.long() @ b.long()).float())
+                                output_dtype=torch.float16)  # int4 without per-token scale: fp16 output
+    assert torch.equal(out, (a.long() @ b.long()).to(torch.float16))  # |sums| <= 2048: exact in fp16
 
 
 # -- npu_weight_quant_batchmatmul ------------------------------------------------------------------
@@ -122,42 +130,42 @@ def test_quant_matmul_int4_packed_operands(gen):
 def test_weight_quant_bmm_per_channel_and_offset(gen):
     n, k = 24, 64
     w_nk = _int8(gen, n, k)
-    scale, offset = torch.rand(n, generator=gen) / 50, torch.randint(-9, 9, (n,), generator=gen).float()
-    x = torch.randn(5, k, generator=gen)
+    scale = (torch.rand(n, generator=gen) / 50).to(torch.bfloat16)
+    offset = torch.randint(-9, 9, (n,), generator=gen).to(torch.bfloat16)
+    x = torch.randn(5, k, generator=gen).to(torch.bfloat16)
     expected = x.double() @ ((w_nk.double() + offset.double()[:, None]) * scale.double()[:, None]).t()
     out = twin.npu_weight_quant_batchmatmul(x, w_nk.t(), scale, offset)
-    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
+    assert out.dtype == torch.bfloat16  # exact product, one bf16 rounding
+    torch.testing.assert_close(out.double(), expected, rtol=2**-8, atol=2**-8 * expected.abs().mean().item())
 
 
 def test_weight_quant_bmm_per_group(gen):
     n, k, g = 8, 96, 32
     w_kn = _int8(gen, k, n)
-    scale = torch.rand(k // g, n, generator=gen) / 50
-    offset = torch.randint(-4, 4, (k // g, n), generator=gen).float()
-    x = torch.randn(3, k, generator=gen)
+    scale = (torch.rand(k // g, n, generator=gen) / 50).to(torch.bfloat16)
+    offset = torch.randint(-4, 4, (k // g, n), generator=gen).to(torch.bfloat16)
+    x = torch.randn(3, k, generator=gen).to(torch.bfloat16)
     w = (w_kn.double() + offset.double().repeat_interleave(g, 0)) * scale.double().repeat_interleave(g, 0)
     out = twin.npu_weight_quant_batchmatmul(x, w_kn, scale, offset, antiquant_group_size=g)
-    torch.testing.assert_close(out.double(), x.double() @ w, rtol=1e-5, atol=1e-5)
+    expected = x.double() @ w
+    torch.testing.assert_close(out.double(), expected, rtol=2**-8, atol=2**-8 * expected.abs().mean().item())
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_weight_quant_bmm_fast_path_equals_generic_path(gen, dtype):
     n, k = 40, 128
     w_nk = _int8(gen, n, k)
     scale = (torch.rand(n, generator=gen) / 50).to(dtype)
     offset = torch.randint(-9, 9, (n,), generator=gen).to(dtype)
     x = torch.randn(7, k, generator=gen).to(dtype)
-    bias = torch.randn(n, generator=gen).to(dtype)
-    fast = twin.npu_weight_quant_batchmatmul(x, w_nk.t(), scale, offset, bias)  # [K, N] view of [N, K]
-    generic = twin.npu_weight_quant_batchmatmul(x, w_nk.t().contiguous(), scale, offset, bias)
+    bias = torch.randn(n, generator=gen).to(torch.float32 if dtype == torch.bfloat16 else dtype)
+    fast = twin.npu_weight_quant_batchmatmul(x, w_nk.t(), scale, offset, bias=bias)  # [K, N] view of [N, K]
+    generic = twin.npu_weight_quant_batchmatmul(x, w_nk.t().contiguous(), scale, offset, bias=bias)
     # same math in fp32, one final rounding: equal up to fp32 summation order (which can flip a
-    # bf16 rounding now and then)
-    if dtype == torch.float32:
-        torch.testing.assert_close(fast, generic, rtol=1e-5, atol=1e-5)
-    else:
-        assert (fast != generic).float().mean() < 0.02
-        torch.testing.assert_close(fast.float(), generic.float(), rtol=2**-8,
-                                   atol=2**-8 * generic.float().abs().mean().item())
+    # half-precision rounding now and then)
+    assert (fast != generic).float().mean() < 0.02
+    torch.testing.assert_close(fast.float(), generic.float(), rtol=2**-8,
+                               atol=2**-8 * generic.float().abs().mean().item())
 
 
 def test_weight_quant_bmm_bf16_unaligned_k(gen):
@@ -264,7 +272,8 @@ def test_grouped_matmul_float_groups(gen, group_list_type):
     x, w = torch.randn(7, 16, generator=gen), torch.randn(3, 16, 5, generator=gen)
     counts = [3, 0, 4]
     group_list = torch.tensor([3, 3, 7] if group_list_type == 0 else counts)
-    (out,) = twin.npu_grouped_matmul([x], [w], group_list=group_list, group_list_type=group_list_type)
+    (out,) = twin.npu_grouped_matmul([x], [w], group_list=group_list, split_item=2, group_type=0,
+                                     group_list_type=group_list_type)
     expected = torch.cat([x[:3] @ w[0], x[3:] @ w[2]])
     torch.testing.assert_close(out, expected)
 
@@ -272,9 +281,10 @@ def test_grouped_matmul_float_groups(gen, group_list_type):
 def test_grouped_matmul_int8_scales_per_expert_and_token(gen):
     x, w = _int8(gen, 6, 32), _int8(gen, 2, 32, 4)
     scale, token = torch.rand(2, 4, generator=gen), torch.rand(6, generator=gen)
+    # per-token: fp32 scale -> fp16 output (bf16 scale -> bf16 output)
     (out,) = twin.npu_grouped_matmul([x], [w], scale=[scale], per_token_scale=[token],
-                                     group_list=torch.tensor([2, 4]), group_list_type=1,
-                                     output_dtype=torch.float32)
+                                     group_list=torch.tensor([2, 4]), split_item=2, group_type=0, group_list_type=1,
+                                     output_dtype=torch.float16)
     expected = torch.cat([(x[:2].double() @ w[0].double()) * scale[0].double(),
                           (x[2:].double() @ w[1].double()) * scale[1].double()]) * token.double()[:, None]
-    torch.testing.assert_close(out.double(), expected, rtol=1e-6, atol=1e-6)
+    assert torch.equal(out, expected.float().to(torch.float16))

@@ -7,8 +7,9 @@ NPU op computes. Off-NPU they are registered as torch.ops.npu.* (sgl_ascend/ops/
 `ASSUMPTION:` marks behaviour no source settles, tested in tests/test_ops_twin.py against an
 independent producer where one exists.
 
-Rounding: ASSUMPTION round-half-to-even (torch.round) wherever an op rounds; the NPU documentation
-does not say, and ties are measure-zero for real activations.
+Rounding: `npu_quantize(div_mode=False)` rounds half away from zero (it runs aclnnAscendQuantV3 with
+round mode "round", Ascend C's 四舍五入). ASSUMPTION round-half-to-even (torch.round) in the other
+quantizing ops, which no source settles; ties are measure-zero for real activations.
 Rows an op leaves unwritten on the NPU (uninitialised memory) are NaN in the twins' float outputs,
 so a caller that reads them fails on CPU too.
 """
@@ -71,7 +72,9 @@ def npu_quantize(self: torch.Tensor, scales: torch.Tensor, zero_points: Optional
     xf = xf / scales.float().reshape(shape) if div_mode else xf * scales.float().reshape(shape)
     if zero_points is not None:
         xf = xf + zero_points.float().reshape(shape)
-    q = torch.round(xf)
+    # div_mode=False: aclnnAscendQuantV3 round mode "round" = half away from zero (torch_npu op-plugin
+    # source; Ascend C RoundMode CAST_ROUND); div_mode=True (aclnnQuantize): ASSUMPTION half to even.
+    q = torch.sign(xf) * torch.floor(xf.abs() + 0.5) if not div_mode else torch.round(xf)
     if out == torch.quint4x2:
         return pack_int4_to_int32(q.clamp_(-8, 7).to(torch.int8))
     if out == torch.quint8:
@@ -101,9 +104,8 @@ def npu_quant_matmul(x1: torch.Tensor, x2: torch.Tensor, scale: torch.Tensor, *,
     acc = _int_matmul(a.reshape(-1, a.shape[-1]), b)
     if bias is not None and bias.dtype == torch.int32:
         acc = acc + bias.reshape(1, -1)
-    if out_dtype == torch.int32:
-        c.require(scale.dtype != torch.int64, "npu_quant_matmul", "int32 output takes a float scale", c.DOC)
-        return acc.reshape(*lead, -1)
+    c.require(out_dtype != torch.int32, "npu_quant_matmul", "the twin does not compute int32 outputs (what the "
+              "scale does there is undocumented)", "twin scope")
     out = acc.to(torch.float32) * decode_int64_scale(scale)
     if pertoken_scale is not None:
         out = out * pertoken_scale.reshape(-1, 1).float()
@@ -302,18 +304,31 @@ def npu_dequant_swiglu_quant(x: torch.Tensor, *, weight_scale: Optional[torch.Te
     c.check_dequant_swiglu_quant(x, weight_scale, activation_scale, bias, quant_scale, quant_offset, group_index,
                                  activate_left, quant_mode, dst_type, round_mode, activate_dim, swiglu_mode,
                                  clamp_limit, glu_alpha, glu_bias)
-    xf = x.float()
+    rows = x.shape[0] if group_index is None else int(group_index.sum())
+    c.require(rows <= x.shape[0], "npu_dequant_swiglu_quant", f"group_index sums to {rows} > {x.shape[0]} rows of x",
+              f"{c.DOC}:11678")
+    xf = x[:rows].float()
+
+    def per_row(t):  # [groups, C] -> [rows, C]: group g covers group_index[g] rows
+        t = t.float().reshape(-1, t.shape[-1])
+        if group_index is None or t.shape[0] == 1:
+            return t
+        return t.repeat_interleave(group_index.to(torch.int64), dim=0, output_size=rows)
     if x.dtype == torch.int32:
-        ws = weight_scale.float()
-        if group_index is not None:
-            ws = ws.repeat_interleave(group_index.to(torch.int64), dim=0, output_size=x.shape[0])
-        xf = xf * ws.reshape(-1, x.shape[-1]) * activation_scale.float().reshape(-1, 1)
+        xf = xf * per_row(weight_scale) * activation_scale[:rows].float().reshape(-1, 1)
     first, second = xf.chunk(2, dim=-1)
     gate, up = (first, second) if activate_left else (second, first)
     h = torch.nn.functional.silu(gate) * up
     if quant_scale is not None:
-        h = h * quant_scale.float()
-    return _dynamic_quant_rows(h, False)
+        h = h * per_row(quant_scale)
+    q, scale = _dynamic_quant_rows(h, False)
+    if rows == x.shape[0]:
+        return q, scale
+    # rows past the groups are not written (DOC 11680: garbage, may be inf/nan)
+    y = torch.zeros(x.shape[0], x.shape[1] // 2, dtype=torch.int8, device=x.device)
+    out_scale = torch.full((x.shape[0],), float("nan"), dtype=torch.float32, device=x.device)
+    y[:rows], out_scale[:rows] = q, scale
+    return y, out_scale
 
 
 def npu_moe_init_routing_v2(x: torch.Tensor, expert_idx: torch.Tensor, *, scale: Optional[torch.Tensor] = None,
@@ -383,8 +398,10 @@ def npu_moe_token_unpermute(permuted_tokens: torch.Tensor, sorted_indices: torch
     c.check_moe_token_unpermute(permuted_tokens, sorted_indices, probs, padded_mode, restore_shape)
     top_k = 1 if probs is None else probs.shape[1]
     index = sorted_indices.to(torch.int64)
-    c.require(not index.numel() or bool((index >= 0).all() and (index < permuted_tokens.shape[0]).all()),
-              "npu_moe_token_unpermute", f"sorted_indices must lie in [0, {permuted_tokens.shape[0]})", c.DOC)
+    in_range = bool((index >= 0).all() and (index < permuted_tokens.shape[0]).all()) if index.numel() else True
+    c.require(in_range and index.unique().numel() == index.numel(), "npu_moe_token_unpermute",
+              f"sorted_indices must lie in [0, {permuted_tokens.shape[0]}) without repeats",
+              f"{c.DOC}:16942 (取值范围是[0, tokens_num * topK_num - 1]，且没有重复索引)")
     rows = permuted_tokens[index].float().reshape(-1, top_k, permuted_tokens.shape[-1])
     if probs is not None:
         rows = rows * probs.float().unsqueeze(-1)
@@ -431,6 +448,9 @@ def npu_moe_finalize_routing(expanded_permuted_rows: torch.Tensor, skip1: Option
     top_k = scales.shape[1] if scales is not None else k
     num_rows = expanded_src_to_dst_row.shape[0] // top_k
     index = expanded_src_to_dst_row.to(torch.int64)
+    c.require(not index.numel() or bool((index >= 0).all() and (index < expanded_permuted_rows.shape[0]).all()),
+              "npu_moe_finalize_routing", f"expanded_src_to_dst_row must lie in [0, {expanded_permuted_rows.shape[0]})",
+              f"{c.DOC}:10616")
     index = index.reshape(top_k, num_rows).t() if drop_pad_mode in (0, None) else index.reshape(num_rows, top_k)
     rows = expanded_permuted_rows[index].float()  # [T, K, H]
     if bias is not None:

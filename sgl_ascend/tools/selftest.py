@@ -83,8 +83,9 @@ def _case_quantize(gen):
     x = torch.randn(16, 64, generator=gen).to(BF16) * 4
     scale, offset = torch.tensor([8.0], dtype=BF16), torch.tensor([3.0], dtype=BF16)
 
-    def reference(x, scale, offset, *_):
-        return torch.round(x.double() * scale.double() + offset.double()).clamp(-128, 127).to(torch.int8)
+    def reference(x, scale, offset, *_):  # div_mode=False rounds half away from zero
+        y = x.double() * scale.double() + offset.double()
+        return (torch.sign(y) * torch.floor(y.abs() + 0.5)).clamp(-128, 127).to(torch.int8)
     return (x, scale, offset, torch.qint8, -1, False), {}, reference
 
 
