@@ -144,8 +144,9 @@ def check_quant_matmul(x1, x2, scale, offset, pertoken_scale, bias, output_dtype
                 f"pertoken_scale must be float32 [m], got {pertoken_scale.dtype} {tuple(pertoken_scale.shape)}",
                 f"{DOC}:4976-4978")
     if bias is not None:
-        require(bias.shape[-1] == n and (bias.dim() == 1 or (bias.dim() == 2 and bias.shape[0] == 1)), op,
-                f"bias must be [n] or [1, n] with n={n}, got {tuple(bias.shape)}", f"{DOC}:4980")
+        # DOC allows [1, n] too, META (4046, 4056) rejects a 2-D bias: only [n] satisfies both
+        require(bias.dim() == 1 and bias.shape[0] == n, op, f"bias must be [n] with n={n}, got {tuple(bias.shape)}",
+                f"{DOC}:4980, {META}:4040-4060")
     _check_quant_matmul_combination(op, x1.dtype, scale.dtype, offset, pertoken_scale is not None,
                                     None if bias is None else bias.dtype, out)
 
