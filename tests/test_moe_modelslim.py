@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import save_file
 
 from conftest import msmodelslim_fixture, rel_err
-from moe_reference import (int_dequant, modelslim_w4a8_dequant, modelslim_w4a8_residuals, moe_reference,
+from moe_reference import (int_dequant, modelslim_moe_dequant, modelslim_w4a8_residuals, moe_reference,
                            routing)
 from sgl_ascend.layers.moe import (FusedMoEMethod, UnquantizedExperts, build_moe, moe_method_for_modelslim)
 from sgl_ascend.ops.int4 import unpack_int8_pairs
@@ -27,8 +27,8 @@ TOL = 2e-3
 PROJS = ("gate_proj", "up_proj", "down_proj")
 # fixture -> (moe intermediate size, dequantization)
 FIXTURES = {
-    "qwen3moe-tiny-w4a8-dynamic": (64, modelslim_w4a8_dequant),
-    "qwen3moe-tiny-w4a8-dynamic-g64": (128, modelslim_w4a8_dequant),
+    "qwen3moe-tiny-w4a8-dynamic": (64, modelslim_moe_dequant),
+    "qwen3moe-tiny-w4a8-dynamic-g64": (128, modelslim_moe_dequant),
     "qwen3moe-tiny-w8a8-v0": (64, int_dequant),
 }
 
@@ -101,7 +101,7 @@ def test_wrong_scale_bias_slice_or_packing_order_fails(tmp_path, gen):
     path = msmodelslim_fixture(fixture)
     ckpt, config = SafetensorsCheckpoint(path), ModelSlimConfig.from_dir(path)
     x, w, ids = _inputs(gen)
-    ref = moe_reference(x, w, ids, _experts(ckpt, modelslim_w4a8_dequant), tp=2)
+    ref = moe_reference(x, w, ids, _experts(ckpt, modelslim_moe_dequant), tp=2)
 
     def reversed_columns(name, t):  # rank 0 would read the other rank's 8 K-slice sums
         return t.flip(-1) if name.endswith("down_proj.scale_bias") else t
@@ -117,7 +117,7 @@ def test_wrong_scale_bias_slice_or_packing_order_fails(tmp_path, gen):
 
     bad = SafetensorsCheckpoint(_copy_fixture(tmp_path / "nib", fixture, swapped_nibbles))
     out, _ = _run(lambda: moe_method_for_modelslim(config, PREFIX), bad, 64, x, w, ids)
-    assert rel_err(out, moe_reference(x, w, ids, _experts(ckpt, modelslim_w4a8_dequant))) > 10 * TOL
+    assert rel_err(out, moe_reference(x, w, ids, _experts(ckpt, modelslim_moe_dequant))) > 10 * TOL
 
 
 def test_older_unpacked_w4a8_matches_packed(tmp_path, gen):
@@ -160,8 +160,8 @@ def test_mixed_w4a8_gate_up_w8a8_down(tmp_path, gen):
     ckpt, config = SafetensorsCheckpoint(path), ModelSlimConfig.from_dir(path)
     method = moe_method_for_modelslim(config, PREFIX)
     assert (type(method.w13).__name__, type(method.w2).__name__) == ("W4A8DynamicExperts", "W8A8DynamicExperts")
-    experts = [(modelslim_w4a8_dequant(ckpt, f"{PREFIX}.experts.{e}.gate_proj"),
-                modelslim_w4a8_dequant(ckpt, f"{PREFIX}.experts.{e}.up_proj"),
+    experts = [(modelslim_moe_dequant(ckpt, f"{PREFIX}.experts.{e}.gate_proj"),
+                modelslim_moe_dequant(ckpt, f"{PREFIX}.experts.{e}.up_proj"),
                 int_dequant(ckpt, f"{PREFIX}.experts.{e}.down_proj")) for e in range(4)]
     x, w, ids = _inputs(gen)
     for tp, ep in [(1, 1), (2, 1), (1, 2)]:
