@@ -46,7 +46,7 @@ def int_dequant(ckpt, name: str) -> torch.Tensor:
     return ckpt.get(name + ".weight").float() * ckpt.get(name + ".weight_scale").to(torch.bfloat16).float()
 
 
-def modelslim_w4a8_residuals(ckpt, prefix, num_experts):
+def modelslim_w4a8_residuals(ckpt, prefix, num_experts, dequant=None):
     """scale_bias minus 8 * sum(dequantized weight, as the kernel holds it): zero when the writer computed it from the stored
     weights, ~0.2% of scale_bias for the V0 group-wise writer. The kernel adds scale_bias, so this
     difference is part of what the checkpoint computes: (gate/up [2I], down [H, 16]) per expert."""
@@ -55,7 +55,7 @@ def modelslim_w4a8_residuals(ckpt, prefix, num_experts):
         parts = []
         for proj in ("gate_proj", "up_proj", "down_proj"):
             name = f"{prefix}.experts.{e}.{proj}"
-            deq = modelslim_moe_dequant(ckpt, name)
+            deq = (dequant or modelslim_moe_dequant)(ckpt, name)
             sb = ckpt.get(name + ".scale_bias")
             parts.append(sb - 8 * deq.reshape(deq.shape[0], sb.shape[1], -1).sum(-1))
         out.append((torch.cat([parts[0][:, 0], parts[1][:, 0]]), parts[2]))
