@@ -85,3 +85,14 @@ def test_expert_parallel_rank_without_routed_rows_adds_exact_zero(cases, violati
     rank1 = case.layer(ep=2, rank=1, routing=routing)(x, w, ids)
     assert violations == [] and torch.equal(rank1, torch.zeros_like(rank1))
     assert rel_err(case.run(x, w, ids, ep=2, routing=routing), case.reference(x, w, ids, ep=2)) <= TOL
+
+
+@pytest.mark.parametrize("name", ["w4a8", "w8a8", "bf16"])
+def test_one_local_expert_per_rank(cases, violations, gen, name):
+    """ep 4 over 4 experts: one local expert, whose count is passed as its cumulative end
+    (group_list_type=0): counts of length 1 are documented as illegal."""
+    case = cases(name)
+    x, w, ids = inputs(gen)
+    v2 = case.run(x, w, ids, ep=4, routing="v2")
+    assert violations == [] and rel_err(v2, case.reference(x, w, ids, ep=4)) <= TOL
+    assert torch.equal(case.run(x, w, ids, ep=4, routing="v1"), v2)
