@@ -7,7 +7,6 @@ layers currently match to the last bit.
 """
 
 import json
-import os
 import shutil
 
 import pytest
@@ -18,8 +17,8 @@ from conftest import msmodelslim_fixture, rel_err
 from moe_reference import (int_dequant, modelslim_moe_dequant, modelslim_w4a8_dequant, modelslim_w4a8_residuals,
                            moe_reference,
                            routing)
+from moe_cases import clip_copy, mixed_copy, older_copy
 from sgl_ascend.layers.moe import (FusedMoEMethod, UnquantizedExperts, build_moe, moe_method_for_modelslim)
-from sgl_ascend.ops.int4 import unpack_int8_pairs
 from sgl_ascend.quant.checkpoint import SafetensorsCheckpoint
 from sgl_ascend.quant.modelslim import ModelSlimConfig
 
@@ -124,11 +123,7 @@ def test_wrong_scale_bias_slice_or_packing_order_fails(tmp_path, gen):
 def test_older_unpacked_w4a8_matches_packed(tmp_path, gen):
     """Older writers (no description version) store one int4 per byte; the same experts result."""
     fixture = "qwen3moe-tiny-w4a8-dynamic"
-
-    def unpack(name, t):
-        return unpack_int8_pairs(t, 0) if name.endswith("proj.weight") and ".experts." in name else t
-
-    path = _copy_fixture(tmp_path, fixture, unpack, lambda d: d.pop("version"))
+    path = older_copy(str(tmp_path / fixture), fixture)
     config = ModelSlimConfig.from_dir(path)
     assert moe_method_for_modelslim(config, PREFIX).w13.fmt == "modelslim_legacy"
     x, w, ids = _inputs(gen)
@@ -142,22 +137,7 @@ def test_older_unpacked_w4a8_matches_packed(tmp_path, gen):
 
 def test_mixed_w4a8_gate_up_w8a8_down(tmp_path, gen):
     """gate/up W4A8_DYNAMIC (per-channel fixture) with down W8A8_DYNAMIC (V0 fixture, same model)."""
-    w8 = SafetensorsCheckpoint(msmodelslim_fixture("qwen3moe-tiny-w8a8-v0"))
-
-    def take_down(name, t):
-        if ".experts." in name and ".down_proj." in name:
-            return w8.get(name) if name in w8 else None
-        return t
-
-    def types(d):
-        for name in w8.names():
-            if ".experts." in name and ".down_proj." in name:
-                d[name] = "W8A8_DYNAMIC"
-        for name in list(d):
-            if ".down_proj.scale_bias" in name:
-                del d[name]
-
-    path = _copy_fixture(tmp_path, "qwen3moe-tiny-w4a8-dynamic", take_down, types)
+    path = mixed_copy(str(tmp_path / "mixed"))
     ckpt, config = SafetensorsCheckpoint(path), ModelSlimConfig.from_dir(path)
     method = moe_method_for_modelslim(config, PREFIX)
     assert (type(method.w13).__name__, type(method.w2).__name__) == ("W4A8DynamicExperts", "W8A8DynamicExperts")
@@ -188,28 +168,7 @@ def test_modelslim_activation_clip_form_equals_scale_bias_form(tmp_path, gen):
     no scale_bias) give the same outputs as the scale_bias form, for tp 1, 2 and ep 2."""
     fixture = "qwen3moe-tiny-w4a8-dynamic"
     src = SafetensorsCheckpoint(msmodelslim_fixture(fixture))
-
-    def to_clip(name, t):
-        if ".experts." not in name or not name.endswith("scale_bias"):
-            return t
-        return None
-
-    def clip_tensors(d):
-        for name in list(d):
-            if ".experts." in name and name.endswith(".scale_bias"):
-                del d[name]
-                d[name.replace(".scale_bias", ".bias")] = "W4A8_DYNAMIC"
-                if ".down_proj." in name:
-                    d[name.replace(".scale_bias", ".alpha")] = "W4A8_DYNAMIC"
-
-    path = _copy_fixture(tmp_path, fixture, to_clip, clip_tensors)
-    extra = {}
-    for name in src.names():
-        if ".experts." in name and name.endswith(".scale_bias"):
-            extra[name.replace(".scale_bias", ".bias")] = src.get(name).sum(dim=-1)
-            if ".down_proj." in name:
-                extra[name.replace(".scale_bias", ".alpha")] = torch.ones(1)
-    save_file(extra, os.path.join(path, "quant_model_weights-clip.safetensors"))
+    path = clip_copy(str(tmp_path / fixture), fixture)
     config = ModelSlimConfig.from_dir(path)
     assert moe_method_for_modelslim(config, PREFIX).w2.clip
     plain = ModelSlimConfig.from_dir(msmodelslim_fixture(fixture))

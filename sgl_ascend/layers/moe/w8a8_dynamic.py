@@ -17,7 +17,7 @@ import torch
 from sgl_ascend.layers.moe.base import ExpertScheme, TensorSpec, register_expert, transposed_write
 from sgl_ascend.layers.moe.checks import CHECK_ONLY, drop_check_only, write_zero_check
 from sgl_ascend.layers.parameters import replace_data
-from sgl_ascend.ops import ops, to_nz
+from sgl_ascend.ops import to_nz
 
 
 def scale_dtype_for(params_dtype: torch.dtype) -> torch.dtype:
