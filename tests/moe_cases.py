@@ -178,7 +178,8 @@ def build_case(name, tmp, gen, params_dtype=torch.bfloat16) -> Case:
 
     w4a8 = msmodelslim_fixture("qwen3moe-tiny-w4a8-dynamic")
     if name == "w8a8":
-        return _modelslim(name, msmodelslim_fixture("qwen3moe-tiny-w8a8-v0"), 64, int_dequant, params_dtype=params_dtype)
+        path = msmodelslim_fixture("qwen3moe-tiny-w8a8-v0")
+        return _modelslim(name, path, 64, int_dequant, params_dtype=params_dtype)
     if name == "w4a8":
         return _modelslim(name, w4a8, 64, modelslim_moe_dequant, residual_ckpt=SafetensorsCheckpoint(w4a8))
     if name == "w4a8-group":

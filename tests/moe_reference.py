@@ -47,8 +47,9 @@ def int_dequant(ckpt, name: str) -> torch.Tensor:
 
 
 def modelslim_w4a8_residuals(ckpt, prefix, num_experts, dequant=None):
-    """scale_bias minus 8 * sum(dequantized weight, as the kernel holds it): zero when the writer computed it from the stored
-    weights, ~0.2% of scale_bias for the V0 group-wise writer. The kernel adds scale_bias, so this
+    """scale_bias minus 8 * sum(dequantized weight, as the kernel holds it; `dequant` to override):
+    zero when the writer computed it from the stored weights, ~0.2% of scale_bias for the V0
+    group-wise writer. The kernel adds scale_bias, so this
     difference is part of what the checkpoint computes: (gate/up [2I], down [H, 16]) per expert."""
     out = []
     for e in range(num_experts):
