@@ -17,50 +17,64 @@ def fake_quant(x: torch.Tensor, bits, with_scale=False):
     return (q, scale) if with_scale else q
 
 
-def modelslim_w4a8_dequant(ckpt, name: str) -> torch.Tensor:
+def fp16_round(t: torch.Tensor) -> torch.Tensor:
+    return t.to(torch.float16).float()
+
+
+def modelslim_w4a8_dequant(ckpt, name: str, fp16_groups: bool = False) -> torch.Tensor:
     """q * scale_second * scale (group-wise) or q * scale; q unpacked from pairs along the output dim
-    (or one per byte for older files)."""
+    (or one per byte for older files). fp16_groups: the group-wise product scale_second * scale is
+    rounded through fp16, as the MoE kernel scale is (upstream's _process_scale)."""
     w = ckpt.get(name + ".weight")
     scale = ckpt.get(name + ".weight_scale").float()
     q = w.float() if w.shape[0] == scale.shape[0] else unpack_int8_pairs(w, 0).float()
     if name + ".weight_scale_second" in ckpt:
         s2 = ckpt.get(name + ".weight_scale_second").float()
+        if fp16_groups:
+            return q * fp16_round(s2 * scale).repeat_interleave(q.shape[1] // s2.shape[1], dim=1)
         q = q * s2.repeat_interleave(q.shape[1] // s2.shape[1], dim=1)
     return q * scale
 
 
+def modelslim_moe_dequant(ckpt, name: str) -> torch.Tensor:
+    """What the W4A8 experts compute with: group-wise products rounded through fp16."""
+    return modelslim_w4a8_dequant(ckpt, name, fp16_groups=True)
+
+
 def int_dequant(ckpt, name: str) -> torch.Tensor:
-    return ckpt.get(name + ".weight").float() * ckpt.get(name + ".weight_scale").float()
+    """int8 weight * scale; the scale as the bf16 W8A8 experts hold it (exact for bf16 checkpoint scales)."""
+    return ckpt.get(name + ".weight").float() * ckpt.get(name + ".weight_scale").to(torch.bfloat16).float()
 
 
-def _bf16(t):
-    return t.to(torch.bfloat16).float()
-
-
-def modelslim_w4a8_residuals(ckpt, prefix, num_experts):
-    """scale_bias minus 8 * sum(dequantized weight): zero when the writer computed it from the stored
-    weights, ~0.2% of scale_bias for the V0 group-wise writer. The kernel adds scale_bias, so this
+def modelslim_w4a8_residuals(ckpt, prefix, num_experts, dequant=None):
+    """scale_bias minus 8 * sum(dequantized weight, as the kernel holds it; `dequant` to override):
+    zero when the writer computed it from the stored weights, ~0.2% of scale_bias for the V0
+    group-wise writer. The kernel adds scale_bias, so this
     difference is part of what the checkpoint computes: (gate/up [2I], down [H, 16]) per expert."""
     out = []
     for e in range(num_experts):
         parts = []
         for proj in ("gate_proj", "up_proj", "down_proj"):
             name = f"{prefix}.experts.{e}.{proj}"
-            deq = modelslim_w4a8_dequant(ckpt, name)
+            deq = (dequant or modelslim_moe_dequant)(ckpt, name)
             sb = ckpt.get(name + ".scale_bias")
             parts.append(sb - 8 * deq.reshape(deq.shape[0], sb.shape[1], -1).sum(-1))
         out.append((torch.cat([parts[0][:, 0], parts[1][:, 0]]), parts[2]))
     return out
 
 
-def moe_reference(x, topk_weights, topk_ids, experts, act_bits=(8, 8), tp=1, ep=1, residuals=None):
+def moe_reference(x, topk_weights, topk_ids, experts, act_bits=(8, 8), tp=1, ep=1, residuals=None,
+                  dtype=torch.bfloat16):
     """experts[e] = (gate [I, H], up [I, H], down [H, I]) float; residuals[e] = (gate/up [2I], down
     [H, 16]): what the W4A8 kernel's bias adds beyond 8 * sum(deq), times the token's activation scale.
 
     Computed in fp32 from the original input, rounded to bf16 where the layer hands a bf16 tensor
     from one op to the next (grouped-matmul outputs, SwiGLU output, each rank's result). With tp/ep
     it is the sum of the ranks' partial results: a tp rank quantizes its own slice of the SwiGLU
-    output (per-token scale over its slice)."""
+    output (per-token scale over its slice). dtype: the activations' dtype the hand-offs round to."""
+    def _bf16(t):
+        return t.to(dtype).float()
+
     num_experts, inter = len(experts), experts[0][0].shape[0]
     local, part = num_experts // ep, inter // tp
     total = torch.zeros(x.shape[0], experts[0][2].shape[0])
@@ -79,7 +93,10 @@ def moe_reference(x, topk_weights, topk_ids, experts, act_bits=(8, 8), tp=1, ep=
                     if residuals is not None:  # enters before the per-token scale, like the bias
                         g = g + residuals[e][0][:inter][cols] * xs
                         u = u + residuals[e][0][inter:][cols] * xs
-                    h, hs = fake_quant(_bf16(F.silu(_bf16(g)) * _bf16(u)), act_bits[1], with_scale=True)
+                    h = F.silu(_bf16(g)) * _bf16(u)
+                    if act_bits[1] != 8:  # npu_swiglu hands bf16 on; npu_dequant_swiglu_quant quantizes fp32
+                        h = _bf16(h)
+                    h, hs = fake_quant(h, act_bits[1], with_scale=True)
                     y = h @ down[:, cols].T
                     if residuals is not None:
                         r2 = residuals[e][1]

@@ -11,11 +11,15 @@ built first, so that one-time runtime set-up (torch's thread pool: ~6 MiB on the
 copy) is not counted as the layer's.
 
 Asserted: peak <= final resident bytes + the largest single per-expert parameter + 1 MiB (allocator
-and interpreter noise); final resident == theoretical (well within 2%); W4A8 <= 0.27 x bf16,
-W8A8 <= 0.52 x bf16 (group-wise W4A8, g = 128: <= 0.30). Measured (Linux x86-64, torch 2.13 CPU):
-W4A8 49.50 MiB = 0.2578 x bf16, peak - final 140-350 KiB; W8A8 96.50 MiB = 0.5026 x bf16, peak -
-final 300-520 KiB; group-wise W4A8 54.50 MiB = 0.2839 x bf16, peak - final ~380 KiB (run-to-run
-noise ~150 KiB); largest expert tensors 512 / 1024 KiB.
+and interpreter noise) + for W8A8, the FRACTAL_NZ cast of the fused int8 weights: npu_format_cast
+returns a new tensor (on the NPU and in the twin), so the largest fused weight (w13, 64 MiB) exists
+twice for a moment; final resident == theoretical (well within 2%); W4A8 <= 0.27 x bf16,
+W8A8 <= 0.52 x bf16 (group-wise W4A8, g = 128: <= 0.30). W8A8 holds its scale in bf16 (the per-token
+grouped matmul takes a bf16 scale for bf16 output), written straight from the checkpoint's fp32.
+Measured (Linux x86-64, torch 2.13 CPU): W4A8 49.50 MiB = 0.2578 x bf16, peak - final 130-350 KiB;
+W8A8 96.25 MiB = 0.5013 x bf16, peak - final 64 MiB (the NZ cast) + ~0.3 MiB; group-wise W4A8
+54.50 MiB = 0.2839 x bf16, peak - final 90-380 KiB (run-to-run noise ~150 KiB); largest expert
+tensors 512 / 1024 KiB.
 """
 
 import ctypes
@@ -80,8 +84,9 @@ def _group_wise(role):
 
 
 # group-wise W4A8 holds int64 group scales ([K/128, N] per expert): about 0.29 x bf16
-@pytest.mark.parametrize("scheme,bound", [(W4A8DynamicExperts, 0.27), (W8A8DynamicExperts, 0.52), (_group_wise, 0.3)])
-def test_load_peak_and_resident_bytes(scheme, bound):
+@pytest.mark.parametrize("scheme,bound,nz_cast", [(W4A8DynamicExperts, 0.27, False), (W8A8DynamicExperts, 0.52, True),
+                                                  (_group_wise, 0.3, False)])
+def test_load_peak_and_resident_bytes(scheme, bound, nz_cast):
     libc = ctypes.CDLL("libc.so.6")
     assert libc.mallopt(-3, 64 * 1024) == 1  # M_MMAP_THRESHOLD
     method = FusedMoEMethod(scheme("w13"), scheme("w2"))
@@ -101,4 +106,5 @@ def test_load_peak_and_resident_bytes(scheme, bound):
           f"MiB, peak - final {(peak - final) / 1024:.0f} KiB, largest expert tensor {largest / 1024:.0f} KiB")
     assert abs(final - theoretical) <= 0.02 * theoretical
     assert final <= bound * bf16
-    assert peak <= final + largest + MIB
+    cast = max(p.data.nbytes for p in layer.parameters()) if nz_cast else 0
+    assert peak <= final + cast + largest + MIB

@@ -62,7 +62,31 @@ def test_grouped_matmul_group_wise_w4a8(gen):
     counts = torch.tensor([3, 0, 7])
     out = ops.npu_grouped_matmul([x], [pack_int4_to_int32(q)], scale=[encode_fp32_as_int64(scales)],
                                  bias=[8 * deq.sum(dim=1)], per_token_scale=[token_scale], group_list=counts,
-                                 group_list_type=1, output_dtype=torch.float32)[0]
+                                 split_item=2, group_type=0, group_list_type=1, output_dtype=torch.bfloat16)[0]
     expert_of_row = torch.repeat_interleave(torch.arange(experts), counts)
     ref = torch.stack([x[r].float() @ deq[expert_of_row[r]] for r in range(10)]) * token_scale[:, None]
-    assert torch.allclose(out, ref, rtol=1e-5, atol=1e-3)
+    assert out.dtype == torch.bfloat16
+    assert torch.allclose(out.float(), ref, rtol=2 ** -8, atol=1e-3)  # one bf16 rounding of the result
+
+
+def test_grouped_matmul_defaults_and_w8a8_scale_dtype_are_rejected(gen):
+    """What the MoE path must not do (the real op rejects it): leave split_item/group_type at their
+    defaults (0 / None) with a Tensor group_list, or hand the per-token int8 matmul an fp32 scale
+    with bf16 output (the table pairs bf16 scale -> bf16, fp32 scale -> fp16)."""
+    import pytest
+
+    from sgl_ascend.ops import NpuContractError
+
+    x = torch.randint(-128, 128, (6, 32), generator=gen, dtype=torch.int8)
+    w = torch.randint(-128, 128, (2, 32, 16), generator=gen, dtype=torch.int8)
+    counts, token_scale = torch.tensor([2, 4]), torch.rand(6, generator=gen)
+    kwargs = dict(per_token_scale=[token_scale], group_list=counts, group_list_type=1)
+    with pytest.raises(NpuContractError, match="group_type"):
+        ops.npu_grouped_matmul([x], [w], scale=[torch.rand(2, 16, dtype=torch.bfloat16)], **kwargs,
+                               output_dtype=torch.bfloat16)
+    with pytest.raises(NpuContractError, match="scale torch.float32 with output_dtype torch.bfloat16"):
+        ops.npu_grouped_matmul([x], [w], scale=[torch.rand(2, 16)], **kwargs, split_item=2, group_type=0,
+                               output_dtype=torch.bfloat16)
+    for scale, out in ((torch.rand(2, 16, dtype=torch.bfloat16), torch.bfloat16), (torch.rand(2, 16), torch.float16)):
+        y = ops.npu_grouped_matmul([x], [w], scale=[scale], **kwargs, split_item=2, group_type=0, output_dtype=out)[0]
+        assert y.dtype == out

@@ -86,6 +86,15 @@ def register_expert(layer: torch.nn.Module, attr: str, data: torch.Tensor, spec:
     return param
 
 
+def grouped_matmul(x: torch.Tensor, weight: torch.Tensor, group_list: torch.Tensor, group_list_type: int,
+                   output_dtype: torch.dtype, **scale_args) -> torch.Tensor:
+    """The experts' grouped matmul as upstream calls it (SGL hardware_backend/npu/moe/matmul.py): one x,
+    one stacked weight [E, K, N], one output, grouped on M (split_item=2, group_type=0; the op's
+    defaults split_item=0, group_type=None reject a Tensor group_list)."""
+    return ops.npu_grouped_matmul([x], [weight], **scale_args, split_item=2, group_type=0, group_list=group_list,
+                                  group_list_type=group_list_type, output_dtype=output_dtype)[0]
+
+
 class ExpertScheme(ABC):
     """One weight group ("w13" or "w2") of a fused-MoE layer in one quantization scheme."""
 
@@ -115,8 +124,9 @@ class ExpertScheme(ABC):
 
     @abstractmethod
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, token_scale: Optional[torch.Tensor],
-              group_list: torch.Tensor, output_dtype: torch.dtype) -> torch.Tensor:
-        """Grouped matmul of the routed rows x (quantized as act_dtype says) with this group's experts."""
+              group_list: torch.Tensor, group_list_type: int, output_dtype: torch.dtype) -> torch.Tensor:
+        """Grouped matmul of the routed rows x (quantized as act_dtype says) with this group's experts;
+        group_list: int64 per local expert, counts (group_list_type 1) or cumulative ends (0)."""
 
     @abstractmethod
     def theoretical_bytes(self, num_experts: int, n: int, k: int) -> int:
@@ -130,12 +140,10 @@ class ExpertScheme(ABC):
                 "weight_scale": TensorSpec((n, 1), "float", tp_dim=out),
                 "weight_offset": TensorSpec((n, 1), "float", tp_dim=out)}
 
-    def scaled_grouped_matmul(self, layer, x, token_scale, group_list, output_dtype):
+    def scaled_grouped_matmul(self, layer, x, token_scale, group_list, group_list_type, output_dtype):
         """Grouped matmul with this group's per-channel weight scale and the tokens' scales, no bias."""
-        return ops.npu_grouped_matmul([x], [getattr(layer, self.a("weight"))],
-                                      scale=[getattr(layer, self.a("weight_scale"))],
-                                      per_token_scale=[token_scale], group_list=group_list,
-                                      group_list_type=1, output_dtype=output_dtype)[0]
+        return grouped_matmul(x, getattr(layer, self.a("weight")), group_list, group_list_type, output_dtype,
+                              scale=[getattr(layer, self.a("weight_scale"))], per_token_scale=[token_scale])
 
     def full_sizes(self, n: int, k: int, tp_size: int) -> Tuple[int, int]:
         """Checkpoint projection sizes (one shard for w13) from this rank's sizes."""

@@ -40,7 +40,7 @@ def moe_method_for_modelslim(config, prefix: str, params_dtype: torch.dtype = to
         if kind == "FLOAT":
             return UnquantizedExperts(role, params_dtype)
         if kind == "W8A8_DYNAMIC":
-            return W8A8DynamicExperts(role)
+            return W8A8DynamicExperts(role, params_dtype)
         if kind == "W4A4_DYNAMIC":
             return W4A4DynamicExperts(role)
         return W4A8DynamicExperts(role, fmt="modelslim_legacy" if description.is_legacy else "modelslim",

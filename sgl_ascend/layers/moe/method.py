@@ -14,6 +14,7 @@ import torch
 
 from sgl_ascend.layers.moe.base import PROJECTIONS, ExpertScheme, TensorSpec
 from sgl_ascend.layers.moe.loader import bound_loader
+from sgl_ascend.layers.moe.routing import routing_version
 from sgl_ascend.ops import ops
 
 
@@ -27,6 +28,7 @@ class FusedMoEMethod:
                        intermediate_size_per_partition: int, params_dtype: torch.dtype, **extra_weight_attrs):
         tp_size = getattr(layer, "moe_tp_size", 1)
         layer.moe_method = self
+        layer.moe_routing = routing_version()  # decided once per layer, never per forward
         extra_weight_attrs = dict(extra_weight_attrs, weight_loader=bound_loader(layer))
         self.w13.create_weights(layer, num_experts, 2 * intermediate_size_per_partition, hidden_size, tp_size,
                                 **extra_weight_attrs)
@@ -58,27 +60,87 @@ class FusedMoEMethod:
 
 def apply_moe(layer: torch.nn.Module, x: torch.Tensor, topk_weights: torch.Tensor,
               topk_ids: torch.Tensor) -> torch.Tensor:
-    """routing -> grouped matmul (gate/up) -> SwiGLU -> per-token requant -> grouped matmul (down)
-    -> combine with the top-k weights. topk_ids are global expert ids; pairs routed to experts this
-    rank does not hold contribute zero. Under tp or ep the result is this rank's partial sum
-    (the caller all-reduces, as SGLang's FusedMoE does)."""
+    """routing -> grouped matmul (gate/up) -> SwiGLU (+ requant for down) -> grouped matmul (down)
+    -> finalize routing with the top-k weights, as SGLang's ascend_tp path calls the ops (docs/moe.md).
+    topk_ids are global expert ids; pairs routed to experts this rank does not hold contribute zero.
+    Under tp or ep the result is this rank's partial sum (the caller all-reduces, as SGLang's
+    FusedMoE does).
+
+    Graph-safe: no host sync and no data-dependent Python branch; every branch below reads the
+    layer's static configuration (schemes, routing version, expert parallelism)."""
     method = layer.moe_method
     num_tokens, top_k = topk_ids.shape
-    first = layer.moe_ep_rank * layer.num_local_experts
-    last = first + layer.num_local_experts
-    rows, row_idx, counts, row_scale = ops.npu_moe_init_routing_v2(
-        x, topk_ids.to(torch.int32), active_num=num_tokens * top_k, expert_num=layer.num_experts,
-        expert_tokens_num_type=1, expert_tokens_num_flag=True, active_expert_range=[first, last],
-        quant_mode=1 if method.w13.act_dtype == torch.int8 else -1)
+    pairs = num_tokens * top_k
+    local = layer.num_local_experts
+    expert_parallel = layer.moe_ep_size > 1
+    first = layer.moe_ep_rank * local
+    ids = topk_ids.to(torch.int32)
+    probs = topk_weights.to(x.dtype)
+    w13_int8 = method.w13.act_dtype == torch.int8
+    if layer.moe_routing == "v2":
+        rows, row_idx, group_list, row_scale = ops.npu_moe_init_routing_v2(
+            x, ids, active_num=pairs, expert_num=layer.num_experts, expert_tokens_num_type=1,
+            expert_tokens_num_flag=True, active_expert_range=[first, first + local],
+            quant_mode=1 if w13_int8 else -1)
+        # counts (type 1) must not have length 1 (torch_npu docs); one expert's count is its end (type 0)
+        group_list_type = 0 if local == 1 else 1
+        if not w13_int8:
+            row_scale = None
+    else:
+        rows, row_idx, group_list, ids = _route_v1(x, ids, local, first, expert_parallel)
+        group_list_type, row_scale = 0, None
+        if w13_int8:
+            rows, row_scale = ops.npu_dynamic_quant(rows)
     if method.w13.act_dtype == torch.quint4x2:
         rows, row_scale = ops.npu_dynamic_quant(rows, dst_type=torch.quint4x2)
-    hidden = method.w13.apply(layer, rows, row_scale, counts, x.dtype)
+    hidden = method.w13.apply(layer, rows, row_scale, group_list, group_list_type, x.dtype)
+    hidden, hidden_scale = _swiglu(hidden, method.w2.act_dtype)
+    out_rows = method.w2.apply(layer, hidden, hidden_scale, group_list, group_list_type, x.dtype)
+    if expert_parallel:
+        out_rows = _zero_rows_past_groups(out_rows, group_list, group_list_type)
+    if layer.moe_routing == "v2":
+        if expert_parallel:  # other ranks' pairs (index -1) read the last row, zero whenever such a pair exists
+            row_idx = torch.where(row_idx < 0, pairs - 1, row_idx)
+        return ops.npu_moe_finalize_routing(out_rows, skip1=None, skip2=None, bias=None, scales=probs,
+                                            expanded_src_to_dst_row=row_idx, export_for_source_row=ids,
+                                            drop_pad_mode=2)
+    return ops.npu_moe_finalize_routing(out_rows, skip1=None, skip2=None, bias=None, scales=probs,
+                                        expanded_src_to_dst_row=row_idx, export_for_source_row=ids,
+                                        drop_pad_mode=0)
+
+
+def _route_v1(x, ids, local, first, expert_parallel):
+    """v1 routing (SGL hardware_backend/npu/moe/init_routing.py NPUMoEInitRouting_v1): row_idx[t, k] =
+    k * T + t, cumulative ends per expert (int32 -> int64, group_list_type 0). v1 has no expert range:
+    under expert parallelism other ranks' experts become one extra id `local`, sorted after every
+    local expert, so their rows come last and are zeroed after the down projection.
+    Returns (rows, k-major expanded_row_idx, int64 ends of the local experts, the ids routed)."""
+    num_tokens, top_k = ids.shape
+    if expert_parallel:
+        shifted = ids - first
+        ids = torch.where((shifted >= 0) & (shifted < local), shifted, local)
+    row_idx = torch.arange(num_tokens * top_k, dtype=torch.int32, device=x.device).view(top_k, num_tokens)
+    rows, expanded_row_idx, sorted_ids = ops.npu_moe_init_routing(x, row_idx.t().contiguous(), ids, num_tokens)
+    ends = ops.npu_moe_compute_expert_tokens(sorted_ids, local + 1 if expert_parallel else local)
+    ends = ends.to(torch.int64)
+    return rows, expanded_row_idx, ends[:local] if expert_parallel else ends, ids
+
+
+def _swiglu(hidden, act_dtype):
+    """SwiGLU of the gate/up rows (gate = first half), quantized as the down projection takes them:
+    int8 -> npu_dequant_swiglu_quant (fused SwiGLU + dynamic per-token int8, as SGLang's NPUSwigluQuant),
+    int4 -> npu_swiglu + npu_dynamic_quant(quint4x2), float -> npu_swiglu."""
+    if act_dtype == torch.int8:
+        return ops.npu_dequant_swiglu_quant(hidden, quant_mode=1, activate_left=True)
     hidden = ops.npu_swiglu(hidden)
-    hidden_scale = None
-    if method.w2.act_dtype is not None:
-        hidden, hidden_scale = ops.npu_dynamic_quant(hidden, dst_type=method.w2.act_dtype)
-    out_rows = method.w2.apply(layer, hidden, hidden_scale, counts, x.dtype)
-    # Pairs of other ranks' experts have no row (index -1): point them at row 0 with weight zero.
-    local = (topk_ids >= first) & (topk_ids < last)
-    probs = torch.where(local, topk_weights, torch.zeros_like(topk_weights)).to(x.dtype)
-    return ops.npu_moe_token_unpermute(out_rows, row_idx.clamp_min(0), probs=probs)
+    if act_dtype == torch.quint4x2:
+        return ops.npu_dynamic_quant(hidden, dst_type=torch.quint4x2)
+    return hidden, None
+
+
+def _zero_rows_past_groups(out_rows, group_list, group_list_type):
+    """Rows past the local experts' groups are never written by the grouped matmul (uninitialised on
+    the NPU, NaN in the twin): zero them, on the device, from the group list."""
+    routed = group_list[-1] if group_list_type == 0 else group_list.sum()
+    unwritten = torch.arange(out_rows.shape[0], device=out_rows.device) >= routed
+    return out_rows.masked_fill(unwritten.unsqueeze(1), 0)

@@ -6,9 +6,9 @@ from typing import Dict
 
 import torch
 
-from sgl_ascend.layers.moe.base import ExpertScheme, TensorSpec, register_expert, transposed_write
+from sgl_ascend.layers.moe.base import ExpertScheme, TensorSpec, grouped_matmul, register_expert, transposed_write
 from sgl_ascend.layers.parameters import replace_data
-from sgl_ascend.ops import ops, to_nz
+from sgl_ascend.ops import to_nz
 
 
 class UnquantizedExperts(ExpertScheme):
@@ -30,9 +30,8 @@ class UnquantizedExperts(ExpertScheme):
         weight = getattr(layer, self.a("weight")).data
         replace_data(layer, self.a("weight"), to_nz(weight))
 
-    def apply(self, layer, x, token_scale, group_list, output_dtype):
-        return ops.npu_grouped_matmul([x], [getattr(layer, self.a("weight"))], group_list=group_list,
-                                      group_list_type=1, output_dtype=output_dtype)[0]
+    def apply(self, layer, x, token_scale, group_list, group_list_type, output_dtype):
+        return grouped_matmul(x, getattr(layer, self.a("weight")), group_list, group_list_type, output_dtype)
 
     def theoretical_bytes(self, num_experts, n, k):
         return num_experts * n * k * torch.finfo(self.params_dtype).bits // 8

@@ -34,8 +34,8 @@ class W4A4DynamicExperts(ExpertScheme):
     def process_weights_after_loading(self, layer):
         drop_check_only(layer, self.role)
 
-    def apply(self, layer, x, token_scale, group_list, output_dtype):
-        return self.scaled_grouped_matmul(layer, x, token_scale, group_list, output_dtype)
+    def apply(self, layer, x, token_scale, group_list, group_list_type, output_dtype):
+        return self.scaled_grouped_matmul(layer, x, token_scale, group_list, group_list_type, output_dtype)
 
     def theoretical_bytes(self, num_experts, n, k):
         return num_experts * n * (k // 2 + 8)

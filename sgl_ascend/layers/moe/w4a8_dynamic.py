@@ -32,7 +32,8 @@ it is checked to be 1 while loading and otherwise rejected.
 Memory: every tensor is written straight into its final layout while loading (weights as int32
 [E, K, N/8], scales as int64 fp32 bits, down's scale_bias summed); the only post-processing is, for
 group-wise msModelSlim files, multiplying the per-channel scale into the int64 group scales, expert
-by expert (compressed-tensors group scales are final as loaded).
+by expert (compressed-tensors group scales are final as loaded). Group-wise kernel scales are
+rounded through fp16 as upstream does (`fp16_group_scale_bits`); per-channel ones keep fp32 bits.
 """
 
 from typing import Dict
@@ -45,7 +46,7 @@ from sgl_ascend.layers.moe.checks import CHECK_ONLY, drop_check_only, write_zero
 from sgl_ascend.layers.moe.int4 import write_fp32_bits, write_modelslim_pairs, write_scale_or_bits
 from sgl_ascend.layers.schemes.common import write_int4_values
 from sgl_ascend.layers.schemes.ct_common import write_packed_int4
-from sgl_ascend.layers.schemes.w4a8_kernel import group_scale_bits, kernel_correction, w4a8_grouped_matmul
+from sgl_ascend.layers.schemes.w4a8_kernel import kernel_correction, w4a8_grouped_matmul
 from sgl_ascend.ops.int4 import unpack_int8_pairs
 from sgl_ascend.ops.scales import decode_int64_scale, encode_fp32_as_int64
 
@@ -58,9 +59,20 @@ def _write_low_bits(target, scale_second):
     target.copy_((target & ~_LOW32) | encode_fp32_as_int64(scale_second.t()))
 
 
+def fp16_group_scale_bits(group_scale: torch.Tensor, channel_scale=None) -> torch.Tensor:
+    """Group-wise kernel scale: group scale [G, N] (times the channel scale [N]), rounded through fp16,
+    as int64 fp32 bits. Both upstreams round the product so (SGLang moe_methods.py
+    NPUW4A8Int8MoEMethod._process_scale: `(scale * per_group_scale).to(torch.float16).to(torch.float32)`);
+    the kernel then sees at most 2^-11 relative change per group scale (fp16's 11-bit significand)."""
+    product = group_scale.float()
+    if channel_scale is not None:
+        product = product * channel_scale.float().reshape(1, -1)
+    return encode_fp32_as_int64(product.to(torch.float16).float())
+
+
 def _write_group_bits(target, scale):
     """compressed-tensors group scales [n, K/g] -> the kernel's int64 [K/g, n] (final as written)."""
-    target.copy_(encode_fp32_as_int64(scale.t()))
+    target.copy_(fp16_group_scale_bits(scale.t()))
 
 
 def _write_high_bits(target, scale):
@@ -187,7 +199,7 @@ class W4A8DynamicExperts(ExpertScheme):
             for e in range(groups.shape[0]):  # in place, one expert at a time
                 slot = groups.data[e]
                 channel = decode_int64_scale((slot >> 32) & _LOW32)[0]
-                slot.copy_(group_scale_bits(decode_int64_scale(slot & _LOW32), channel))
+                slot.copy_(fp16_group_scale_bits(decode_int64_scale(slot & _LOW32), channel))
             delattr(layer, self.a("weight_scale"))
             delattr(layer, self.a("weight_scale_second"))
             layer.register_parameter(self.a("weight_scale"), groups)
@@ -217,10 +229,10 @@ class W4A8DynamicExperts(ExpertScheme):
                 tensor=bias.tensor_name)
         bias.data = self._rank_correction(layer)
 
-    def apply(self, layer, x, token_scale, group_list, output_dtype):
+    def apply(self, layer, x, token_scale, group_list, group_list_type, output_dtype):
         return w4a8_grouped_matmul(x, token_scale, getattr(layer, self.a("weight")),
                                    getattr(layer, self.a("weight_scale")), getattr(layer, self.bias_attr),
-                                   group_list, output_dtype)
+                                   group_list, output_dtype, group_list_type=group_list_type)
 
     def theoretical_bytes(self, num_experts, n, k):
         scales = n * 8 * (k // self.group_size if self.group_size else 1)

@@ -42,10 +42,12 @@ def kernel_correction(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor
 
 def w4a8_grouped_matmul(x_q: torch.Tensor, token_scale: torch.Tensor, weight: torch.Tensor,
                         scale: torch.Tensor, bias: torch.Tensor, group_list: torch.Tensor,
-                        output_dtype: torch.dtype) -> torch.Tensor:
-    """int8 rows x int4 experts [E, K, N/8] (counts per expert in group_list) -> [T, N]."""
+                        output_dtype: torch.dtype, group_list_type: int = 1) -> torch.Tensor:
+    """int8 rows x int4 experts [E, K, N/8] (group_list: counts per expert, or cumulative ends with
+    group_list_type=0) -> [T, N]. Grouped on M as upstream calls it: split_item=2, group_type=0."""
     return ops.npu_grouped_matmul([x_q], [weight], scale=[scale], bias=[bias], per_token_scale=[token_scale],
-                                  group_list=group_list, group_list_type=1, output_dtype=output_dtype)[0]
+                                  group_list=group_list, split_item=2, group_type=0,
+                                  group_list_type=group_list_type, output_dtype=output_dtype)[0]
 
 
 def apply_w4a8_linear(layer: torch.nn.Module, x: torch.Tensor, bias: Optional[torch.Tensor] = None):
