@@ -180,3 +180,12 @@ def test_compiled_graph_checks_the_contract():
     assert torch.equal(compiled(x), forward(x))
     with pytest.raises(Exception, match="float16/bfloat16"):
         torch.compile(forward, fullgraph=True, backend="eager")(x.float())
+
+
+def test_moe_routing_falls_back_to_v1_where_the_build_lacks_v2(monkeypatch):
+    from sgl_ascend.layers.moe.routing import ROUTING_ENV, routing_version
+
+    monkeypatch.delenv(ROUTING_ENV, raising=False)
+    assert routing_version() == "v2"
+    monkeypatch.delattr(op_surface.ops, "npu_moe_init_routing_v2")  # what _namespace leaves out on such a build
+    assert routing_version() == "v1"

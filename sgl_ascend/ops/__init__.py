@@ -34,9 +34,17 @@ def _try_import_torch_npu():
 
 
 def _namespace():
+    """torch.ops.npu's ops by name; an op an older torch_npu build lacks is left out (hasattr(ops, name)
+    is False), so callers with a fallback (MoE routing v1) can take it."""
     import torch
 
-    return types.SimpleNamespace(**{name: getattr(torch.ops.npu, name) for name in OP_NAMES})
+    bound = {}
+    for name in OP_NAMES:
+        try:
+            bound[name] = getattr(torch.ops.npu, name)
+        except (AttributeError, RuntimeError):
+            logger.warning("torch_npu has no %s", name)
+    return types.SimpleNamespace(**bound)
 
 
 def _select():

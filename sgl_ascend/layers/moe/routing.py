@@ -11,21 +11,15 @@ twins have both), else v1. Neither upstream switches by SoC, so neither does aut
 
 import os
 
-import torch
 
 ROUTING_ENV = "SGL_ASCEND_MOE_ROUTING"
 ROUTINGS = ("v1", "v2")
 
 
 def _has_routing_v2() -> bool:
-    from sgl_ascend.ops import backend
+    from sgl_ascend.ops import ops
 
-    if backend == "twin":  # the twins implement both (registered or called directly)
-        return True
-    try:
-        return hasattr(torch.ops.npu, "npu_moe_init_routing_v2")
-    except Exception:  # a namespace that cannot be inspected has no usable op
-        return False
+    return hasattr(ops, "npu_moe_init_routing_v2")  # the op surface leaves out ops the build lacks
 
 
 def routing_version() -> str:
