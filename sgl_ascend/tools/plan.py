@@ -22,7 +22,7 @@ from sgl_ascend.layers.parameters import ShardedParameter
 from sgl_ascend.layers.schemes import UnquantizedLinear
 from sgl_ascend.quant.checkpoint import SafetensorsCheckpoint, TensorInfo
 from sgl_ascend.quant.checks import check_int4_in_int8, check_layers_present
-from sgl_ascend.quant.compressed_tensors import CompressedTensorsConfig
+from sgl_ascend.quant.compressed_tensors import CompressedTensorsConfig, enum_str
 from sgl_ascend.quant.modelslim import DESCRIPTION_FILE, ModelSlimConfig
 from sgl_ascend.tools.model_layout import (DecoderConfig, ExpertsSpec, FloatSpec, LinearSpec, ModelLayout,
                                            layout_from_config, load_config)
@@ -55,6 +55,9 @@ class UnquantizedSource:
     def extra_float_tensors(self):
         return []
 
+    def group_size(self, scheme_name: str, prefix: str, experts: Optional[ExpertsSpec] = None):
+        return None
+
 
 class ModelSlimSource:
     format = MSMODELSLIM
@@ -81,6 +84,13 @@ class ModelSlimSource:
     def extra_float_tensors(self):
         """Norm biases anti-outlier smoothing adds: the model adds them after its norms."""
         return self.config.norm_bias_names()
+
+    def group_size(self, scheme_name: str, prefix: str, experts: Optional[ExpertsSpec] = None):
+        """(group size, file, key) when the layer's scheme is group-wise; msModelSlim's W4A8 reads the
+        description's top-level group_size (0: per channel)."""
+        if "W4A8_DYNAMIC" not in scheme_name:
+            return None
+        return self.config.description.group_size, self.config.source, "group_size"
 
 
 class CompressedTensorsSource:
@@ -118,6 +128,15 @@ class CompressedTensorsSource:
 
     def extra_float_tensors(self):
         return []
+
+    def group_size(self, scheme_name: str, prefix: str, experts: Optional[ExpertsSpec] = None):
+        args = (self.config.scheme_args(prefix) if experts is None else
+                self.config.moe_scheme_args(experts.prefix, experts.num_experts, experts.projections))
+        if args is None or enum_str(args.weights.strategy) != "group":
+            return None
+        size = args.weights.group_size
+        return (0 if size is None else size, self.config.source,
+                f"quantization_config.config_groups.{args.group}.weights.group_size")
 
 
 def detect_format(model_dir: str, config: DecoderConfig) -> str:
@@ -316,6 +335,7 @@ def plan_checkpoint(path: str, tp: int = 1, ep: int = 1) -> CheckpointPlan:
     layout = layout_from_config(config)
     plan = CheckpointPlan(path=os.path.abspath(path), format=source.format, model_type=config.model_type,
                           tp=tp, ep=ep)
+    _check_group_sizes(source, layout)
     claimed: set = set()
     for spec in layout.linears:
         plan.layers.append(_plan_linear(plan, spec, source, config, checkpoint, claimed))
@@ -367,6 +387,42 @@ def _plan_linear(plan, spec: LinearSpec, source, config, checkpoint, claimed) ->
     except CheckpointError as exc:
         return _fail(plan, entry, exc)
     return entry
+
+
+def _check_group_sizes(source, layout: ModelLayout) -> None:
+    """Group sizes against every layer's K, before the layers: a wrong group size is one error of the
+    config, not one per layer. Layers whose scheme cannot be resolved are reported by their own pass."""
+    for spec in layout.linears:
+        try:
+            name = source.scheme_name(spec.prefix)
+        except CheckpointError:
+            continue
+        _check_group_size(source, name, spec.prefix, [("the weight", spec.input_size)])
+    for spec in layout.experts:
+        try:
+            name = source.experts_scheme_name(spec)
+        except CheckpointError:
+            continue
+        _check_group_size(source, name, spec.prefix, [("gate/up_proj", spec.hidden_size),
+                                                      ("down_proj", spec.intermediate_size)], spec)
+
+
+def _check_group_size(source, scheme_name: str, prefix: str, inputs, experts: Optional[ExpertsSpec] = None):
+    """A group-wise scheme's group size is positive and divides every input size (K) of the layer."""
+    found = source.group_size(scheme_name, prefix, experts)
+    if found is None:
+        return
+    size, file, key = found
+    if size < 0 or (size == 0 and not isinstance(source, ModelSlimSource)):
+        raise CheckpointError(f"group size {size} for layer {prefix}; a group-wise scheme needs a positive group "
+                              "size. Fix it to the size the weights were quantized with.", file=file, key=key)
+    for what, k in inputs:
+        if size and k % size:
+            raise CheckpointError(
+                f"group size {size} does not divide the {k} input channels of {what} of layer {prefix} "
+                f"({scheme_name}); it is not the group size the weights were quantized with. Fix it (the "
+                "weight_scale shape [N, K / group size] tells the real one) or re-export the checkpoint.",
+                file=file, key=key)
 
 
 def _check_stored_tensors(layer: ParallelLinear, spec: LinearSpec, checkpoint: SafetensorsCheckpoint,
