@@ -421,7 +421,7 @@ def _check_group_size(source, scheme_name: str, prefix: str, inputs, experts: Op
             raise CheckpointError(
                 f"group size {size} does not divide the {k} input channels of {what} of layer {prefix} "
                 f"({scheme_name}); it is not the group size the weights were quantized with. Fix it (the "
-                "weight_scale shape [N, K / group size] tells the real one) or re-export the checkpoint.",
+                "per-group scale, [N, K / group size], tells the real one) or re-export the checkpoint.",
                 file=file, key=key)
 
 
