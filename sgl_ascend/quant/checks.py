@@ -128,7 +128,7 @@ def read_safetensors_header(file: str) -> Dict[str, Tuple[torch.dtype, Tuple[int
             numel *= s
         if (numel * bits) % 8 or numel * bits // 8 != end - begin:
             raise CheckpointError(
-                f"shape {shape_str(shape)} of {dtype} needs {numel * bits / 8:g} bytes but its data_offsets "
+                f"shape {shape_str(shape)} of {dtype} needs {_bytes(numel * bits)} bytes but its data_offsets "
                 f"[{begin}, {end}] span {end - begin}; the header is corrupt. {_REDOWNLOAD}",
                 file=file, tensor=name)
         spans.append((begin, end, name))
@@ -153,6 +153,10 @@ def read_safetensors_header(file: str) -> Dict[str, Tuple[torch.dtype, Tuple[int
             f"for; the file is corrupt or was written over. {_REDOWNLOAD}", file=file,
             tensor=spans[-1][2] if spans else None)
     return result
+
+
+def _bytes(bits: int) -> str:
+    return str(bits // 8) if bits % 8 == 0 else f"{bits / 8}"
 
 
 class _DuplicateKey(ValueError):
