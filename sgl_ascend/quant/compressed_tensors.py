@@ -170,12 +170,6 @@ class CompressedTensorsConfig:
                 raise CheckpointError(
                     f"{key} is set; sgl-ascend serves quantized dense checkpoints only. Export the "
                     f"checkpoint without {key.split('_')[0]}.", file=source, tensor=f"{where}.{key}")
-        known = [f.value for f in CompressionFormat]
-        if "format" in raw and raw["format"] not in known:
-            raise CheckpointError(
-                f"format {raw['format']!r} is not a compressed-tensors format (known: {', '.join(known)}); the "
-                "config was not written by compressed-tensors or is corrupt. Fix it or re-export the checkpoint.",
-                file=source, key=f"{where}.format")
         try:
             config = QuantizationConfig.model_validate(raw)
         except ValidationError as exc:
@@ -184,7 +178,14 @@ class CompressedTensorsConfig:
             raise CheckpointError(
                 "kv_cache_scheme is set (quantized KV cache), which sgl-ascend does not serve yet; "
                 "export the checkpoint without it.", file=source, tensor=f"{where}.kv_cache_scheme")
-        return cls(config, source, fp8_matmul)
+        parsed = cls(config, source, fp8_matmul)  # groups that inherit the top-level format check it there
+        known = [f.value for f in CompressionFormat]
+        if "format" in raw and raw["format"] not in known:
+            raise CheckpointError(
+                f"format {raw['format']!r} is not a compressed-tensors format (known: {', '.join(known)}); the "
+                "config was not written by compressed-tensors or is corrupt. Fix it or re-export the checkpoint.",
+                file=source, key=f"{where}.format")
+        return parsed
 
     @classmethod
     def from_dir(cls, model_dir: str, fp8_matmul: Optional[bool] = None) -> "CompressedTensorsConfig":
