@@ -169,6 +169,12 @@ def num_hidden_layers_below_the_layers_present(d):
 
 
 @case(MS)
+def num_hidden_layers_above_the_layers_present(d):
+    edit_json(j(d, "config.json"), set_key("num_hidden_layers", 10 ** 9))  # also: no 10^9-layer layout is built
+    return [j(d, "config.json"), "key num_hidden_layers", "layers up to 1 only"]
+
+
+@case(MS)
 def w8a8_layer_relabelled_w4a4(d):
     edit_json(j(d, DESCRIPTION), set_key(f"{O_PROJ}.weight", "W4A4_DYNAMIC"))
     return [j(d, W), f"tensor {O_PROJ}.weight", "[-8, 7]", "W4A4_DYNAMIC"]

@@ -329,12 +329,23 @@ _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 
 
 def check_layers_present(num_layers: int, names: Iterable[str], path: str) -> None:
-    """No tensors of decoder layers beyond config.json's num_hidden_layers (they would be silently unused)."""
+    """config.json's num_hidden_layers agrees with the decoder layers the checkpoint holds: no tensors of
+    layers beyond it (they would be silently unused), and no layers missing at the end (a whole
+    missing layer, or a num_hidden_layers far too large, is one error instead of one per tensor)."""
     extra: Dict[int, str] = {}
+    present = set()
     for name in names:
         m = _LAYER.match(name)
+        if m:
+            present.add(int(m.group(1)))
         if m and int(m.group(1)) >= num_layers:
             extra.setdefault(int(m.group(1)), name)
+    if present and not extra and max(present) + 1 < num_layers:
+        raise CheckpointError(
+            f"num_hidden_layers is {num_layers} but the checkpoint holds tensors of layers up to "
+            f"{max(present)} only; layers {max(present) + 1}..{num_layers - 1} are missing. Copy the missing "
+            f"shards, or set num_hidden_layers to {max(present) + 1} if the model really has that many.",
+            file=path, key="num_hidden_layers")
     if extra:
         last = max(extra)
         raise CheckpointError(
