@@ -184,9 +184,10 @@ def _scale_case(fixture, name, value, found, index=5, **kw):
     def breaks(d):
         def edit(t):
             t[name].reshape(-1)[index] = value
-        edit_tensors(j(d, W), edit)
-        return [j(d, W), f"tensor {name}", found, "Re-quantize"]
-    breaks.__name__ = f"scale_{found}_{name.rsplit('.', 1)[1]}"
+        (shard,) = [f for f in os.listdir(d) if f.endswith(".safetensors")]
+        edit_tensors(j(d, shard), edit)
+        return [j(d, shard), f"tensor {name}", found, "Re-quantize"]
+    breaks.__name__ = f"scale_{found}_{name.rsplit('.', 1)[1]}{'_experts' if 'experts' in name else ''}"
     CASES.append(Case(breaks.__name__, fixture, breaks, **kw))
 
 
@@ -198,6 +199,11 @@ _scale_case(MS, "model.layers.0.mlp.gate_proj.weight_scale", float("inf"), "infi
 _scale_case(MS, "model.layers.1.self_attn.k_proj.weight_scale", -0.01, "negative", commands=("verify",),
             inspect_ok=True)
 _scale_case(MS_STATIC, f"{O_PROJ}.deq_scale", -1e-6, "negative", commands=("verify",), inspect_ok=True)
+# experts load through the MoE loader, which reads through the same checkpoint reader
+_scale_case("qwen3moe-tiny-w4a8-dynamic", "model.layers.0.mlp.experts.3.down_proj.weight_scale", float("nan"),
+            "NaN", commands=("verify",), inspect_ok=True)
+_scale_case(MS_G64, "model.layers.0.mlp.experts.2.gate_proj.weight_scale_second", 0.0, "zero",
+            commands=("verify",), inspect_ok=True)
 # a per-tensor scale is small enough for inspect to read
 _scale_case(MS_STATIC, "model.layers.0.self_attn.k_proj.input_scale", float("nan"), "NaN", index=0)
 
