@@ -10,7 +10,7 @@ values, so broken scale values are `verify`-only cases (inspect passes them, by 
 import json
 import os
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, List, Tuple
 
 import pytest

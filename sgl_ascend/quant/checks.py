@@ -55,8 +55,8 @@ def check_regular_file(path: str, what: str, *, key: Optional[str] = None, tenso
     name = os.path.basename(path)
     if _not_utf8_name(path):
         raise CheckpointError(
-            f"the file name is not valid UTF-8, which the safetensors library (and SGLang's loader) cannot "
-            f"open; rename the file to a UTF-8 name (and its entry in the index, if there is one).",
+            "the file name is not valid UTF-8, which the safetensors library (and SGLang's loader) cannot "
+            "open; rename the file to a UTF-8 name (and its entry in the index, if there is one).",
             file=path, key=key, tensor=tensor)
     if os.path.islink(path) and not os.path.exists(path):
         raise CheckpointError(
