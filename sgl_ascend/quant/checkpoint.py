@@ -5,7 +5,6 @@ Hugging Face / compressed-tensors (`model*.safetensors`) layouts are served: an 
 is one, every `*.safetensors` in the folder otherwise.
 """
 
-import json
 import os
 from dataclasses import dataclass
 from glob import glob
@@ -15,12 +14,10 @@ import torch
 from safetensors import safe_open
 
 from sgl_ascend.errors import CheckpointError
+from sgl_ascend.quant.checks import (TORCH_DTYPES, check_scale_values, is_scale_name, read_index,
+                                     read_safetensors_header, shard_path)
 
-_DTYPES = {
-    "BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "I32": torch.int32,
-    "I64": torch.int64, "F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32,
-    "F64": torch.float64, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-}
+_DTYPES = TORCH_DTYPES  # safetensors dtype name -> torch dtype, the ones sgl-ascend reads
 
 
 @dataclass(frozen=True)
@@ -56,20 +53,23 @@ class SafetensorsCheckpoint:
 
     def _files_from_index(self) -> List[str]:
         self.index: Dict[str, str] = {}
+        self._index_paths: Dict[str, str] = {}  # tensor name -> shard path, checked to lie in the folder
         self.index_file = None
         for index_file in sorted(glob(os.path.join(self.path, "*.safetensors.index.json"))):
-            try:
-                with open(index_file) as f:
-                    weight_map = json.load(f)["weight_map"]
-            except (ValueError, KeyError) as exc:
-                raise CheckpointError(f"unreadable index ({exc}); expected a json with a 'weight_map'",
-                                      file=index_file) from exc
-            self.index.update(weight_map)
+            weight_map = read_index(index_file)
+            for name, shard in weight_map.items():
+                path = shard_path(self.path, shard, index_file, name)
+                if name in self.index and self.index[name] != shard:
+                    raise CheckpointError(
+                        f"the indexes place it in both {self.index[name]} and {shard}; keep the one index "
+                        "that belongs to these shards.", file=index_file, tensor=name)
+                self.index[name] = shard
+                self._index_paths[name] = path
             self.index_file = index_file
-        files = sorted({os.path.join(self.path, f) for f in self.index.values()})
+        files = sorted(set(self._index_paths.values()))
         for file in files:
-            if not os.path.exists(file):
-                missing = sorted(k for k, v in self.index.items() if os.path.join(self.path, v) == file)
+            if not os.path.lexists(file):
+                missing = sorted(k for k, v in self._index_paths.items() if v == file)
                 more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
                 raise CheckpointError(
                     f"the index places it{more} in {os.path.basename(file)}, but that file is missing; "
@@ -78,30 +78,18 @@ class SafetensorsCheckpoint:
         return files
 
     def _read_header(self, file: str):
-        try:
-            with safe_open(file, "pt") as f:
-                for name in f.keys():
-                    sl = f.get_slice(name)
-                    info = TensorInfo(name, file, _DTYPES[sl.get_dtype()], tuple(sl.get_shape()))
-                    if name in self._infos:
-                        raise CheckpointError(
-                            f"tensor also stored in {os.path.basename(self._infos[name].file)}; "
-                            "shards overlap, the checkpoint is inconsistent.", file=file, tensor=name)
-                    self._infos[name] = info
-        except CheckpointError:
-            raise
-        except Exception as exc:  # safetensors raises its own error type for truncated/corrupt files
-            cut = _tensors_past_end(file)
-            detail = (f"{len(cut)} tensor(s) end past the file's {os.path.getsize(file)} bytes, first {cut[0]}"
-                      if cut else "its header cannot be read")
-            raise CheckpointError(
-                f"the file is truncated or not safetensors: {detail} ({exc}). Download or copy it again.",
-                file=file, tensor=cut[0] if cut else None) from None
+        for name, (dtype, shape) in read_safetensors_header(file).items():
+            if name in self._infos:
+                raise CheckpointError(
+                    f"tensor also stored in {os.path.basename(self._infos[name].file)}; "
+                    "shards overlap, the checkpoint is inconsistent. Remove the stray shard or re-export.",
+                    file=file, tensor=name)
+            self._infos[name] = TensorInfo(name, file, dtype, shape)
 
     def _check_index_consistency(self):
         for name, fname in self.index.items():
             info = self._infos.get(name)
-            if info is None or os.path.basename(info.file) != fname:
+            if info is None or info.file != self._index_paths[name]:
                 raise CheckpointError(
                     f"the index places it in {fname} but it is "
                     f"{'missing' if info is None else 'in ' + os.path.basename(info.file)}; the shards "
@@ -129,10 +117,25 @@ class SafetensorsCheckpoint:
         if handle is None:
             handle = self._handles[info.file] = safe_open(info.file, "pt")
         try:
-            return handle.get_tensor(name)
-        except Exception as exc:
-            raise CheckpointError(f"cannot read tensor data ({exc}); the file is truncated.",
-                                  file=info.file, tensor=name) from exc
+            tensor = handle.get_tensor(name)
+        except Exception as exc:  # noqa: BLE001 - the header was validated: the data is unreadable
+            raise CheckpointError(f"cannot read tensor data ({exc}); the file is truncated or unreadable. "
+                                  "Download or copy it again.", file=info.file, tensor=name) from None
+        if is_scale_name(name):
+            check_scale_values(tensor, file=info.file, tensor=name)
+        return tensor
+
+    def get_rows(self, name: str, rows: int = 1) -> torch.Tensor:
+        """The first `rows` rows of a tensor (dim 0), reading only those bytes."""
+        info = self.info(name)
+        handle = self._handles.get(info.file)
+        if handle is None:
+            handle = self._handles[info.file] = safe_open(info.file, "pt")
+        try:
+            return handle.get_slice(name)[:rows]
+        except Exception as exc:  # noqa: BLE001 - the header was validated: the data is unreadable
+            raise CheckpointError(f"cannot read tensor data ({exc}); the file is truncated or unreadable. "
+                                  "Download or copy it again.", file=info.file, tensor=name) from None
 
     def with_prefix(self, prefix: str) -> Dict[str, TensorInfo]:
         return tensors_under(self._infos, prefix)
@@ -143,23 +146,3 @@ def tensors_under(infos: Dict[str, TensorInfo], prefix: str) -> Dict[str, Tensor
     head = prefix + "."
     return {n[len(head):]: i for n, i in infos.items() if n.startswith(head) and "." not in n[len(head):]}
 
-
-def _tensors_past_end(file: str) -> List[str]:
-    """Names of the tensors a truncated file cannot hold, from the header safetensors refused.
-
-    safetensors rejects the whole file; reading its documented header (u64 length + json) names the
-    tensors that are cut, so the error can say which ones. Empty if the header itself is unreadable.
-    """
-    try:
-        size = os.path.getsize(file)
-        with open(file, "rb") as f:
-            length = int.from_bytes(f.read(8), "little")
-            if length > size - 8:
-                return []
-            header = json.loads(f.read(length))
-        available = size - 8 - length
-        cut = [(entry["data_offsets"][0], name) for name, entry in header.items()
-               if name != "__metadata__" and entry["data_offsets"][1] > available]
-        return [name for _, name in sorted(cut)]
-    except (OSError, ValueError, KeyError, TypeError):
-        return []

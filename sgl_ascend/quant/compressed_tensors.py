@@ -14,7 +14,6 @@ library's fake-quantization (absmax / 127.5): a 0.4% difference in scale, well i
 activation rounding error, and nothing the checkpoint stores depends on it.
 """
 
-import json
 import logging
 import os
 from dataclasses import dataclass
@@ -28,6 +27,7 @@ from compressed_tensors.utils import is_match, match_name
 from pydantic import ValidationError
 
 from sgl_ascend.errors import CheckpointError
+from sgl_ascend.quant.checks import read_json_object
 from sgl_ascend.quant.modelslim import PACKED_MODULES
 
 logger = logging.getLogger(__name__)
@@ -178,22 +178,27 @@ class CompressedTensorsConfig:
             raise CheckpointError(
                 "kv_cache_scheme is set (quantized KV cache), which sgl-ascend does not serve yet; "
                 "export the checkpoint without it.", file=source, tensor=f"{where}.kv_cache_scheme")
-        return cls(config, source, fp8_matmul)
+        parsed = cls(config, source, fp8_matmul)  # groups that inherit the top-level format check it there
+        known = [f.value for f in CompressionFormat]
+        if "format" in raw and raw["format"] not in known:
+            raise CheckpointError(
+                f"format {raw['format']!r} is not a compressed-tensors format (known: {', '.join(known)}); the "
+                "config was not written by compressed-tensors or is corrupt. Fix it or re-export the checkpoint.",
+                file=source, key=f"{where}.format")
+        return parsed
 
     @classmethod
     def from_dir(cls, model_dir: str, fp8_matmul: Optional[bool] = None) -> "CompressedTensorsConfig":
         path = os.path.join(model_dir, CONFIG_FILE)
-        try:
-            with open(path) as f:
-                hf_config = json.load(f)
-        except FileNotFoundError as exc:
-            raise CheckpointError(f"{CONFIG_FILE} is missing from the checkpoint folder", file=path) from exc
-        except ValueError as exc:
-            raise CheckpointError(f"not valid json ({exc})", file=path) from exc
+        hf_config = read_json_object(path, "the model's config.json",
+                                     f"{CONFIG_FILE} is missing from the checkpoint folder")
         raw = hf_config.get("quantization_config") or hf_config.get("compression_config")
         if raw is None:
             raise CheckpointError("config.json has no quantization_config; the checkpoint is not quantized",
                                   file=path, tensor="quantization_config")
+        if not isinstance(raw, dict):
+            raise CheckpointError(f"quantization_config is a {type(raw).__name__}, expected a JSON object; "
+                                  "fix config.json.", file=path, key="quantization_config")
         return cls.from_dict(raw, path, fp8_matmul)
 
     def _resolve_group(self, name: str, scheme: QuantizationScheme) -> CTSchemeArgs:

@@ -5,13 +5,13 @@ scheme is the type of `<prefix>.weight`; fused layers (qkv_proj, gate_up_proj, M
 fused_qkv_a_proj_with_mqa) are looked up through their checkpoint shards, which must agree.
 """
 
-import json
 import os
 from typing import Dict, List, Optional
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from sgl_ascend.errors import CheckpointError
+from sgl_ascend.quant.checks import read_json_object
 
 DESCRIPTION_FILE = "quant_model_description.json"
 
@@ -50,14 +50,8 @@ class ModelSlimDescription(BaseModel):
 
 def load_description(model_dir: str) -> ModelSlimDescription:
     path = os.path.join(model_dir, DESCRIPTION_FILE)
-    try:
-        with open(path) as f:
-            raw = json.load(f)
-    except FileNotFoundError as exc:
-        raise CheckpointError(f"{DESCRIPTION_FILE} is missing: this is not an msModelSlim checkpoint",
-                              file=path) from exc
-    except ValueError as exc:
-        raise CheckpointError(f"not valid json ({exc})", file=path) from exc
+    raw = read_json_object(path, "msModelSlim's quantization description",
+                           f"{DESCRIPTION_FILE} is missing: this is not an msModelSlim checkpoint")
     return parse_description(raw, path)
 
 

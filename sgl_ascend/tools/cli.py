@@ -13,7 +13,7 @@ import json
 import sys
 from typing import List, Optional
 
-from sgl_ascend.errors import CheckpointError
+from sgl_ascend.errors import CheckpointError, printable
 
 EXIT_OK, EXIT_ABOVE_THRESHOLD, EXIT_CHECKPOINT_ERROR = 0, 1, 2
 _LIST_LIMIT = 10
@@ -163,11 +163,17 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         return args.func(args)
     except CheckpointError as exc:
-        print(f"sgl-ascend {args.command}: checkpoint error: {exc}", file=sys.stderr)
+        print(f"sgl-ascend {args.command}: checkpoint error: {_printable(exc)}", file=sys.stderr)
         return EXIT_CHECKPOINT_ERROR
     except ValueError as exc:  # bad arguments, e.g. --ep not dividing --tp
-        print(f"sgl-ascend {args.command}: {exc}", file=sys.stderr)
+        print(f"sgl-ascend {args.command}: {_printable(exc)}", file=sys.stderr)
         return EXIT_CHECKPOINT_ERROR
+
+
+def _printable(exc) -> str:
+    """The message, line by line, with whatever a terminal cannot print (file names that are not UTF-8,
+    control characters) escaped."""
+    return "\n".join(printable(line) for line in str(exc).split("\n"))
 
 
 if __name__ == "__main__":

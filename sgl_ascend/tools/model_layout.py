@@ -5,7 +5,6 @@ MoE experts as one fused layer per decoder layer. Served families: Llama / Qwen2
 and Qwen2-MoE / Qwen3-MoE.
 """
 
-import json
 import os
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Union
@@ -14,6 +13,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from sgl_ascend.errors import CheckpointError
+from sgl_ascend.quant.checks import check_decoder_config, read_json_object
 
 DENSE_TYPES = ("llama", "qwen2", "qwen3")
 MOE_TYPES = ("qwen2_moe", "qwen3_moe")
@@ -66,13 +66,7 @@ class DecoderConfig(BaseModel):
 
 def load_config(model_dir: str) -> DecoderConfig:
     path = os.path.join(model_dir, "config.json")
-    try:
-        with open(path) as f:
-            raw = json.load(f)
-    except FileNotFoundError as exc:
-        raise CheckpointError("config.json is missing; copy it from the original model", file=path) from exc
-    except ValueError as exc:
-        raise CheckpointError(f"config.json is not valid json ({exc})", file=path) from exc
+    raw = read_json_object(path, "the model's config.json", "config.json is missing; copy it from the original model")
     try:
         config = DecoderConfig.model_validate(raw)
     except ValidationError as exc:
@@ -80,7 +74,8 @@ def load_config(model_dir: str) -> DecoderConfig:
     if config.model_type not in DENSE_TYPES + MOE_TYPES:
         raise CheckpointError(
             f"model_type {config.model_type!r} is not a layout sgl-ascend tools know; known: "
-            f"{', '.join(DENSE_TYPES + MOE_TYPES)}.", file=path)
+            f"{', '.join(DENSE_TYPES + MOE_TYPES)}.", file=path, key="model_type")
+    check_decoder_config(config, path)
     return config
 
 

@@ -14,14 +14,15 @@ from typing import Dict, List, Optional
 
 import torch
 
-from sgl_ascend.errors import CheckpointError
+from sgl_ascend.errors import CheckpointError, shape_str
 from sgl_ascend.layers.linear import ParallelLinear, QKVSizes, load_linear
 from sgl_ascend.layers.moe import (FusedMoEMethod, UnquantizedExperts, check_moe_checkpoint,
                                    moe_method_for_compressed_tensors, moe_method_for_modelslim)
 from sgl_ascend.layers.parameters import ShardedParameter
 from sgl_ascend.layers.schemes import UnquantizedLinear
 from sgl_ascend.quant.checkpoint import SafetensorsCheckpoint, TensorInfo
-from sgl_ascend.quant.compressed_tensors import CompressedTensorsConfig
+from sgl_ascend.quant.checks import check_int4_in_int8, check_layers_present
+from sgl_ascend.quant.compressed_tensors import CompressedTensorsConfig, enum_str
 from sgl_ascend.quant.modelslim import DESCRIPTION_FILE, ModelSlimConfig
 from sgl_ascend.tools.model_layout import (DecoderConfig, ExpertsSpec, FloatSpec, LinearSpec, ModelLayout,
                                            layout_from_config, load_config)
@@ -54,6 +55,9 @@ class UnquantizedSource:
     def extra_float_tensors(self):
         return []
 
+    def group_size(self, scheme_name: str, prefix: str, experts: Optional[ExpertsSpec] = None):
+        return None
+
 
 class ModelSlimSource:
     format = MSMODELSLIM
@@ -80,6 +84,13 @@ class ModelSlimSource:
     def extra_float_tensors(self):
         """Norm biases anti-outlier smoothing adds: the model adds them after its norms."""
         return self.config.norm_bias_names()
+
+    def group_size(self, scheme_name: str, prefix: str, experts: Optional[ExpertsSpec] = None):
+        """(group size, file, key) when the layer's scheme is group-wise; msModelSlim's W4A8 reads the
+        description's top-level group_size (0: per channel)."""
+        if "W4A8_DYNAMIC" not in scheme_name:
+            return None
+        return self.config.description.group_size, self.config.source, "group_size"
 
 
 class CompressedTensorsSource:
@@ -117,6 +128,15 @@ class CompressedTensorsSource:
 
     def extra_float_tensors(self):
         return []
+
+    def group_size(self, scheme_name: str, prefix: str, experts: Optional[ExpertsSpec] = None):
+        args = (self.config.scheme_args(prefix) if experts is None else
+                self.config.moe_scheme_args(experts.prefix, experts.num_experts, experts.projections))
+        if args is None or enum_str(args.weights.strategy) != "group":
+            return None
+        size = args.weights.group_size
+        return (0 if size is None else size, self.config.source,
+                f"quantization_config.config_groups.{args.group}.weights.group_size")
 
 
 def detect_format(model_dir: str, config: DecoderConfig) -> str:
@@ -311,9 +331,11 @@ def plan_checkpoint(path: str, tp: int = 1, ep: int = 1) -> CheckpointPlan:
                          "SGLang needs whole heads per rank")
     source = scheme_source(path, config)
     checkpoint = SafetensorsCheckpoint(path)
+    check_layers_present(config.num_hidden_layers, checkpoint.names(), os.path.join(path, "config.json"))
     layout = layout_from_config(config)
     plan = CheckpointPlan(path=os.path.abspath(path), format=source.format, model_type=config.model_type,
                           tp=tp, ep=ep)
+    _check_group_sizes(source, layout)
     claimed: set = set()
     for spec in layout.linears:
         plan.layers.append(_plan_linear(plan, spec, source, config, checkpoint, claimed))
@@ -357,6 +379,7 @@ def _plan_linear(plan, spec: LinearSpec, source, config, checkpoint, claimed) ->
         if missing:
             raise CheckpointError(f"{len(missing)} tensor(s) the {entry.scheme} layer needs are missing: "
                                   f"{', '.join(missing)}", file=checkpoint.path, tensor=missing[0])
+        _check_stored_tensors(layer, spec, checkpoint, entry.scheme)
         load_linear(layer, HeaderCheckpoint(checkpoint), spec.shards, process=False)
         entry.resident_bytes = layer_theoretical_bytes(layer)
         entry.resident_bytes_per_device = layer_theoretical_bytes(
@@ -364,6 +387,72 @@ def _plan_linear(plan, spec: LinearSpec, source, config, checkpoint, claimed) ->
     except CheckpointError as exc:
         return _fail(plan, entry, exc)
     return entry
+
+
+def _check_group_sizes(source, layout: ModelLayout) -> None:
+    """Group sizes against every layer's K, before the layers: a wrong group size is one error of the
+    config, not one per layer. Layers whose scheme cannot be resolved are reported by their own pass."""
+    for spec in layout.linears:
+        try:
+            name = source.scheme_name(spec.prefix)
+        except CheckpointError:
+            continue
+        _check_group_size(source, name, spec.prefix, [("the weight", spec.input_size)])
+    for spec in layout.experts:
+        try:
+            name = source.experts_scheme_name(spec)
+        except CheckpointError:
+            continue
+        _check_group_size(source, name, spec.prefix, [("gate/up_proj", spec.hidden_size),
+                                                      ("down_proj", spec.intermediate_size)], spec)
+
+
+def _check_group_size(source, scheme_name: str, prefix: str, inputs, experts: Optional[ExpertsSpec] = None):
+    """A group-wise scheme's group size is positive and divides every input size (K) of the layer."""
+    found = source.group_size(scheme_name, prefix, experts)
+    if found is None:
+        return
+    size, file, key = found
+    if size < 0 or (size == 0 and not isinstance(source, ModelSlimSource)):
+        raise CheckpointError(f"group size {size} for layer {prefix}; a group-wise scheme needs a positive group "
+                              "size. Fix it to the size the weights were quantized with.", file=file, key=key)
+    for what, k in inputs:
+        if size and k % size:
+            raise CheckpointError(
+                f"group size {size} does not divide the {k} input channels of {what} of layer {prefix} "
+                f"({scheme_name}); it is not the group size the weights were quantized with. Fix it (the "
+                "per-group scale, [N, K / group size], tells the real one) or re-export the checkpoint.",
+                file=file, key=key)
+
+
+def _check_stored_tensors(layer: ParallelLinear, spec: LinearSpec, checkpoint: SafetensorsCheckpoint,
+                          scheme_name: str) -> None:
+    """Tensors the layer stores in another layout than the checkpoint's (int4 packed while loading):
+    the checkpoint shape must be the one that layout expects for this shard, and int4 values stored one
+    per int8 must lie in [-8, 7]. The loader converts them without a check of its own, and inspect
+    sees no values otherwise, so a transposed `weight_packed` or a W8A8 weight under a W4A4 label is
+    caught here: from the header, and from the tensor's first row (a few KiB, per-channel int8 weights
+    reach +-127 in every row).
+    """
+    for index, (shard_id, prefix) in enumerate(spec.shards.items()):
+        for suffix, info in sorted(checkpoint.with_prefix(prefix).items()):
+            param = getattr(layer, suffix, None)
+            layout = getattr(param, "checkpoint_layout", None)
+            if not isinstance(param, ShardedParameter) or layout is None or suffix in layer.scheme.ignored_suffixes:
+                continue
+            expected = list(layout.shape)
+            if len(spec.shards) > 1 and param.output_dim is not None:
+                expected[param.output_dim] = spec.output_sizes[index] // param.output_pack_factor
+            if list(info.shape) != expected:
+                hint = " (it looks transposed)" if sorted(info.shape) == sorted(expected) else ""
+                raise CheckpointError(
+                    f"shape {shape_str(info.shape)} where the {scheme_name} layer {spec.prefix} expects "
+                    f"{shape_str(expected)} {layout.dtype} as the checkpoint stores it{hint}; the checkpoint does "
+                    "not match config.json or was packed another way. Re-export it from this model.",
+                    file=info.file, tensor=info.name)
+            if layout.dtype == torch.int8 and info.dtype == torch.int8 and expected and expected[0]:
+                check_int4_in_int8(checkpoint.get_rows(info.name), file=info.file, tensor=info.name,
+                                   scheme=scheme_name)
 
 
 def _plan_experts(plan, spec: ExpertsSpec, source, config, checkpoint, claimed) -> LayerEntry:
