@@ -84,11 +84,12 @@ def static_input_scale(layer) -> Optional[float]:
     return None if reciprocal is None else 1.0 / reciprocal.float().item()
 
 
-def calibrated_input(layer, gen, rows=9, shape=None):
-    """bf16 activations for `layer`: inside the calibrated range (mostly) of a static layer, else N(0, 1)."""
+def calibrated_input(layer, gen, rows=9, shape=None, dtype=torch.bfloat16):
+    """Activations for `layer` (bf16 unless told): inside the calibrated range (mostly) of a static
+    layer, else N(0, 1)."""
     scale = static_input_scale(layer)
     amplitude = 1.0 if scale is None else scale * 40
-    return (torch.randn(*(shape or (rows, layer.input_size)), generator=gen) * amplitude).to(torch.bfloat16)
+    return (torch.randn(*(shape or (rows, layer.input_size)), generator=gen) * amplitude).to(dtype)
 
 
 # -- the float reference ------------------------------------------------------------------------
