@@ -19,7 +19,7 @@ import torch
 from conftest import msmodelslim_fixture
 from ct_fixtures import FORMATS, SCHEMES, Qwen3LayerLinears, quantize_with_library, write_checkpoint
 from float_reference import dequantize_modelslim
-from linear_helpers import (HEAD_DIM, HEADS, HIDDEN, INTER, KV_HEADS, build_layer, calibrated_input, layer_spec,
+from linear_helpers import (HEAD_DIM, HEADS, HIDDEN, INTER, KV_HEADS, build_layer, layer_spec,
                             synthetic_qwen3_tensors, write_modelslim)
 from sgl_ascend.layers.linear import ParallelLinear, QKVSizes, load_linear
 from sgl_ascend.ops.int4 import pack_int8_pairs
