@@ -12,7 +12,7 @@ import torch
 
 from conftest import rel_err
 from dense_cases import CASE_KINDS, EXPECTED_OPS, put_together
-from linear_helpers import calibrated_input
+from linear_helpers import build_layer, calibrated_input, synthetic_qwen3_tensors, write_modelslim
 from sgl_ascend.ops import ops
 
 @pytest.fixture
@@ -60,3 +60,19 @@ def test_a_contract_violation_raises_through_the_surface():
     scale = torch.rand(32).to(torch.bfloat16)
     with pytest.raises(NpuContractError, match="quant_scale"):
         ops.npu_weight_quant_batchmatmul(x, w, scale, None, torch.zeros(32, dtype=torch.bfloat16))
+
+
+@pytest.mark.parametrize("kind", ["W8A8", "W8A8_DYNAMIC", "W8A16"])
+def test_unaligned_weights_stay_nd(tmp_path, gen, op_calls, kind):
+    """The FRACTAL_NZ cast only where the shape is NZ-aligned (int8: K % 16, N % 32), as SGLang's
+    pre-filter does: an intermediate size of 40 leaves gate_up (N = 80) and down (K = 40) ND, and the
+    layers still run within the contract; qkv (K = N = 128) is cast."""
+    folder = write_modelslim(str(tmp_path), *synthetic_qwen3_tensors(kind, gen, inter=40))
+    casts = {}
+    for name in ("gate_up_proj", "down_proj", "qkv_proj"):
+        op_calls.clear()
+        layer = build_layer(folder, name, inter=40)
+        casts[name] = op_calls.count("npu_format_cast")
+        x = calibrated_input(layer, gen, rows=3)
+        assert layer(x).shape == (3, sum(layer.output_partition_sizes))
+    assert casts == {"gate_up_proj": 0, "down_proj": 0, "qkv_proj": 1}

@@ -62,11 +62,12 @@ def install_w4a8_weight_only(layer: torch.nn.Module, weight_kn: torch.Tensor, sc
                              act_dtype: torch.dtype) -> None:
     """Install a dense layer's kernel operands: weight int32 [K, N/8] as it is (packed, one copy) and
     the fp32 dequantization scale, [N] per channel or [G, N] per group of K, as weight_scale in the
-    activation dtype (a single group becomes the per-channel [N]). Every other tensor goes."""
+    activation dtype (a single group becomes the per-channel [N]). The checkpoint's tensors go."""
     if scale.dim() == 2 and scale.shape[0] == 1:
         scale = scale.reshape(-1)
-    for attr in [name for name, _ in layer.named_parameters(recurse=False) if name != "bias"]:
-        delattr(layer, attr)
+    for attr in ("weight", "weight_scale", "weight_offset", "weight_scale_second", "weight_offset_second"):
+        if hasattr(layer, attr):
+            delattr(layer, attr)
     layer.register_parameter("weight", torch.nn.Parameter(weight_kn, requires_grad=False))
     layer.register_parameter("weight_scale", torch.nn.Parameter(scale.to(act_dtype), requires_grad=False))
 
