@@ -66,10 +66,12 @@ def dequantize_modelslim(model_dir: str, swap_nibbles: bool = False) -> Dict[str
         if kind in ("W8A8_DYNAMIC", "W8A16", "W4A4_DYNAMIC"):
             out[name] = (tensor.float() - get("weight_offset")) * get("weight_scale")
         elif kind == "W4A8_DYNAMIC":
-            if f"{prefix}.weight_scale_second" in tensors:
-                raise NotImplementedError("group-wise W4A8 is not used by the e2e fixtures")
             q = tensor.to(torch.int16) if legacy else _unpack_int4_pairs_rows(tensor, swap_nibbles)
-            out[name] = (q.float() - get("weight_offset")) * get("weight_scale")
+            q = q.float() - get("weight_offset")
+            if f"{prefix}.weight_scale_second" in tensors:  # group-wise: q * scale_second * scale
+                second = get("weight_scale_second")
+                q = q * second.repeat_interleave(q.shape[1] // second.shape[1], dim=1)
+            out[name] = q * get("weight_scale")
         elif kind == "W8A8":
             deq = _deq_scale_fp32(tensors[f"{prefix}.deq_scale"])
             input_scale, input_offset = get("input_scale").reshape(()), get("input_offset").reshape(())

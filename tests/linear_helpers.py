@@ -77,6 +77,21 @@ def fixture_layer(name: str, kind: str, **kw):
     return build_layer(msmodelslim_fixture(name), kind, **kw)
 
 
+def static_input_scale(layer) -> Optional[float]:
+    """A static-W8A8 layer's activation scale (it holds the reciprocal, npu_quantize's div_mode=False
+    scale), None for the other schemes."""
+    reciprocal = getattr(layer, "input_scale_reciprocal", None)
+    return None if reciprocal is None else 1.0 / reciprocal.float().item()
+
+
+def calibrated_input(layer, gen, rows=9, shape=None, dtype=torch.bfloat16):
+    """Activations for `layer` (bf16 unless told): inside the calibrated range (mostly) of a static
+    layer, else N(0, 1)."""
+    scale = static_input_scale(layer)
+    amplitude = 1.0 if scale is None else scale * 40
+    return (torch.randn(*(shape or (rows, layer.input_size)), generator=gen) * amplitude).to(dtype)
+
+
 # -- the float reference ------------------------------------------------------------------------
 
 def _fake_quant_per_token(x: torch.Tensor, qmax: float) -> torch.Tensor:
@@ -86,17 +101,23 @@ def _fake_quant_per_token(x: torch.Tensor, qmax: float) -> torch.Tensor:
 
 
 def shard_reference(tensors: Dict[str, torch.Tensor], kind: str, x: torch.Tensor,
-                    k_slices: int = 1, bias: bool = True) -> torch.Tensor:
+                    k_slices: int = 1, bias: bool = True, npu_reciprocal: bool = False) -> torch.Tensor:
     """One checkpoint shard's output under its own dequantization convention, in float64.
 
     `tensors` maps suffix -> checkpoint tensor. k_slices > 1 quantizes dynamic activations per K
-    slice, as tp row-parallel ranks do.
+    slice, as tp row-parallel ranks do. npu_reciprocal: W8A8 static activations quantized as the NPU
+    kernel does, x * r + o with r = 1 / s rounded to x's dtype (npu_quantize, div_mode=False),
+    instead of the checkpoint's x / s + o.
     """
     w = tensors["weight"].double()
     if kind == "W8A8":
         s, o = tensors["input_scale"].float(), tensors["input_offset"].float()
         # x / s + o in fp32, as the device computes it (float64 would round some near-ties the other way)
-        xq = torch.round(x.float() / s + o).clamp(-128, 127).double()
+        if npu_reciprocal:
+            xs = x.float() * (1.0 / s.double()).to(x.dtype).float()
+        else:
+            xs = x.float() / s
+        xq = torch.round(xs + o).clamp(-128, 127).double()
         s, o = s.double(), o.double()
         x_fq = (xq - o) * s
         w_dq = w * (decode_int64_scale(tensors["deq_scale"]).double() / s)[:, None]
@@ -116,14 +137,14 @@ def shard_reference(tensors: Dict[str, torch.Tensor], kind: str, x: torch.Tensor
 
 
 def layer_reference(path: str, kind: str, x: torch.Tensor, layer: int = 0, k_slices: int = 1, bias: bool = True,
-                    **dims):
+                    npu_reciprocal: bool = False, **dims):
     """The whole (tp=1) fused layer's reference output: shard outputs side by side."""
     config, checkpoint = open_checkpoint(path)
     _, _, shards = layer_spec(kind, layer, **dims)
     outs = []
     for prefix in shards.values():
         tensors = {s: checkpoint.get(i.name) for s, i in checkpoint.with_prefix(prefix).items()}
-        outs.append(shard_reference(tensors, config.types[f"{prefix}.weight"], x, k_slices, bias))
+        outs.append(shard_reference(tensors, config.types[f"{prefix}.weight"], x, k_slices, bias, npu_reciprocal))
     return torch.cat(outs, dim=-1)
 
 

@@ -84,8 +84,25 @@ def test_int4_weight_is_half_a_byte_per_value(tmp_path):
 
 
 def test_w8a8_static_scalars_are_not_repeated_over_k(tmp_path):
+    # npu_quantize's reciprocal scale and offset: one bf16 element each (upstream repeats them over K)
     _, _, layer = _build(tmp_path, "W8A8")
-    assert layer.input_scale.untyped_storage().nbytes() == 4 and layer.input_offset.untyped_storage().nbytes() == 4
+    assert not hasattr(layer, "input_scale")
+    for t in (layer.input_scale_reciprocal, layer.input_offset):
+        assert t.dtype == torch.bfloat16 and t.shape == (1,) and t.untyped_storage().nbytes() == 2
+
+
+def test_w8a8_static_deq_scale_takes_the_serving_dtype_encoding(tmp_path, gen):
+    """npu_quant_matmul takes an fp32 deq_scale with bf16 output, an int64 (fp32 bits) one with fp16
+    output: a checkpoint written for the other dtype is converted as it loads (one copy)."""
+    for written, serving, want in ((torch.float16, torch.bfloat16, torch.float32),
+                                   (torch.bfloat16, torch.float16, torch.int64)):
+        folder = _checkpoint(str(tmp_path / str(serving)), "W8A8", False, "column", written)
+        layer = build_layer(folder, "column", params_dtype=serving, hidden=K, inter=N)
+        assert layer.deq_scale.dtype == want
+        _check_memory(layer)
+        x = (torch.randn(4, K, generator=gen) * 0.02 * 40).to(serving)
+        ref = layer_reference(folder, "column", x, npu_reciprocal=True, hidden=K, inter=N)
+        assert tight_error(layer(x), ref) <= 1.1
 
 
 def test_fp16_w8a8_static_keeps_int64_deq_scale_and_matches(tmp_path, gen):
@@ -93,7 +110,7 @@ def test_fp16_w8a8_static_keeps_int64_deq_scale_and_matches(tmp_path, gen):
     assert layer.deq_scale.dtype == torch.int64
     _check_memory(layer)
     x = (torch.randn(4, K, generator=gen) * 0.02 * 40).to(torch.float16)
-    assert tight_error(layer(x), layer_reference(folder, "column", x, **dims)) <= 1.1
+    assert tight_error(layer(x), layer_reference(folder, "column", x, npu_reciprocal=True, **dims)) <= 1.1
 
 
 def test_memory_check_notices_a_kept_copy(tmp_path):

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from conftest import msmodelslim_fixture
-from linear_helpers import (build_layer, fixture_layer, layer_reference, open_checkpoint, open_plain_checkpoint,
-                            rel_err, shard_reference, synthetic_qwen3, tight_error)
+from linear_helpers import (build_layer, calibrated_input, fixture_layer, layer_reference, open_checkpoint,
+                            open_plain_checkpoint, rel_err, shard_reference, synthetic_qwen3, tight_error)
 from sgl_ascend.errors import CheckpointError
 from sgl_ascend.layers.linear import ParallelLinear, load_linear
 from sgl_ascend.quant.modelslim import ModelSlimConfig, parse_description
@@ -66,11 +66,13 @@ def test_v0_lists_anti_outlier_tensors():
 @pytest.mark.parametrize("kind", ["qkv_proj", "o_proj"])
 def test_v0_attention_matches_reference_including_bias(kind, gen):
     layer = fixture_layer(V0, kind)  # bf16 input_scale / input_offset are accepted
-    assert layer.input_scale.dtype == torch.float32
+    # npu_quantize (div_mode=False) takes the reciprocal scale and the offset in the activation dtype
+    assert layer.input_scale_reciprocal.dtype == layer.input_offset.dtype == torch.bfloat16
     # the float bias lives in quant_bias (msModelSlim folds it there) and is not kept twice
     assert layer.bias is None
-    x = (torch.randn(9, 128, generator=gen) * layer.input_scale.item() * 40).to(torch.bfloat16)
-    ref = layer_reference(msmodelslim_fixture(V0), kind, x)  # adds the FLOAT bias to the float math
+    x = calibrated_input(layer, gen)
+    # adds the FLOAT bias to the float math; activations quantized with the bf16 reciprocal, as the NPU
+    ref = layer_reference(msmodelslim_fixture(V0), kind, x, npu_reciprocal=True)
     out = layer(x)
     assert tight_error(out, ref) <= 1.1
     if kind == "qkv_proj":

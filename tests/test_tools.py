@@ -118,8 +118,8 @@ def test_inspect_w8a8_static_counts_ignored_and_bytes(capsys):
     code, data = inspect_json(capsys, path)
     assert code == EXIT_OK
     o_proj = next(layer for layer in data["layers"] if layer["prefix"] == "model.layers.0.self_attn.o_proj")
-    # int8 weight + int32 quant_bias + fp32 deq_scale per row, two fp32 scalars
-    assert o_proj["resident_bytes"] == 128 * (128 + 8) + 8
+    # int8 weight + int32 quant_bias + fp32 deq_scale per row; 1 / input_scale and the offset, one bf16 each
+    assert o_proj["resident_bytes"] == 128 * (128 + 8) + 2 * 2
 
 
 def test_inspect_text_table_and_moe(capsys):
@@ -291,9 +291,9 @@ def test_inspect_compressed_tensors(capsys, ct_checkpoints):
     code, data = inspect_json(capsys, ct_checkpoints["w4a8"])
     assert code == EXIT_OK and data["format"] == "compressed-tensors"
     assert {g["scheme"] for g in data["groups"]} == {"W4A8 (int4 g32, int-quantized)"}
-    # W4A8 kernel: N*K/2 packed bytes + int64 scale per channel and group + fp32 correction per channel
+    # weight-only int4 kernel: N*K/2 packed bytes + a bf16 scale per channel and group
     o_proj = next(layer for layer in data["layers"] if layer["prefix"] == "model.layers.0.self_attn.o_proj")
-    assert o_proj["resident_bytes"] == 128 * (128 // 2 + 8 * (128 // 32) + 4)
+    assert o_proj["resident_bytes"] == 128 * (128 // 2 + 2 * (128 // 32))
     code, data = inspect_json(capsys, ct_checkpoints["w4a16_group"], "--tp", "2")  # pack-quantized int32
     o_proj = next(layer for layer in data["layers"] if layer["prefix"] == "model.layers.0.self_attn.o_proj")
     assert code == EXIT_OK and o_proj["scheme"] == "WNA16 (int4 g32, pack-quantized)"

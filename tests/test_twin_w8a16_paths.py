@@ -16,7 +16,8 @@ def test_w8a16_fast_routes_equal_exact_product(gen, m, offset, bias):
     off = torch.randint(-9, 9, (n,), generator=gen).to(torch.bfloat16) if offset else None
     b = torch.randn(n, generator=gen).to(torch.bfloat16) if bias else None
     x = torch.randn(m, k, generator=gen).to(torch.bfloat16)
-    out = twin.npu_weight_quant_batchmatmul(x, w_nk.t(), scale, off, b)
+    # bias by keyword (the 5th positional parameter is quant_scale), fp32 for bf16 x (the op's rule)
+    out = twin.npu_weight_quant_batchmatmul(x, w_nk.t(), scale, off, bias=None if b is None else b.float())
     w = (w_nk.double() + (off.double()[:, None] if offset else 0)) * scale.double()[:, None]
     exact = x.double() @ w.t() + (b.double() if bias else 0)
     # one rounding to bf16 of an fp32-accumulated result: at most a few last-bit flips

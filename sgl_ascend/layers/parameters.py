@@ -8,7 +8,7 @@ whoever loads it.
 """
 
 from dataclasses import dataclass
-from typing import Callable, Optional, Tuple, Union
+from typing import Callable, Dict, Optional, Tuple, Union
 
 import torch
 
@@ -67,6 +67,9 @@ class ShardedParameter(torch.nn.Parameter):
     first_rank_only: an additive term of a row-parallel layer; ranks > 0 hold zeros so the
         all-reduce adds it once.
     checkpoint_layout: set when the stored tensor is in another layout than the checkpoint's.
+    converters: checkpoint dtype -> function giving the stored dtype, for tensors writers store in
+        more than one encoding (msModelSlim's deq_scale: fp32, or int64 carrying fp32 bits); the
+        whole loaded tensor is converted (it is a per-channel vector) before it is sliced.
     """
 
     def __new__(cls, data: torch.Tensor, **_):
@@ -75,7 +78,8 @@ class ShardedParameter(torch.nn.Parameter):
     def __init__(self, data: torch.Tensor, *, name: str, output_dim: Optional[int] = None,
                  input_dim: Optional[int] = None, output_pack_factor: int = 1,
                  per_shard: bool = False, first_rank_only: bool = False,
-                 checkpoint_layout: Optional[CheckpointLayout] = None):
+                 checkpoint_layout: Optional[CheckpointLayout] = None,
+                 converters: Optional[Dict[torch.dtype, Callable[[torch.Tensor], torch.Tensor]]] = None):
         self.tensor_name = name
         self.output_dim = output_dim
         self.input_dim = input_dim
@@ -83,15 +87,18 @@ class ShardedParameter(torch.nn.Parameter):
         self.per_shard = per_shard
         self.first_rank_only = first_rank_only
         self.checkpoint_layout = checkpoint_layout
+        self.converters = converters or {}
 
     # -- the four SGLang loader entry points -------------------------------------------------
     def load_column_parallel_weight(self, loaded_weight: torch.Tensor, tp_rank: int = 0,
                                     use_presharded_weights: bool = False, **_):
+        loaded_weight = self._convert(loaded_weight)
         self._copy_slice(self._target(), loaded_weight, self.output_dim, tp_rank, use_presharded_weights)
 
     def load_merged_column_weight(self, loaded_weight: torch.Tensor, shard_id: Optional[int] = None,
                                   shard_offset: Optional[int] = None, shard_size: Optional[int] = None,
                                   tp_rank: int = 0, use_presharded_weights: bool = False, **_):
+        loaded_weight = self._convert(loaded_weight)
         self._load_fused_shard(loaded_weight, shard_id, shard_offset, shard_size,
                                source_rank=tp_rank, presharded=use_presharded_weights)
 
@@ -100,6 +107,7 @@ class ShardedParameter(torch.nn.Parameter):
                         num_heads: int = 1, tp_rank: int = 0, use_presharded_weights: bool = False, **_):
         # SGLang passes tp_rank (its kv group's rank for k/v) and num_heads = kv head replicas:
         # that many consecutive ranks share one k/v slice, as in SGLang's own parameters.
+        loaded_weight = self._convert(loaded_weight)
         source_rank = tp_rank if shard_id == "q" else tp_rank // max(num_heads, 1)
         index = QKV_SHARD_INDEX[shard_id] if shard_id is not None else None
         self._load_fused_shard(loaded_weight, index, shard_offset, shard_size,
@@ -107,6 +115,7 @@ class ShardedParameter(torch.nn.Parameter):
 
     def load_row_parallel_weight(self, loaded_weight: torch.Tensor, tp_rank: int = 0,
                                  use_presharded_weights: bool = False, **_):
+        loaded_weight = self._convert(loaded_weight)
         if self.first_rank_only and tp_rank > 0:
             self._check_dtype(loaded_weight)
             self.data.zero_()
@@ -114,6 +123,10 @@ class ShardedParameter(torch.nn.Parameter):
         self._copy_slice(self._target(), loaded_weight, self.input_dim, tp_rank, use_presharded_weights)
 
     # -- helpers -----------------------------------------------------------------------------
+    def _convert(self, loaded: torch.Tensor) -> torch.Tensor:
+        convert = self.converters.get(loaded.dtype)
+        return loaded if convert is None else convert(loaded)
+
     def _target(self):
         layout = self.checkpoint_layout
         return self.data if layout is None else _StoredSlice(self.data, layout.shape, layout)

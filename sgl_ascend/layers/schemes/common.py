@@ -88,3 +88,49 @@ def check_int_range(layer: torch.nn.Module, attr: str, low: int, high: int) -> N
         raise CheckpointError(
             f"values span [{lo}, {hi}] but this scheme stores int4 values in [{low}, {high}] one per "
             "int8; the description's scheme does not match the tensor.", tensor=param.tensor_name)
+
+
+# -- the activation dtype and the weight-only kernel ------------------------------------------------
+
+KERNEL_ACT_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def kernel_act_dtype(params_dtype: torch.dtype, scheme: str) -> torch.dtype:
+    """The model dtype a quantized kernel computes in: bf16 or fp16 (the NPU kernels have no fp32
+    activations / outputs: npu_quant_matmul, npu_dynamic_quant, npu_weight_quant_batchmatmul)."""
+    if params_dtype not in KERNEL_ACT_DTYPES:
+        raise ValueError(f"{scheme} computes in bfloat16 or float16 on the NPU (its kernels take no {params_dtype} "
+                         "activations); serve the model in bfloat16 (--dtype bfloat16) or float16.")
+    return params_dtype
+
+
+def weight_only_group_size(group_size: int, k: int, prefix: str = "") -> int:
+    """The antiquant_group_size npu_weight_quant_batchmatmul gets for groups of `group_size` over the
+    rank's K: 0 (per channel) without groups or when the rank holds a single group (the kernel takes
+    group sizes in [32, K-1] only, and one group is a per-channel scale); else the group size, which
+    must be a multiple of 32 (torch_npu docs, npu_weight_quant_batchmatmul antiquant_group_size)."""
+    if not group_size or k // group_size <= 1:
+        return 0
+    if group_size % 32:
+        raise CheckpointError(f"layer {prefix}: group size {group_size} is not a multiple of 32, which the NPU's "
+                              "weight-only kernel (npu_weight_quant_batchmatmul) requires for per-group scales; "
+                              "re-quantize with group size 32, 64, 128 ...")
+    return group_size
+
+
+def weight_only_bias(bias: Optional[torch.Tensor], x: torch.Tensor) -> Optional[torch.Tensor]:
+    """npu_weight_quant_batchmatmul takes an fp32 bias with bf16 x and an fp16 bias with fp16 x (the
+    layer's bias is in the model dtype: a cast of N values per call, as SGLang's GPTQ method does)."""
+    if bias is None:
+        return None
+    return bias.to(torch.float32 if x.dtype == torch.bfloat16 else x.dtype)
+
+
+def weight_only_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, offset: Optional[torch.Tensor],
+                       bias: Optional[torch.Tensor], group_size: int = 0) -> torch.Tensor:
+    """y = x @ ((weight + offset) * scale) + bias on npu_weight_quant_batchmatmul: x [..., K] flattened to
+    the kernel's 2-D [M, K] and restored; scale / offset already in x's dtype (converted at load)."""
+    lead = x.shape[:-1]
+    out = ops.npu_weight_quant_batchmatmul(x.reshape(-1, x.shape[-1]), weight, scale, antiquant_offset=offset,
+                                           bias=weight_only_bias(bias, x), antiquant_group_size=group_size)
+    return out.reshape(*lead, out.shape[-1])

@@ -10,7 +10,7 @@ from typing import List
 import torch
 
 from sgl_ascend.layers.parameters import register, replace_data
-from sgl_ascend.layers.schemes.common import to_kernel_layout
+from sgl_ascend.layers.schemes.common import kernel_act_dtype, to_kernel_layout
 from sgl_ascend.layers.schemes.ct_common import expand_per_shard
 from sgl_ascend.layers.schemes.w8a8_dynamic import W8A8DynamicLinear
 
@@ -23,6 +23,7 @@ class CTW8A8DynamicTensorLinear(W8A8DynamicLinear):
                        input_size: int, output_size: int, params_dtype: torch.dtype, **_):
         n, k = sum(output_partition_sizes), input_size_per_partition
         self.partition_sizes = list(output_partition_sizes)
+        kernel_act_dtype(params_dtype, "W8A8 dynamic")
         register(layer, "weight", torch.empty(n, k, dtype=torch.int8), output_dim=0, input_dim=1)
         register(layer, "weight_scale", torch.empty(len(output_partition_sizes), dtype=torch.float32),
                  per_shard=True)

@@ -7,7 +7,10 @@ asymmetric. int-quantized stores `weight` int8 [N, K], one value per byte, zero 
 compressed-tensors dequantizes (q - z) * s; npu_weight_quant_batchmatmul computes (w + offset) * scale,
 so the offset handed over is -z. int4 goes to the kernel eight per int32 along N ([K, N/8]), packed
 shard by shard while it loads (the parameter holds that layout from creation on); int8 becomes the
-[K, N] view after loading; group scales become [K/g, N] in the activation dtype.
+[K, N] view after loading; group scales become [K/g, N] in the activation dtype (converted once,
+after loading: npu_weight_quant_batchmatmul takes antiquant_scale / antiquant_offset in x's dtype).
+A rank holding a single group of K runs it as a per-channel scale [1, N] (the kernel's group size must
+lie in [32, K-1]); group sizes must be multiples of 32 (common.weight_only_group_size).
 
 Tensor parallelism: row-parallel layers split K of weight_packed (K*b/32 words per rank) and of the
 group scales (K/g per rank), so the local K must be a multiple of 32/b and of g.
@@ -21,10 +24,10 @@ from compressed_tensors.compressors import unpack_from_int32
 from sgl_ascend.errors import CheckpointError
 from sgl_ascend.layers.parameters import register, replace_data
 from sgl_ascend.layers.schemes.base import LinearScheme
-from sgl_ascend.layers.schemes.common import register_int4_weight, to_kernel_layout
+from sgl_ascend.layers.schemes.common import (kernel_act_dtype, register_int4_weight, to_kernel_layout,
+                                              weight_only_group_size, weight_only_matmul)
 from sgl_ascend.layers.schemes.ct_common import (check_and_drop_weight_shape, register_weight_shape,
                                                  write_packed_int4)
-from sgl_ascend.ops import ops
 
 
 class CTWNA16Linear(LinearScheme):
@@ -37,7 +40,8 @@ class CTWNA16Linear(LinearScheme):
     def create_weights(self, layer, input_size_per_partition: int, output_partition_sizes: List[int],
                        input_size: int, output_size: int, params_dtype: torch.dtype, **_):
         n, k, b = sum(output_partition_sizes), input_size_per_partition, self.num_bits
-        self.act_dtype, self.full_size = params_dtype, (output_size, input_size)
+        self.act_dtype = kernel_act_dtype(params_dtype, type(self).__name__)
+        self.full_size = (output_size, input_size)
         prefix = getattr(layer, "prefix", "")
         per_word = 32 // b
         if self.packed and k % per_word:
@@ -48,6 +52,7 @@ class CTWNA16Linear(LinearScheme):
             raise CheckpointError(
                 f"layer {prefix}: {k} input channels per rank are not a whole number of groups of "
                 f"{self.group_size}; pick a tp size that keeps K per rank a multiple of the group size.")
+        self.kernel_group_size = weight_only_group_size(self.group_size, k, prefix)
         if self.packed and b == 4:
             register_int4_weight(layer, "weight_packed", n, k, checkpoint_shape=(n, k // per_word),
                                  checkpoint_dtype=torch.int32, write=write_packed_int4)
@@ -111,9 +116,8 @@ class CTWNA16Linear(LinearScheme):
                 delattr(layer, "weight_zero_point")
 
     def apply_weights(self, layer, x: torch.Tensor, bias: Optional[torch.Tensor] = None):
-        return ops.npu_weight_quant_batchmatmul(x, layer.weight, layer.weight_scale,
-                                                getattr(layer, "weight_zero_point", None), bias,
-                                                antiquant_group_size=self.group_size)
+        return weight_only_matmul(x, layer.weight, layer.weight_scale, getattr(layer, "weight_zero_point", None),
+                                  bias, self.kernel_group_size)
 
     def theoretical_bytes(self, input_size_per_partition: int, output_size_per_partition: int) -> int:
         n, k = output_size_per_partition, input_size_per_partition

@@ -1,17 +1,25 @@
 """W4A8_DYNAMIC linear layers (msModelSlim MLP linears): int4 symmetric weights, per channel or per
-group, int8 per-token activations, computed as a grouped matmul with a single group, so it shares
-the expert kernels' layout and conventions (schemes/w4a8_kernel.py; moe/w4a8_dynamic.py explains
-scale_bias).
+group.
+
+Kernel (decided with the NPU op contract, see schemes/w4a8_kernel.py): weight-only int4 on
+npu_weight_quant_batchmatmul, as vllm-ascend serves dense W4A8 (AscendW4A8DynamicLinearMethod):
+y = x @ (q * s) with x unquantized. The single-group grouped matmul the expert kernel uses is not
+legal for a dense layer (a counts group_list of length 1 is forbidden by the op's documentation).
+Accuracy consequence: the activations are NOT quantized to int8 per token, so the layer is closer to
+the float model than msModelSlim's W4A8 simulation (no activation rounding: that error term is gone);
+the dequantization scale s = weight_scale_second * weight_scale is rounded once to the activation
+dtype (bf16: relative 2^-9 per scale), which the kernel demands. Prefill runs at weight-only speed
+(no int8 cube matmul); decode, memory-bound, reads the same 0.5 byte per weight.
 
 Checkpoint: weight int8 [N/2, K], two int4 per byte along N (low nibble = even row), or, from older
 writers (description version missing or "0"), int8 [N, K] with one int4 per byte; weight_scale,
 weight_offset (zeros) [N, 1]; group-wise (description group_size g > 0) adds weight_scale_second
 [N, K/g] (dequantized weight = q * weight_scale_second * weight_scale) and weight_offset_second
-(zeros, int64 as the tool writes it). scale_bias [N, 1] for column-parallel layers, [N, 16] (sums
-over 16 K-slices) for row-parallel ones, of which a rank takes its 16 // tp. Older writers store no
-scale_bias: it is derived from the loaded weights (any present is ignored).
-After loading: weight int32 [1, K, N/8], weight_scale int64 (fp32 bits) [1, N] or [1, K/g, N]
-(group times channel scale), scale_bias [1, N] (the rank's slices summed).
+(zeros, int64 as the tool writes it). scale_bias (the int8-activation kernel's correction) is not
+needed by the weight-only kernel and is not loaded.
+After loading: weight int32 [K, N/8] (packed, the only copy), weight_scale [N] or [K/g, N] in the
+activation dtype. Group sizes must be multiples of 32 (the kernel's rule); a rank holding a single
+group runs it per channel.
 """
 
 from typing import List, Optional
@@ -21,29 +29,23 @@ import torch
 from sgl_ascend.errors import CheckpointError
 from sgl_ascend.layers.parameters import register
 from sgl_ascend.layers.schemes.base import LinearScheme
-from sgl_ascend.layers.schemes.common import check_int_range, drop_zero_offset, pack_int4_for_kernel
-from sgl_ascend.layers.schemes.w4a8_kernel import (apply_w4a8_linear, finish_w4a8_linear, group_scale_bits,
-                                                   w4a8_linear_bytes)
-from sgl_ascend.ops.scales import encode_fp32_as_int64
-
-_SLICES = 16
-
-
-def _is_row_parallel(layer) -> bool:
-    """Our ParallelLinear says so; SGLang's RowParallelLinear has input_is_parallel."""
-    return getattr(layer, "parallel", None) == "row" or hasattr(layer, "input_is_parallel")
+from sgl_ascend.layers.schemes.common import (check_int_range, drop_zero_offset, kernel_act_dtype,
+                                              pack_int4_for_kernel, weight_only_group_size)
+from sgl_ascend.layers.schemes.w4a8_kernel import apply_w4a8_weight_only, install_w4a8_weight_only, w4a8_linear_bytes
 
 
 class W4A8DynamicLinear(LinearScheme):
+    # the int8-activation kernel's correction: the weight-only kernel has no use for it
+    ignored_suffixes = ("scale_bias",)
+
     def __init__(self, group_size: int = 0, legacy: bool = False):
         self.group_size, self.legacy = group_size, legacy
-        # older writers' files carry no scale_bias; one that is there anyway is not needed
-        self.ignored_suffixes = ("scale_bias",) if legacy else ()
 
     def create_weights(self, layer, input_size_per_partition: int, output_partition_sizes: List[int],
                        input_size: int, output_size: int, params_dtype: torch.dtype, **_):
         n, k, g = sum(output_partition_sizes), input_size_per_partition, self.group_size
         prefix = getattr(layer, "prefix", "")
+        self.act_dtype = kernel_act_dtype(params_dtype, "W4A8_DYNAMIC")
         if any(size % 8 for size in output_partition_sizes):
             raise CheckpointError(f"W4A8 layer {prefix}: output sizes {output_partition_sizes} must be "
                                   "multiples of 8 to pack int4")
@@ -51,6 +53,7 @@ class W4A8DynamicLinear(LinearScheme):
             raise CheckpointError(f"W4A8 layer {prefix}: {k} input channels per rank are not a whole number "
                                   f"of groups of {g} (description group_size); pick a tp size that keeps K "
                                   "per rank a multiple of the group size.")
+        self.kernel_group_size = weight_only_group_size(g, k, prefix)
         if self.legacy:
             register(layer, "weight", torch.empty(n, k, dtype=torch.int8), output_dim=0, input_dim=1)
         else:
@@ -63,15 +66,6 @@ class W4A8DynamicLinear(LinearScheme):
                      input_dim=1)
             register(layer, "weight_offset_second", torch.empty(n, k // g, dtype=torch.int64), output_dim=0,
                      input_dim=1)
-        if self.legacy:
-            return
-        if _is_row_parallel(layer):
-            tp_size = input_size // input_size_per_partition
-            if _SLICES % tp_size:
-                raise CheckpointError(f"scale_bias has {_SLICES} K-slices, which tp size {tp_size} does not divide")
-            register(layer, "scale_bias", torch.empty(n, _SLICES // tp_size, dtype=torch.float32), input_dim=1)
-        else:
-            register(layer, "scale_bias", torch.empty(n, 1, dtype=torch.float32), output_dim=0)
 
     def process_weights_after_loading(self, layer):
         drop_zero_offset(layer, "weight_offset", "the W4A8_DYNAMIC kernel")
@@ -80,18 +74,14 @@ class W4A8DynamicLinear(LinearScheme):
             weight = pack_int4_for_kernel(layer.weight.data)
         else:  # bytes of the transposed pairs are the kernel's int32 [K, N/8] (see moe/int4.py)
             weight = layer.weight.data.t().contiguous().view(torch.int32)
-        channel = layer.weight_scale.data.reshape(-1)
+        scale = layer.weight_scale.data.reshape(-1).float()
         if self.group_size:
             drop_zero_offset(layer, "weight_offset_second", "the W4A8_DYNAMIC kernel")
-            scale = group_scale_bits(layer.weight_scale_second.data.t(), channel)
-            delattr(layer, "weight_scale_second")
-        else:
-            scale = encode_fp32_as_int64(channel)
-        scale_bias = None if self.legacy else layer.scale_bias.data.sum(dim=-1)
-        finish_w4a8_linear(layer, weight, scale, scale_bias)
+            scale = layer.weight_scale_second.data.t().float() * scale.reshape(1, -1)  # [G, N]
+        install_w4a8_weight_only(layer, weight, scale, self.act_dtype)
 
     def apply_weights(self, layer, x: torch.Tensor, bias: Optional[torch.Tensor] = None):
-        return apply_w4a8_linear(layer, x, bias)
+        return apply_w4a8_weight_only(layer, x, bias, self.kernel_group_size)
 
     def theoretical_bytes(self, input_size_per_partition: int, output_size_per_partition: int) -> int:
-        return w4a8_linear_bytes(input_size_per_partition, output_size_per_partition, self.group_size)
+        return w4a8_linear_bytes(input_size_per_partition, output_size_per_partition, self.group_size, self.act_dtype)

@@ -1,7 +1,13 @@
-"""The W4A8 grouped-matmul conventions shared by the dense W4A8 linears (msModelSlim and
-compressed-tensors) and the W4A8 experts.
+"""The W4A8 grouped-matmul conventions of the W4A8 experts, and the dense W4A8 linears' kernel.
 
-Kernel operands (per expert; a dense layer is one expert): weight int32 [K, N/8], eight signed int4
+Dense W4A8 linears (msModelSlim W4A8_DYNAMIC, compressed-tensors W4A8) do not run on the grouped
+matmul: a dense layer would be a single group, and npu_grouped_matmul's documentation forbids a
+counts group_list of length 1 (and a group_list built per call breaks graph capture). They run as
+vllm-ascend's AscendW4A8DynamicLinearMethod does, on npu_weight_quant_batchmatmul with the int4
+weight packed eight per int32 [K, N/8] and the dequantization scale (channel scale times group scale)
+in the activation dtype: `install_w4a8_weight_only` / `apply_w4a8_weight_only` below.
+
+Expert kernel operands (per expert): weight int32 [K, N/8], eight signed int4
 along N; weight scale int64 carrying fp32 bits, [N] per channel or [K/g, N] per group of g rows of K
 (the group's scale times the channel's); bias fp32 [N]. The kernel accumulates (x_q - 8) @ q (see
 the grouped-matmul twin), so the bias must carry the correction 8 * sum_k deq_w over the K the
@@ -13,6 +19,7 @@ from typing import Optional
 
 import torch
 
+from sgl_ascend.layers.schemes.common import weight_only_matmul
 from sgl_ascend.ops import ops
 from sgl_ascend.ops.int4 import unpack_int32_to_int4
 from sgl_ascend.ops.scales import decode_int64_scale, encode_fp32_as_int64
@@ -50,30 +57,31 @@ def w4a8_grouped_matmul(x_q: torch.Tensor, token_scale: torch.Tensor, weight: to
                                   group_list_type=group_list_type, output_dtype=output_dtype)[0]
 
 
-def apply_w4a8_linear(layer: torch.nn.Module, x: torch.Tensor, bias: Optional[torch.Tensor] = None):
-    """A dense W4A8 layer (weight [1, K, N/8], weight_scale, scale_bias): a single-group grouped matmul."""
-    lead = x.shape[:-1]
-    x_q, token_scale = ops.npu_dynamic_quant(x.reshape(-1, x.shape[-1]))
-    out = w4a8_grouped_matmul(x_q, token_scale, layer.weight, layer.weight_scale, layer.scale_bias,
-                              torch.tensor([x_q.shape[0]]), x.dtype)
-    if bias is not None:
-        out = out + bias
-    return out.reshape(*lead, -1)
+# -- dense W4A8 linears: weight-only int4 ------------------------------------------------------------
 
-
-def w4a8_linear_bytes(k: int, n: int, group_size: int) -> int:
-    """int4 weight + int64 scale per channel (and group) + fp32 correction per channel."""
-    groups = k // group_size if group_size else 1
-    return n * (k // 2 + 8 * groups + 4)
-
-
-def finish_w4a8_linear(layer: torch.nn.Module, weight_kn: torch.Tensor, scale: torch.Tensor,
-                       scale_bias: Optional[torch.Tensor] = None) -> None:
-    """Install the kernel operands of a dense layer: weight int32 [K, N/8], scale int64 [N] / [G, N],
-    and scale_bias fp32 [N] (derived from the weights when None). Each becomes [1, ...] (one group)."""
-    if scale_bias is None:
-        scale_bias = kernel_correction(weight_kn, scale)
-    for attr, data in (("weight", weight_kn), ("weight_scale", scale), ("scale_bias", scale_bias)):
+def install_w4a8_weight_only(layer: torch.nn.Module, weight_kn: torch.Tensor, scale: torch.Tensor,
+                             act_dtype: torch.dtype) -> None:
+    """Install a dense layer's kernel operands: weight int32 [K, N/8] as it is (packed, one copy) and
+    the fp32 dequantization scale, [N] per channel or [G, N] per group of K, as weight_scale in the
+    activation dtype (a single group becomes the per-channel [N]). The checkpoint's tensors go."""
+    if scale.dim() == 2 and scale.shape[0] == 1:
+        scale = scale.reshape(-1)
+    for attr in ("weight", "weight_scale", "weight_offset", "weight_scale_second", "weight_offset_second"):
         if hasattr(layer, attr):
             delattr(layer, attr)
-        layer.register_parameter(attr, torch.nn.Parameter(data.unsqueeze(0), requires_grad=False))
+    layer.register_parameter("weight", torch.nn.Parameter(weight_kn, requires_grad=False))
+    layer.register_parameter("weight_scale", torch.nn.Parameter(scale.to(act_dtype), requires_grad=False))
+
+
+def apply_w4a8_weight_only(layer: torch.nn.Module, x: torch.Tensor, bias: Optional[torch.Tensor],
+                           group_size: int) -> torch.Tensor:
+    """y = x @ (q * weight_scale) + bias, activations unquantized (group_size 0: per channel)."""
+    return weight_only_matmul(x, layer.weight, layer.weight_scale, None, bias, group_size)
+
+
+def w4a8_linear_bytes(k: int, n: int, group_size: int, act_dtype: torch.dtype) -> int:
+    """int4 weight + one scale in the activation dtype per channel (and group of K)."""
+    groups = k // group_size if group_size else 1
+    return n * (k // 2 + torch.finfo(act_dtype).bits // 8 * groups)
+
+

@@ -3,7 +3,10 @@
 msModelSlim dequantizes as (w - offset) * scale; npu_weight_quant_batchmatmul computes
 (w + antiquant_offset) * antiquant_scale, so a non-zero offset is handed over negated (the fixtures'
 offsets are all zero, so the sign is pinned by tests/test_linear_schemes.py's asymmetric case).
-A zero offset is dropped, the scale is kept in the activation dtype the kernel wants.
+A zero offset is dropped. Scale and offset are converted once, after loading, to the activation
+dtype the kernel demands (antiquant_scale / antiquant_offset must have x's dtype): one copy each.
+The kernel takes 2-D x (leading dims are flattened and restored) and the bias by keyword, fp32 for
+bf16 x (common.weight_only_matmul).
 """
 
 from typing import List, Optional
@@ -12,15 +15,15 @@ import torch
 
 from sgl_ascend.layers.parameters import register, replace_data
 from sgl_ascend.layers.schemes.base import LinearScheme
-from sgl_ascend.layers.schemes.common import flatten_channel_scale, to_kernel_layout
-from sgl_ascend.ops import ops
+from sgl_ascend.layers.schemes.common import (flatten_channel_scale, kernel_act_dtype, to_kernel_layout,
+                                              weight_only_matmul)
 
 
 class W8A16Linear(LinearScheme):
     def create_weights(self, layer, input_size_per_partition: int, output_partition_sizes: List[int],
                        input_size: int, output_size: int, params_dtype: torch.dtype, **_):
         n, k = sum(output_partition_sizes), input_size_per_partition
-        self.act_dtype = params_dtype
+        self.act_dtype = kernel_act_dtype(params_dtype, "W8A16")
         register(layer, "weight", torch.empty(n, k, dtype=torch.int8), output_dim=0, input_dim=1)
         register(layer, "weight_scale", torch.empty(n, 1, dtype=torch.float32), output_dim=0)
         register(layer, "weight_offset", torch.empty(n, 1, dtype=torch.float32), output_dim=0)
@@ -37,8 +40,7 @@ class W8A16Linear(LinearScheme):
             delattr(layer, "weight_offset")
 
     def apply_weights(self, layer, x: torch.Tensor, bias: Optional[torch.Tensor] = None):
-        return ops.npu_weight_quant_batchmatmul(x, layer.weight, layer.weight_scale,
-                                                getattr(layer, "weight_offset", None), bias)
+        return weight_only_matmul(x, layer.weight, layer.weight_scale, getattr(layer, "weight_offset", None), bias)
 
     def theoretical_bytes(self, input_size_per_partition: int, output_size_per_partition: int) -> int:
         # int8 weight + scale (and the negated offset of asymmetric checkpoints) in the activation dtype

@@ -2,6 +2,9 @@
 
 Serves msModelSlim `W8A8_DYNAMIC` (weight, weight_scale [N,1], weight_offset [N,1] of zeros) and
 compressed-tensors int8 channel weights with dynamic per-token activations (no offset tensor).
+Kernels, as SGLang calls them: npu_dynamic_quant(x) (bf16/fp16 x -> int8, fp32 per-token scale), then
+npu_quant_matmul(x_q, w, weight_scale fp32, pertoken_scale, bias = the layer's bias in the model dtype,
+output_dtype=x.dtype): bf16 or fp16 only, the op has no fp32 output.
 """
 
 from typing import List, Optional
@@ -10,7 +13,7 @@ import torch
 
 from sgl_ascend.layers.parameters import register, replace_data
 from sgl_ascend.layers.schemes.base import LinearScheme
-from sgl_ascend.layers.schemes.common import drop_zero_offset, flatten_channel_scale, to_kernel_layout
+from sgl_ascend.layers.schemes.common import drop_zero_offset, flatten_channel_scale, kernel_act_dtype, to_kernel_layout
 from sgl_ascend.ops import ops
 
 
@@ -21,6 +24,7 @@ class W8A8DynamicLinear(LinearScheme):
     def create_weights(self, layer, input_size_per_partition: int, output_partition_sizes: List[int],
                        input_size: int, output_size: int, params_dtype: torch.dtype, **_):
         n, k = sum(output_partition_sizes), input_size_per_partition
+        kernel_act_dtype(params_dtype, "W8A8 dynamic")
         register(layer, "weight", torch.empty(n, k, dtype=torch.int8), output_dim=0, input_dim=1)
         register(layer, "weight_scale", torch.empty(n, 1, dtype=torch.float32), output_dim=0)
         if self.with_offset:

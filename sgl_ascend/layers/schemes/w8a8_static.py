@@ -9,8 +9,20 @@ sum_k w (checked on the v0 fixture, where adding the bias again doubles it). The
 bias (so the checkpoint is consumed whole), checks it is folded, and releases it.
 The activation is quantized once per fused layer, so every shard of a fused qkv / gate_up layer must
 carry the same input_scale and input_offset.
-ASSUMPTION: npu_quantize broadcasts a one-element scale and offset over K (we do not repeat them to
-length K, which upstream does and which costs 8*K bytes per layer for nothing).
+
+Kernels, as SGLang / vllm-ascend call them: npu_quantize(x, 1 / input_scale, input_offset, qint8, -1,
+div_mode=False) = sat8(round(x * (1 / s) + o)), then npu_quant_matmul(x_q, w, deq_scale,
+bias=quant_bias, output_dtype=x.dtype). With div_mode=False the scale and zero point must share one
+dtype (the activation dtype, as upstream), so after loading the layer holds `input_scale_reciprocal`
+= 1 / input_scale rounded once to bf16/fp16 and `input_offset` in that dtype, one element each (the
+op takes 1 or K elements; upstream repeats them to K, 4*K bytes per layer for nothing).
+Numerics: the bf16 reciprocal is 1/s within a relative 2^-9, so x * r can differ from x / s by up to
+|x / s| * 2^-9 (<= 0.25 of a step in the int8 range): an element near a rounding boundary may land one
+step away from where x / s puts it (tests/test_linear_schemes.py states the tolerance). Integer
+offsets (what msModelSlim writes) are exact in bf16.
+deq_scale: npu_quant_matmul takes an fp32 (or bf16) scale with bf16 output and an int64 one (fp32 bits)
+with fp16 output; msModelSlim writes fp32 for bf16 models and int64 for fp16 ones. Either encoding
+loads, converted to the serving dtype's (fp32 for bf16, int64 for fp16) as it loads: one copy.
 """
 
 from typing import List, Optional
@@ -20,9 +32,19 @@ import torch
 from sgl_ascend.errors import CheckpointError
 from sgl_ascend.layers.parameters import register, replace_data
 from sgl_ascend.layers.schemes.base import LinearScheme
-from sgl_ascend.layers.schemes.common import to_kernel_layout
+from sgl_ascend.layers.schemes.common import kernel_act_dtype, to_kernel_layout
 from sgl_ascend.ops import ops
-from sgl_ascend.ops.scales import decode_int64_scale
+from sgl_ascend.ops.scales import decode_int64_scale, encode_fp32_as_int64
+
+
+def register_deq_scale(layer, n: int, act_dtype: torch.dtype, **rules):
+    """deq_scale in the encoding npu_quant_matmul takes for the output dtype: int64 (fp32 bits) for
+    fp16, fp32 for bf16; a checkpoint in the other encoding is converted as it loads."""
+    if act_dtype == torch.float16:
+        converters = {d: encode_fp32_as_int64 for d in (torch.float32, torch.bfloat16, torch.float16)}
+        return register(layer, "deq_scale", torch.empty(n, dtype=torch.int64), converters=converters, **rules)
+    return register(layer, "deq_scale", torch.empty(n, dtype=torch.float32),
+                    converters={torch.int64: decode_int64_scale}, **rules)
 
 
 class W8A8StaticLinear(LinearScheme):
@@ -36,12 +58,12 @@ class W8A8StaticLinear(LinearScheme):
                        input_size: int, output_size: int, params_dtype: torch.dtype, **_):
         n, k = sum(output_partition_sizes), input_size_per_partition
         shards = len(output_partition_sizes)
-        self.deq_dtype = deq_dtype = torch.int64 if params_dtype == torch.float16 else torch.float32
+        self.act_dtype = kernel_act_dtype(params_dtype, "W8A8")
         register(layer, "weight", torch.empty(n, k, dtype=torch.int8), output_dim=0, input_dim=1)
         register(layer, "input_scale", torch.empty(shards, dtype=torch.float32), per_shard=True)
         register(layer, "input_offset", torch.empty(shards, dtype=torch.float32), per_shard=True)
         register(layer, "quant_bias", torch.empty(n, dtype=torch.int32), output_dim=0, first_rank_only=True)
-        register(layer, "deq_scale", torch.empty(n, dtype=deq_dtype), output_dim=0)
+        self.deq_dtype = register_deq_scale(layer, n, self.act_dtype, output_dim=0).dtype
 
     def process_weights_after_loading(self, layer):
         for attr in ("input_scale", "input_offset"):
@@ -53,22 +75,33 @@ class W8A8StaticLinear(LinearScheme):
                     "quantization serves the whole fused layer, so they must agree. Re-calibrate "
                     "with the shards sharing one input, or serve the layer unfused.",
                     tensor=getattr(layer, attr).tensor_name)
-            replace_data(layer, attr, values[:1].clone())
         if getattr(layer, "bias", None) is not None:
             _check_bias_folded(layer)
             layer.bias = None  # counted once, inside quant_bias
+        replace_data(layer, "input_offset", layer.input_offset.data[:1].to(self.act_dtype))
+        install_input_scale_reciprocal(layer, layer.input_scale.data[:1], self.act_dtype)
         replace_data(layer, "weight", to_kernel_layout(layer.weight.data))
 
     def apply_weights(self, layer, x: torch.Tensor, bias: Optional[torch.Tensor] = None):
-        x_q = ops.npu_quantize(x, layer.input_scale, layer.input_offset, torch.qint8, -1, True)
+        x_q = ops.npu_quantize(x, layer.input_scale_reciprocal, layer.input_offset, torch.qint8, -1, False)
         # `bias` is None: a float bias lives in quant_bias (see process_weights_after_loading).
         return ops.npu_quant_matmul(x_q, layer.weight, layer.deq_scale, bias=layer.quant_bias,
                                     output_dtype=x.dtype)
 
     def theoretical_bytes(self, input_size_per_partition: int, output_size_per_partition: int) -> int:
-        # int8 weight + int32 quant_bias + fp32 (bf16 models) or int64 (fp16) deq_scale + two fp32 scalars
+        # int8 weight + int32 quant_bias + fp32 (bf16 models) or int64 (fp16) deq_scale, and the
+        # reciprocal input scale and the input offset, one element each in the activation dtype
         deq_bytes = torch.empty((), dtype=self.deq_dtype).element_size()
-        return output_size_per_partition * (input_size_per_partition + 4 + deq_bytes) + 8
+        act_bytes = torch.empty((), dtype=self.act_dtype).element_size()
+        return output_size_per_partition * (input_size_per_partition + 4 + deq_bytes) + 2 * act_bytes
+
+
+def install_input_scale_reciprocal(layer, input_scale: torch.Tensor, act_dtype: torch.dtype) -> None:
+    """input_scale [1] -> `input_scale_reciprocal` [1] = 1 / input_scale in the activation dtype (npu_quantize's
+    div_mode=False scale), computed in float64 and rounded once; input_scale itself is released."""
+    reciprocal = (1.0 / input_scale.double()).to(act_dtype)
+    delattr(layer, "input_scale")
+    layer.register_parameter("input_scale_reciprocal", torch.nn.Parameter(reciprocal, requires_grad=False))
 
 
 def _check_bias_folded(layer) -> None:
@@ -81,7 +114,7 @@ def _check_bias_folded(layer) -> None:
     if weight.shape[1] != getattr(layer, "input_size", weight.shape[1]):
         return
     deq = decode_int64_scale(layer.deq_scale.data).double()
-    offset_term = torch.round(-layer.input_offset.data.double() * weight.sum(dim=1, dtype=torch.int64).double())
+    offset_term = torch.round(-layer.input_offset.data[0].double() * weight.sum(dim=1, dtype=torch.int64).double())
     folded = (layer.quant_bias.data.double() - offset_term) * deq
     bias = layer.bias.data.double()
     # the writer's rounding to one accumulator step (deq_scale), plus the bias's own bf16 rounding
