@@ -100,6 +100,11 @@ def _fake_quant_per_token(x: torch.Tensor, qmax: float) -> torch.Tensor:
     return torch.round(x.float() / safe).clamp(-qmax - 1, qmax).double() * safe.double()
 
 
+def round_half_away(x: torch.Tensor) -> torch.Tensor:
+    """npu_quantize(div_mode=False)'s rounding (aclnnAscendQuantV3 round mode "round")."""
+    return torch.sign(x) * torch.floor(x.abs() + 0.5)
+
+
 def shard_reference(tensors: Dict[str, torch.Tensor], kind: str, x: torch.Tensor,
                     k_slices: int = 1, bias: bool = True, npu_reciprocal: bool = False) -> torch.Tensor:
     """One checkpoint shard's output under its own dequantization convention, in float64.
@@ -113,11 +118,11 @@ def shard_reference(tensors: Dict[str, torch.Tensor], kind: str, x: torch.Tensor
     if kind == "W8A8":
         s, o = tensors["input_scale"].float(), tensors["input_offset"].float()
         # x / s + o in fp32, as the device computes it (float64 would round some near-ties the other way)
-        if npu_reciprocal:
-            xs = x.float() * (1.0 / s.double()).to(x.dtype).float()
+        if npu_reciprocal:  # npu_quantize(div_mode=False) rounds half away from zero
+            xs = x.float() * (1.0 / s.double()).to(x.dtype).float() + o
+            xq = round_half_away(xs).clamp(-128, 127).double()
         else:
-            xs = x.float() / s
-        xq = torch.round(xs + o).clamp(-128, 127).double()
+            xq = torch.round(x.float() / s + o).clamp(-128, 127).double()
         s, o = s.double(), o.double()
         x_fq = (xq - o) * s
         w_dq = w * (decode_int64_scale(tensors["deq_scale"]).double() / s)[:, None]

@@ -167,3 +167,16 @@ def test_missing_or_broken_description(tmp_path):
     (tmp_path / DESCRIPTION).write_text("{not json")
     error = _error(lambda: ModelSlimConfig.from_dir(str(tmp_path)))
     assert f"file {tmp_path / DESCRIPTION}" in str(error) and "not valid json" in str(error)
+
+
+@pytest.mark.parametrize("shape", [(16, 128), (128, 8)])
+def test_packed_weight_of_the_wrong_shape_is_a_checkpoint_error_in_the_loader(shape):
+    """SGLang's own load path (no plan check before it): a transposed or mis-packed weight_packed
+    stops with a CheckpointError naming the tensor, not an AttributeError."""
+    from sgl_ascend.layers.linear import ParallelLinear
+    from sgl_ascend.layers.schemes import CTWNA16Linear
+
+    layer = ParallelLinear(128, [128], CTWNA16Linear(4, 32, symmetric=True, packed=True), prefix="m.proj")
+    with pytest.raises(CheckpointError, match="does not fit|cannot take rank 0's slice") as info:
+        layer.weight_loader(layer.weight_packed, torch.zeros(shape, dtype=torch.int32))
+    assert "weight_packed" in str(info.value)

@@ -29,7 +29,7 @@ from safetensors.torch import load_file
 from ct_fixtures import (FORMATS, QWEN3_BF16, SCHEMES, Qwen3LayerLinears, quantize_with_library, write_checkpoint,
                          write_qwen3_ct_checkpoint)
 from conftest import rel_err
-from linear_helpers import tight_error
+from linear_helpers import round_half_away, tight_error
 from sgl_ascend.errors import CheckpointError
 from sgl_ascend.layers.linear import ParallelLinear, QKVSizes, load_linear
 from sgl_ascend.ops.int4 import pack_int4_to_int32, unpack_int32_to_int4
@@ -114,7 +114,7 @@ def reference(name, fused, deq, tensors, x, kernel=False):
         scale = tensors[f"{first}.input_scale"].float()
         zero_point = tensors.get(f"{first}.input_zero_point", torch.zeros(1, dtype=torch.int8))
         if kernel:
-            xq = torch.round(x.float() * (1.0 / scale.double()).to(x.dtype).float() + zero_point.float())
+            xq = round_half_away(x.float() * (1.0 / scale.double()).to(x.dtype).float() + zero_point.float())
             x = (xq.clamp(-128, 127) - zero_point.float()) * scale
         else:
             x = fake_quantize(x.float(), scale, zero_point, args)

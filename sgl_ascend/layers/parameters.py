@@ -35,6 +35,10 @@ class CheckpointLayout:
     outputs_per_element: int = 1
 
 
+def _without_ones(shape) -> tuple:
+    return tuple(d for d in shape if d != 1)
+
+
 class _StoredSlice:
     """A stored tensor seen in checkpoint coordinates: what `_copy_slice` needs of a target."""
 
@@ -170,7 +174,7 @@ class ShardedParameter(torch.nn.Parameter):
                     tensor=self._shard_name(shard_index))
             loaded = loaded.narrow(dim, rank * size, size)
         if loaded.shape != target.shape:
-            if loaded.numel() == target.numel() and loaded.squeeze().shape == target.squeeze().shape:
+            if _without_ones(loaded.shape) == _without_ones(target.shape):
                 loaded = loaded.reshape(target.shape)  # [N] vs [N, 1] scale layouts
             else:
                 raise CheckpointError(
