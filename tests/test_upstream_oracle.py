@@ -48,7 +48,7 @@ def upstream_env(monkeypatch):
 def print_op_table(request):
     yield
     if OP_ROWS:  # to the terminal, so the table shows without -s
-        text = "\n\ntorch.ops.npu calls per layer forward (ours: - = our call still breaks the contract)\n"
+        text = "\n\ntorch.ops.npu calls per layer forward, ours vs SGLang 0.5.23's NPU methods\n"
         text += op_table(OP_ROWS)
         capture = request.config.pluginmanager.get_plugin("capturemanager")
         reporter = request.config.pluginmanager.get_plugin("terminalreporter")
@@ -64,14 +64,8 @@ def _inputs(k, tokens=TOKENS, seed=0):
 
 
 def _ours(name, up_ops, build, call):
-    """Our layer's output and op counts; xfail while our calls still break the contract (the fixes
-    live on branches `linear` / `moe`)."""
-    try:
-        layer = build()
-        return count_npu_ops(call, layer)
-    except NpuContractError as exc:
-        OP_ROWS.append((name, None, up_ops))
-        pytest.xfail(f"needs branch linear/moe: our layer's call breaks the contract: {exc}")
+    """Our layer's output and op counts (a contract violation of ours fails the test)."""
+    return count_npu_ops(call, build())
 
 
 def _compare(name, ours, ours_ops, up, up_ops, tol):
