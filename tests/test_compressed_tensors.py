@@ -339,7 +339,7 @@ def test_ct_w4a8_runs_weight_only_int4_per_rank(checkpoints, name, caplog):
     weight = _kernel_weight(name, {None: f"{P}.mlp.down_proj"}, deq, tensors, torch.bfloat16)
     group = SCHEMES[name]["weights"].get("group_size") or 0
     parts, expected = [], 0
-    with caplog.at_level(logging.DEBUG, logger="sgl_ascend.layers.schemes.ct_w4a8"):
+    with caplog.at_level(logging.DEBUG, logger="sgl_ascend.layers.schemes.w4a8_kernel"):
         for rank, xs in enumerate(x.chunk(2, dim=-1)):
             layer = build(path, "mlp.down_proj", tp_rank=rank, tp_size=2)
             k = INTER // 2

@@ -205,3 +205,12 @@ def test_tp_size_that_splits_a_group_is_refused(tmp_path, gen):
     with pytest.raises(CheckpointError, match="not a whole number of groups of 32"):
         ParallelLinear(256, [128], config.get_linear_scheme(f"{MLP}.down_proj"), parallel="row",
                        prefix=f"{MLP}.down_proj", tp_rank=0, tp_size=16)
+
+
+def test_weight_only_kernel_is_said_in_the_log(caplog):
+    """Dense W4A8 runs weight-only on the NPU: the server log says so (no scheme runs as another silently)."""
+    import logging
+
+    with caplog.at_level(logging.DEBUG, logger="sgl_ascend.layers.schemes.w4a8_kernel"):
+        ParallelLinear(128, [64], W4A8DynamicLinear(0), prefix="model.layers.0.mlp.gate_proj")
+    assert any("msModelSlim W4A8 runs weight-only int4" in r.getMessage() for r in caplog.records)

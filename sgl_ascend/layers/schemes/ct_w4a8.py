@@ -13,12 +13,8 @@ loading the layer is a symmetric int4 WNA16 layer: weight int32 [K, N/8], weight
 [K/g, N] in the activation dtype.
 """
 
-import logging
-
 from sgl_ascend.layers.schemes.ct_wna16 import CTWNA16Linear
-
-logger = logging.getLogger(__name__)
-_said = False
+from sgl_ascend.layers.schemes.w4a8_kernel import log_weight_only
 
 
 class CTW4A8Linear(CTWNA16Linear):
@@ -26,10 +22,5 @@ class CTW4A8Linear(CTWNA16Linear):
         super().__init__(4, group_size, symmetric=True, packed=packed)
 
     def create_weights(self, layer, *args, **kwargs):
-        global _said
         super().create_weights(layer, *args, **kwargs)
-        logger.log(logging.DEBUG if _said else logging.INFO,
-                   "%s: compressed-tensors W4A8 runs weight-only int4 on the NPU (npu_weight_quant_batchmatmul, "
-                   "as vllm-ascend serves dense W4A8); activations are not quantized",
-                   getattr(layer, "prefix", "") or "layer")
-        _said = True
+        log_weight_only(layer, "compressed-tensors")

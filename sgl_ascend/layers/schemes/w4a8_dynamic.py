@@ -31,7 +31,8 @@ from sgl_ascend.layers.parameters import register
 from sgl_ascend.layers.schemes.base import LinearScheme
 from sgl_ascend.layers.schemes.common import (check_int_range, drop_zero_offset, kernel_act_dtype,
                                               pack_int4_for_kernel, weight_only_group_size)
-from sgl_ascend.layers.schemes.w4a8_kernel import apply_w4a8_weight_only, install_w4a8_weight_only, w4a8_linear_bytes
+from sgl_ascend.layers.schemes.w4a8_kernel import (apply_w4a8_weight_only, install_w4a8_weight_only, log_weight_only,
+                                                   w4a8_linear_bytes)
 
 
 class W4A8DynamicLinear(LinearScheme):
@@ -66,6 +67,7 @@ class W4A8DynamicLinear(LinearScheme):
                      input_dim=1)
             register(layer, "weight_offset_second", torch.empty(n, k // g, dtype=torch.int64), output_dim=0,
                      input_dim=1)
+        log_weight_only(layer, "msModelSlim")
 
     def process_weights_after_loading(self, layer):
         drop_zero_offset(layer, "weight_offset", "the W4A8_DYNAMIC kernel")

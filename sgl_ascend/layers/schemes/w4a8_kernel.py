@@ -15,6 +15,7 @@ kernel sees (the rank's K under tensor parallelism), which `kernel_correction` d
 loaded weights for files that do not store it.
 """
 
+import logging
 from typing import Optional
 
 import torch
@@ -26,6 +27,19 @@ from sgl_ascend.ops.scales import decode_int64_scale, encode_fp32_as_int64
 
 #: rows of K unpacked per step when summing int4 weights, so the int8 staging tensor stays small
 _ROWS = 256
+
+logger = logging.getLogger(__name__)
+_said_weight_only = False
+
+
+def log_weight_only(layer: torch.nn.Module, scheme: str) -> None:
+    """Say once (at INFO; later layers at DEBUG) that a dense W4A8 layer runs weight-only: a scheme
+    never runs as something else silently."""
+    global _said_weight_only
+    logger.log(logging.DEBUG if _said_weight_only else logging.INFO,
+               "%s: %s W4A8 runs weight-only int4 on the NPU (npu_weight_quant_batchmatmul, as vllm-ascend serves "
+               "dense W4A8); activations are not quantized", getattr(layer, "prefix", "") or "layer", scheme)
+    _said_weight_only = True
 
 
 def group_scale_bits(group_scale: torch.Tensor, channel_scale: torch.Tensor) -> torch.Tensor:
