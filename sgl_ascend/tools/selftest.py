@@ -20,9 +20,16 @@ import torch
 import torch.nn.functional as F
 
 from sgl_ascend import ops as op_surface
+from sgl_ascend.layers.linear import load_linear
+from sgl_ascend.layers.moe import build_moe
 from sgl_ascend.ops import twin
 from sgl_ascend.ops.int4 import pack_int4_to_int32, unpack_int32_to_int4
 from sgl_ascend.ops.scales import encode_fp32_as_int64
+from sgl_ascend.quant.checkpoint import SafetensorsCheckpoint
+from sgl_ascend.testing import synthetic
+from sgl_ascend.tools.model_layout import layout_from_config, load_config
+from sgl_ascend.tools.plan import build_linear, scheme_source
+from sgl_ascend.tools.verify import own_float_weight
 
 BF16 = torch.bfloat16
 
@@ -280,12 +287,6 @@ DEVICE_TOLERANCE = 0.01  # device vs twin: a few bf16 roundings
 
 
 def _dense_checks(path: str, label: str, tolerance: float, device: Optional[str], gen) -> List[Check]:
-    from sgl_ascend.layers.linear import load_linear
-    from sgl_ascend.quant.checkpoint import SafetensorsCheckpoint
-    from sgl_ascend.tools.model_layout import layout_from_config, load_config
-    from sgl_ascend.tools.plan import build_linear, scheme_source
-    from sgl_ascend.tools.verify import own_float_weight
-
     config = load_config(path)
     source, checkpoint = scheme_source(path, config), SafetensorsCheckpoint(path)
     checks = []
@@ -311,12 +312,6 @@ def _dense_checks(path: str, label: str, tolerance: float, device: Optional[str]
 
 
 def _expert_checks(path: str, label: str, tolerance: float, device: Optional[str], gen) -> List[Check]:
-    from sgl_ascend.layers.moe import build_moe
-    from sgl_ascend.quant.checkpoint import SafetensorsCheckpoint
-    from sgl_ascend.tools.model_layout import layout_from_config, load_config
-    from sgl_ascend.tools.plan import scheme_source
-    from sgl_ascend.tools.verify import own_float_weight
-
     config = load_config(path)
     source, checkpoint = scheme_source(path, config), SafetensorsCheckpoint(path)
     checks = []
@@ -361,8 +356,6 @@ class _nothing:
 
 
 def run_scheme_checks(device: Optional[str]) -> List[Check]:
-    from sgl_ascend.testing import synthetic
-
     gen = torch.Generator().manual_seed(0)
     checks = []
     with tempfile.TemporaryDirectory() as tmp:
