@@ -57,13 +57,26 @@ def unregister_scheme(kind: str, format: str, *names: str) -> None:
 
 def served_names(kind: str, format: str) -> List[str]:
     load_builtin_schemes()
-    return [name for (k, f, name) in _REGISTRY if k == kind and f == format]
+    return sorted(name for (k, f, name) in _REGISTRY if k == kind and f == format)
 
 
 def served_table() -> List[Tuple[str, str, str, str]]:
-    """(format, kind, name, class name) for every registered scheme, in registration order."""
+    """(format, kind, name, class name) for every registered scheme, by format, kind and name."""
     load_builtin_schemes()
-    return [(f, k, name, entry[0].__name__) for (k, f, name), entry in _REGISTRY.items()]
+    rows = [(f, k, name, entry[0].__name__) for (k, f, name), entry in _REGISTRY.items()]
+    return sorted(rows, key=lambda r: (FORMATS.index(r[0]), KINDS.index(r[1]), r[2]))
+
+
+def served_by(keys) -> str:
+    """"W8A8_DYNAMIC linear -> W8A8DynamicLinear, ..." for the distinct served keys among `keys`: what the
+    SGLang configs log, so the log says which class serves each scheme of the checkpoint."""
+    load_builtin_schemes()
+    seen = {}
+    for key in keys:
+        entry = _REGISTRY.get((key.kind, key.format, key.name))
+        if entry is not None:
+            seen.setdefault(f"{key.name} {key.kind}", entry[0].__name__)
+    return ", ".join(f"{what} -> {cls}" for what, cls in sorted(seen.items())) or "none"
 
 
 def served_text(kind: str, format: str) -> str:
@@ -125,7 +138,7 @@ def check_served(config):
             raise CheckpointError(
                 f"unknown scheme '{key.name}'; sgl-ascend serves these {fmt} schemes: {served}. "
                 "Re-export with one of those or file an issue for the scheme.", file=config.source, tensor=entry)
-        raise CheckpointError(refusal(key, f"{entry}"), file=config.source, tensor=entry)
+        raise CheckpointError(refusal(key, "this entry"), file=config.source, tensor=entry)
     return config
 
 

@@ -282,6 +282,10 @@ class CompressedTensorsConfig:
         """The key of a (possibly fused) linear layer; FLOAT when ignored / not targeted."""
         return args_key(LINEAR, self.scheme_args(prefix, layer))
 
+    def group_keys(self) -> List[SchemeKey]:
+        """The linear key of each config group (for logs: which class serves what)."""
+        return [args_key(LINEAR, args) for args in self._args.values()]
+
     def kv_cache_key(self) -> Optional[SchemeKey]:
         kv = self.config.kv_cache_scheme
         if kv is None:

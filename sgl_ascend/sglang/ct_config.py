@@ -10,7 +10,7 @@ from typing import Any, Dict, List, Optional
 import torch
 
 from sgl_ascend.layers.moe import moe_method_for_compressed_tensors
-from sgl_ascend.layers.registry import check_served, linear_scheme
+from sgl_ascend.layers.registry import check_served, linear_scheme, served_by
 from sgl_ascend.quant.compressed_tensors import QUANT_METHOD, CompressedTensorsConfig
 from sgl_ascend.sglang.config_base import AscendQuantConfigBase
 
@@ -25,8 +25,8 @@ class AscendCompressedTensorsConfig(AscendQuantConfigBase):
         super().__init__()
         self.raw = {k: v for k, v in raw.items() if k not in _SGLANG_KEYS}
         self.ct = check_served(CompressedTensorsConfig.from_dict(self.raw))
-        logger.info("sgl-ascend compressed-tensors config: format %s, config groups %s",
-                    self.raw.get("format"), ", ".join(sorted(self.ct.groups)))
+        logger.info("sgl-ascend compressed-tensors config: format %s, config groups %s; served by %s",
+                    self.raw.get("format"), ", ".join(sorted(self.ct.groups)), served_by(self.ct.group_keys()))
 
     @classmethod
     def get_name(cls) -> str:

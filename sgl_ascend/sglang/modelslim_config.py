@@ -11,7 +11,7 @@ from typing import Any, Dict, List, Optional
 import torch
 
 from sgl_ascend.layers.moe import moe_method_for_modelslim
-from sgl_ascend.layers.registry import check_served, linear_scheme
+from sgl_ascend.layers.registry import check_served, linear_scheme, served_by
 from sgl_ascend.models.norm_bias import enable_norm_bias, needs_norm_bias
 from sgl_ascend.quant.modelslim import DESCRIPTION_FILE, ModelSlimConfig, parse_description
 from sgl_ascend.sglang.config_base import AscendQuantConfigBase
@@ -37,9 +37,10 @@ class AscendModelSlimConfig(AscendQuantConfigBase):
         description = self.modelslim.description
         # Printed by the process that builds the model (SGLang's scheduler), so the log shows which
         # config served the checkpoint there.
-        logger.info("sgl-ascend %s config: msModelSlim checkpoint, model_quant_type=%s, writer version %s%s",
-                    self.get_name(), description.model_quant_type, description.version,
-                    ", anti-outlier norm biases" if needs_norm_bias(self.modelslim.types) else "")
+        logger.info("sgl-ascend %s config: msModelSlim checkpoint, model_quant_type=%s, writer version %s%s; "
+                    "served by %s", self.get_name(), description.model_quant_type, description.version,
+                    ", anti-outlier norm biases" if needs_norm_bias(self.modelslim.types) else "",
+                    served_by(key for key, _ in self.modelslim.tensor_keys()))
 
     @classmethod
     def get_name(cls) -> str:
