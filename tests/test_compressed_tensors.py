@@ -480,3 +480,14 @@ def test_full_qwen3_checkpoint_is_hf_loadable(tmp_path):
     weight = torch.cat([bf16[f"model.layers.1.mlp.{s}_proj.weight"] for s in ("gate", "up")]).float()
     # int4 symmetric group-32 weights: about 0.098 relative error against the bf16 source here.
     assert rel_err(layer(x), x.float() @ weight.t()) < 0.12
+
+
+def test_activation_use_clip_is_read_by_the_linear_and_the_expert_path_alike():
+    """W4A8 experts' `activation_use_clip` (not a compressed-tensors field): the config that SGLang and
+    `inspect` build accepts it, as the MoE method does (both read the config through split_clip)."""
+    raw = _config(INT4_G, TOKEN8, "pack-quantized")
+    raw["config_groups"]["group_0"]["activation_use_clip"] = True
+    config = ct.CompressedTensorsConfig.from_dict(raw)
+    assert config.clip_groups == {"group_0": True} and config.linear_key("x.q_proj").name == ct.W4A8
+    assert all(key.param("clip") is True for key in ct.expert_keys(raw, "model.layers.0.mlp"))
+    assert "activation_use_clip" in raw["config_groups"]["group_0"]  # the caller's dict is not changed

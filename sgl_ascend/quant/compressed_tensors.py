@@ -149,6 +149,7 @@ class CompressedTensorsConfig:
         self.source = source
         self.fp8_matmul = device_has_fp8_matmul() if fp8_matmul is None else fp8_matmul
         self.ignore: List[str] = list(config.ignore or [])
+        self.clip_groups: Dict[str, bool] = {}  # activation_use_clip per group (from_dict reads it)
         self.groups: Dict[str, QuantizationScheme] = {}
         for name, scheme in config.config_groups.items():
             if not isinstance(scheme, QuantizationScheme):  # a bare list of targets: preset name
@@ -172,11 +173,13 @@ class CompressedTensorsConfig:
                 raise CheckpointError(
                     f"{key} is set; sgl-ascend serves quantized dense checkpoints only. Export the "
                     f"checkpoint without {key.split('_')[0]}.", file=source, tensor=f"{where}.{key}")
+        raw, clip_groups = split_clip(raw)
         try:
             config = QuantizationConfig.model_validate(raw)
         except ValidationError as exc:
             raise CheckpointError(f"malformed quantization_config: {exc}", file=source, tensor=where) from exc
         parsed = cls(config, source, fp8_matmul)  # groups that inherit the top-level format check it there
+        parsed.clip_groups = clip_groups
         known = [f.value for f in CompressionFormat]
         if "format" in raw and raw["format"] not in known:
             raise CheckpointError(
@@ -209,8 +212,9 @@ class CompressedTensorsConfig:
         if kind is None:
             raise CheckpointError(
                 f"weights [{_describe(weights)}] with input activations [{_describe(acts)}] is not a "
-                "scheme sgl-ascend serves (WNA16 int4/int8 channel|group, W8A8 int8 static|dynamic, "
-                "W4A8 int4 + dynamic int8 tokens, FP8). Re-quantize with one of those.",
+                "scheme sgl-ascend recognizes (WNA16 int4/int8 channel|group, W8A8 int8 static|dynamic, "
+                "W4A8 int4 + dynamic int8 tokens, FP8; `sgl-ascend schemes` lists what is served). "
+                "Re-quantize with one of those.",
                 file=self.source, tensor=where)
         fmt = scheme.format or self.config.format
         fmt = enum_str(fmt)
@@ -300,6 +304,20 @@ class CompressedTensorsConfig:
             yield kv, "quantization_config.kv_cache_scheme"
 
 
+def split_clip(raw: dict) -> Tuple[dict, Dict[str, bool]]:
+    """(config without it, group -> activation_use_clip): the W4A8 experts' activation-clip flag a config
+    group may carry, which is not a compressed-tensors field; both the linear and the expert path read
+    the config through here, so both accept it."""
+    raw = copy.deepcopy(raw)
+    groups = raw.get("config_groups")
+    clip = {}
+    if isinstance(groups, dict):
+        for name, group in groups.items():
+            if isinstance(group, dict):
+                clip[name] = bool(group.pop("activation_use_clip", False))
+    return raw, clip
+
+
 def args_key(kind: str, args: Optional[CTSchemeArgs]) -> SchemeKey:
     """The SchemeKey of resolved args (None: unquantized)."""
     if args is None:
@@ -318,9 +336,7 @@ def expert_keys(quantization_config: dict, prefix: str) -> Tuple[SchemeKey, Sche
     projections. A config group may set `activation_use_clip` (read here, not a compressed-tensors
     field): the keys carry it as `clip`. A combination vLLM's order does not recognise keeps a
     descriptive name, which the registry then refuses with what it serves."""
-    raw = copy.deepcopy(quantization_config)
-    clip_groups = {name: bool(group.pop("activation_use_clip", False))
-                   for name, group in raw.get("config_groups", {}).items()}
+    raw, clip_groups = split_clip(quantization_config)
     try:
         config = QuantizationConfig.model_validate(raw)
     except Exception as exc:  # pydantic's ValidationError
@@ -340,7 +356,7 @@ def expert_keys(quantization_config: dict, prefix: str) -> Tuple[SchemeKey, Sche
                     kind = f"weights [{_describe(w)}] with input activations [{_describe(a)}]"
                     return SchemeKey.make(EXPERTS, COMPRESSED_TENSORS, kind, storage=fmt, config_group=name)
                 key = args_key(EXPERTS, CTSchemeArgs(kind, fmt, w, a, name))
-                return SchemeKey(EXPERTS, COMPRESSED_TENSORS, key.name, key.params + (("clip", clip_groups[name]),))
+                return SchemeKey(EXPERTS, COMPRESSED_TENSORS, key.name, key.params + (("clip", clip_groups.get(name, False)),))
         return SchemeKey(EXPERTS, COMPRESSED_TENSORS, UNQUANTIZED)
 
     return key("gate_proj"), key("down_proj")

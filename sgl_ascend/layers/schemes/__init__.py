@@ -19,3 +19,15 @@ __all__ = ["CTWNA16Linear", "CTW8A8DynamicTensorLinear",
            "CTW8A8StaticLinear", "CTFP8W8A16Linear", "CTW4A8Linear",
            "LinearScheme", "SchemeLinearMethod",
            "UnquantizedLinear", "W4A4DynamicLinear", "W4A8DynamicLinear", "W8A8DynamicLinear", "W8A8StaticLinear", "W8A16Linear"]
+
+
+def _import_every_module() -> None:
+    """Every module of this package, so a new linear scheme file registers itself without an edit here."""
+    import importlib
+    import pkgutil
+
+    for info in pkgutil.iter_modules(__path__):
+        importlib.import_module(f"{__name__}.{info.name}")
+
+
+_import_every_module()
