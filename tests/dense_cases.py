@@ -21,6 +21,7 @@ from ct_fixtures import FORMATS, SCHEMES, Qwen3LayerLinears, quantize_with_libra
 from float_reference import dequantize_modelslim
 from linear_helpers import (HEAD_DIM, HEADS, HIDDEN, INTER, KV_HEADS, build_layer, layer_spec,
                             synthetic_qwen3_tensors, write_modelslim)
+from sgl_ascend.layers.registry import linear_scheme
 from sgl_ascend.layers.linear import ParallelLinear, QKVSizes, load_linear
 from sgl_ascend.ops.int4 import pack_int8_pairs
 from sgl_ascend.quant import compressed_tensors as ct
@@ -132,7 +133,7 @@ def _build_ct(path, kind, tp_rank, tp_size, dtype):
     parallel, shards, k, sizes = CT_LAYERS[kind]
     qkv = QKVSizes(HEADS, KV_HEADS, HEAD_DIM, tp_size) if kind == "qkv_proj" else None
     prefix = f"model.layers.0.{'self_attn' if kind in ('qkv_proj', 'o_proj') else 'mlp'}.{kind}"
-    layer = ParallelLinear(k, qkv.full_sizes if qkv else sizes, config.get_linear_scheme(prefix), parallel=parallel,
+    layer = ParallelLinear(k, qkv.full_sizes if qkv else sizes, linear_scheme(config, prefix), parallel=parallel,
                            prefix=prefix, tp_rank=tp_rank, tp_size=tp_size, params_dtype=dtype, qkv=qkv)
     load_linear(layer, SafetensorsCheckpoint(path), shards)
     return layer

@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import save_file
 
 from conftest import msmodelslim_fixture
+from sgl_ascend.layers.registry import linear_scheme
 from sgl_ascend.layers.linear import ParallelLinear, QKVSizes, load_linear
 from sgl_ascend.ops.scales import decode_int64_scale
 from sgl_ascend.quant.checkpoint import SafetensorsCheckpoint
@@ -64,7 +65,7 @@ def build_layer(path: str, kind: str, layer: int = 0, tp_rank: int = 0, tp_size:
     """The layer for rank tp_rank of tp_size, loaded from the checkpoint at `path` (and processed)."""
     config, checkpoint = open_checkpoint(path)
     prefix, kwargs, shards = layer_spec(kind, layer, tp_size, **dims)
-    module = ParallelLinear(scheme=config.get_linear_scheme(prefix), prefix=prefix, tp_rank=tp_rank,
+    module = ParallelLinear(scheme=linear_scheme(config, prefix), prefix=prefix, tp_rank=tp_rank,
                             tp_size=tp_size, params_dtype=params_dtype, bias=config.has_float_bias(prefix),
                             **kwargs)
     if not process:

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from linear_helpers import build_layer, synthetic_qwen3_tensors, write_modelslim
+from sgl_ascend.layers.registry import check_served
 from sgl_ascend.errors import CheckpointError
 from sgl_ascend.quant.checkpoint import SafetensorsCheckpoint
 from sgl_ascend.quant.modelslim import ModelSlimConfig
@@ -66,7 +67,7 @@ def test_wrong_dtype(tmp_path, parts):
 def test_unknown_scheme_string(tmp_path, parts):
     tensors, types = parts
     types[f"{Q}.weight"] = "W2A2"
-    error = _error(lambda: ModelSlimConfig.from_dir(write_modelslim(str(tmp_path), tensors, types)))
+    error = _error(lambda: check_served(ModelSlimConfig.from_dir(write_modelslim(str(tmp_path), tensors, types))))
     assert f"file {tmp_path / DESCRIPTION}" in str(error) and f"tensor {Q}.weight" in str(error)
     assert "unknown scheme 'W2A2'" in str(error)
 

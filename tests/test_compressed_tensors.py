@@ -30,6 +30,7 @@ from ct_fixtures import (FORMATS, QWEN3_BF16, SCHEMES, Qwen3LayerLinears, quanti
                          write_qwen3_ct_checkpoint)
 from conftest import rel_err
 from linear_helpers import round_half_away, tight_error
+from sgl_ascend.layers.registry import check_served, linear_scheme
 from sgl_ascend.errors import CheckpointError
 from sgl_ascend.layers.linear import ParallelLinear, QKVSizes, load_linear
 from sgl_ascend.ops.int4 import pack_int4_to_int32, unpack_int32_to_int4
@@ -79,7 +80,7 @@ def build(path, fused, tp_rank=0, tp_size=1, dtype=torch.bfloat16, config=None, 
     qkv = QKVSizes(HEADS, KV_HEADS, HEAD_DIM, tp_size) if fused.endswith("qkv_proj") else None
     sizes = qkv.full_sizes if qkv else sizes
     prefix = f"model.layers.{prefix_layer}.{fused}"
-    layer = ParallelLinear(k, sizes, config.get_linear_scheme(prefix), parallel=parallel, prefix=prefix,
+    layer = ParallelLinear(k, sizes, linear_scheme(config, prefix), parallel=parallel, prefix=prefix,
                            tp_rank=tp_rank, tp_size=tp_size, params_dtype=dtype, qkv=qkv)
     load_linear(layer, SafetensorsCheckpoint(path), shards)
     return layer
@@ -168,7 +169,7 @@ def test_decision_order(weights, acts, fmt, kind):
     config = ct.CompressedTensorsConfig.from_dict(_config(weights, acts, fmt))
     assert config.scheme_args("model.layers.0.mlp.down_proj").kind == kind
     # W4A8 layers have their own scheme (weight-only int4 on the NPU, as vllm-ascend serves dense W4A8)
-    scheme = type(config.get_linear_scheme("model.layers.0.mlp.down_proj")).__name__
+    scheme = type(linear_scheme(config, "model.layers.0.mlp.down_proj")).__name__
     assert scheme == {ct.WNA16: "CTWNA16Linear", ct.W4A8: "CTW4A8Linear"}.get(kind, scheme)
 
 
@@ -193,9 +194,13 @@ def test_malformed_config_and_unknown_group_format():
     with pytest.raises(CheckpointError, match="malformed quantization_config") as info:
         ct.CompressedTensorsConfig.from_dict(bad, source="/ckpt/config.json")
     assert info.value.file == "/ckpt/config.json"
-    with pytest.raises(CheckpointError, match="kv_cache_scheme"):
-        ct.CompressedTensorsConfig.from_dict(_config(INT4_G, None, "pack-quantized",
-                                                     kv_cache_scheme={"num_bits": 8, "type": "float"}))
+    # A quantized KV cache resolves to a key; no KV-cache scheme is registered, so the registry refuses it.
+    kv = ct.CompressedTensorsConfig.from_dict(_config(INT4_G, None, "pack-quantized",
+                                                      kv_cache_scheme={"num_bits": 8, "type": "float"}))
+    assert kv.kv_cache_key().kind == "kv_cache" and kv.kv_cache_key().name == "float8"
+    with pytest.raises(CheckpointError, match="KV-cache quantization is not served yet") as info:
+        check_served(kv)
+    assert "kv_cache_scheme" in str(info.value)
     with pytest.raises(CheckpointError, match="not 'compressed-tensors'"):
         ct.CompressedTensorsConfig.from_dict({**_config(INT4_G), "quant_method": "gptq"})
 
@@ -210,7 +215,7 @@ def test_seed_002_fp8_labelled_w8a16_is_w8a8_fp8(caplog):
     assert any("is W8A8-FP8" in r.getMessage() and "weight-only FP8 (W8A16)" in r.getMessage()
                for r in caplog.records)
     with pytest.raises(CheckpointError, match="W8A8_FP8"):
-        ct.CompressedTensorsConfig.from_dict(raw, fp8_matmul=True).get_linear_scheme("x.q_proj")
+        linear_scheme(ct.CompressedTensorsConfig.from_dict(raw, fp8_matmul=True), "x.q_proj")
 
 
 # -- targets / ignore -----------------------------------------------------------------------------
@@ -475,3 +480,14 @@ def test_full_qwen3_checkpoint_is_hf_loadable(tmp_path):
     weight = torch.cat([bf16[f"model.layers.1.mlp.{s}_proj.weight"] for s in ("gate", "up")]).float()
     # int4 symmetric group-32 weights: about 0.098 relative error against the bf16 source here.
     assert rel_err(layer(x), x.float() @ weight.t()) < 0.12
+
+
+def test_activation_use_clip_is_read_by_the_linear_and_the_expert_path_alike():
+    """W4A8 experts' `activation_use_clip` (not a compressed-tensors field): the config that SGLang and
+    `inspect` build accepts it, as the MoE method does (both read the config through split_clip)."""
+    raw = _config(INT4_G, TOKEN8, "pack-quantized")
+    raw["config_groups"]["group_0"]["activation_use_clip"] = True
+    config = ct.CompressedTensorsConfig.from_dict(raw)
+    assert config.clip_groups == {"group_0": True} and config.linear_key("x.q_proj").name == ct.W4A8
+    assert all(key.param("clip") is True for key in ct.expert_keys(raw, "model.layers.0.mlp"))
+    assert "activation_use_clip" in raw["config_groups"]["group_0"]  # the caller's dict is not changed

@@ -10,6 +10,7 @@ import torch
 from conftest import msmodelslim_fixture
 from linear_helpers import (build_layer, calibrated_input, fixture_layer, layer_reference, open_checkpoint,
                             open_plain_checkpoint, rel_err, shard_reference, synthetic_qwen3, tight_error)
+from sgl_ascend.layers.registry import check_served, linear_scheme
 from sgl_ascend.errors import CheckpointError
 from sgl_ascend.layers.linear import ParallelLinear, load_linear
 from sgl_ascend.quant.modelslim import ModelSlimConfig, parse_description
@@ -45,7 +46,7 @@ def test_older_description_without_version(tmp_path):
 
 def test_attention_quantization_is_refused():
     with pytest.raises(CheckpointError, match="kv_cache_type=C8"):
-        parse_description({"version": "1.0.0", "kv_cache_type": "C8"})
+        check_served(ModelSlimConfig(parse_description({"version": "1.0.0", "kv_cache_type": "C8"})))
 
 
 # -- the V0 fixture --------------------------------------------------------------------------------
@@ -104,7 +105,7 @@ def test_v0_bias_is_counted_once_against_the_original_model(gen):
 def test_v0_expert_linear_with_bf16_scales(gen):
     config, checkpoint = open_checkpoint(msmodelslim_fixture(V0))
     prefix = "model.layers.0.mlp.experts.1.gate_up_proj"
-    layer = ParallelLinear(128, [64, 64], config.get_linear_scheme(prefix), prefix=prefix)
+    layer = ParallelLinear(128, [64, 64], linear_scheme(config, prefix), prefix=prefix)
     shards = {0: "model.layers.0.mlp.experts.1.gate_proj", 1: "model.layers.0.mlp.experts.1.up_proj"}
     load_linear(layer, checkpoint, shards)
     assert layer.weight_scale.dtype == torch.float32

@@ -23,6 +23,7 @@ from upstream_oracle import (MOE_PREFIX, count_npu_ops, enter_upstream_env, max_
 pytest.importorskip("sglang")
 pytestmark = pytest.mark.sglang
 
+from sgl_ascend.layers.registry import linear_scheme
 from sgl_ascend.ops.contract import NpuContractError  # noqa: E402
 
 TOKENS = 8
@@ -180,7 +181,7 @@ def _our_ct_linear(path, fused):
     qkv = QKVSizes(4, 2, 32, 1) if fused.endswith("qkv_proj") else None
     prefix = f"model.layers.0.{fused}"
     layer = ParallelLinear(k, qkv.full_sizes if qkv else sizes,
-                           ct.CompressedTensorsConfig.from_dir(path).get_linear_scheme(prefix), parallel=parallel,
+                           linear_scheme(ct.CompressedTensorsConfig.from_dir(path), prefix), parallel=parallel,
                            prefix=prefix, params_dtype=torch.bfloat16, qkv=qkv)
     load_linear(layer, SafetensorsCheckpoint(path), shards)
     return layer

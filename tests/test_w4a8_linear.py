@@ -18,6 +18,7 @@ import torch
 
 from conftest import msmodelslim_fixture, rel_err
 from linear_helpers import tight_error, write_modelslim
+from sgl_ascend.layers.registry import linear_scheme
 from sgl_ascend.errors import CheckpointError
 from sgl_ascend.layers.linear import ParallelLinear, load_linear
 from sgl_ascend.layers.schemes import W4A8DynamicLinear
@@ -53,7 +54,7 @@ def _slice(w, rank, tp, row):
 def _check_mlp(path, prefix, hidden, inter, tp, gen, group_size, legacy):
     """gate_up (column, fused) and down (row) of `prefix` for every rank of tp, against the reference."""
     config, ckpt = ModelSlimConfig.from_dir(path), SafetensorsCheckpoint(path)
-    gate_up_scheme = config.get_linear_scheme(f"{prefix}.gate_up_proj")
+    gate_up_scheme = linear_scheme(config, f"{prefix}.gate_up_proj")
     assert isinstance(gate_up_scheme, W4A8DynamicLinear)
     assert (gate_up_scheme.group_size, gate_up_scheme.legacy) == (group_size, legacy)
     x = torch.randn(6, hidden, generator=gen).to(torch.bfloat16)
@@ -62,7 +63,7 @@ def _check_mlp(path, prefix, hidden, inter, tp, gen, group_size, legacy):
            for p in ("gate_proj", "up_proj", "down_proj")}
     down_out, down_ref, down_exact, down_magnitude = 0, 0, 0, 0
     for rank in range(tp):
-        gate_up = ParallelLinear(hidden, [inter, inter], config.get_linear_scheme(f"{prefix}.gate_up_proj"),
+        gate_up = ParallelLinear(hidden, [inter, inter], linear_scheme(config, f"{prefix}.gate_up_proj"),
                                  prefix=f"{prefix}.gate_up_proj", tp_rank=rank, tp_size=tp)
         load_linear(gate_up, ckpt, {0: f"{prefix}.gate_proj", 1: f"{prefix}.up_proj"})
         out = gate_up(x)
@@ -70,7 +71,7 @@ def _check_mlp(path, prefix, hidden, inter, tp, gen, group_size, legacy):
                                     for p in ("gate_proj", "up_proj")], 1) for i in (0, 1))
         assert tight_error(out, kernel) <= TIGHT  # the kernel's bf16 scales
         assert rel_err(out, exact) <= SCALE_REL  # the checkpoint's fp32 scales
-        down = ParallelLinear(inter, [hidden], config.get_linear_scheme(f"{prefix}.down_proj"), parallel="row",
+        down = ParallelLinear(inter, [hidden], linear_scheme(config, f"{prefix}.down_proj"), parallel="row",
                               prefix=f"{prefix}.down_proj", tp_rank=rank, tp_size=tp)
         load_linear(down, ckpt, {None: f"{prefix}.down_proj"})
         part = down(h[:, rank * inter // tp:(rank + 1) * inter // tp]).double()
@@ -93,7 +94,7 @@ def _check_mlp(path, prefix, hidden, inter, tp, gen, group_size, legacy):
 @pytest.mark.parametrize("tp", [1, 2])
 def test_gate_up_and_down_match_reference(tp, gen):
     path = msmodelslim_fixture("qwen3-tiny-w4a8-dynamic")
-    assert isinstance(ModelSlimConfig.from_dir(path).get_linear_scheme(f"{MLP}.gate_up_proj"), W4A8DynamicLinear)
+    assert isinstance(linear_scheme(ModelSlimConfig.from_dir(path), f"{MLP}.gate_up_proj"), W4A8DynamicLinear)
     _check_mlp(path, MLP, 128, 256, tp, gen, 0, False)
 
 
@@ -148,7 +149,7 @@ def test_dense_w4a8_break_proof(tmp_path, gen):
     ref = h.double() @ dequant(ckpt, f"{MLP}.down_proj", torch.bfloat16).t()
 
     def down():
-        layer = ParallelLinear(256, [128], config.get_linear_scheme(f"{MLP}.down_proj"), parallel="row",
+        layer = ParallelLinear(256, [128], linear_scheme(config, f"{MLP}.down_proj"), parallel="row",
                                prefix=f"{MLP}.down_proj")
         load_linear(layer, ckpt, {None: f"{MLP}.down_proj"})
         return layer
@@ -170,7 +171,7 @@ def test_group_size_the_kernel_cannot_take_is_refused(tmp_path, gen):
     """npu_weight_quant_batchmatmul takes per-group scales for group sizes that are multiples of 32."""
     config = ModelSlimConfig.from_dir(write_w4a8_mlp(tmp_path, gen, 16))
     with pytest.raises(CheckpointError, match="group size 16 is not a multiple of 32"):
-        ParallelLinear(256, [128], config.get_linear_scheme(f"{MLP}.down_proj"), parallel="row",
+        ParallelLinear(256, [128], linear_scheme(config, f"{MLP}.down_proj"), parallel="row",
                        prefix=f"{MLP}.down_proj")
 
 
@@ -193,7 +194,7 @@ def _set(name, value):
 def test_bad_dense_w4a8_files_are_checkpoint_errors(tmp_path, gen, edit, legacy, match, tensor):
     path = write_w4a8_mlp(tmp_path, gen, 32, legacy, edit=edit)
     config, ckpt = ModelSlimConfig.from_dir(path), SafetensorsCheckpoint(path)
-    layer = ParallelLinear(128, [256, 256], config.get_linear_scheme(f"{MLP}.gate_up_proj"),
+    layer = ParallelLinear(128, [256, 256], linear_scheme(config, f"{MLP}.gate_up_proj"),
                            prefix=f"{MLP}.gate_up_proj")
     with pytest.raises(CheckpointError, match=match) as info:
         load_linear(layer, ckpt, {0: f"{MLP}.gate_proj", 1: f"{MLP}.up_proj"})
@@ -203,7 +204,7 @@ def test_bad_dense_w4a8_files_are_checkpoint_errors(tmp_path, gen, edit, legacy,
 def test_tp_size_that_splits_a_group_is_refused(tmp_path, gen):
     config = ModelSlimConfig.from_dir(write_w4a8_mlp(tmp_path, gen, 32))
     with pytest.raises(CheckpointError, match="not a whole number of groups of 32"):
-        ParallelLinear(256, [128], config.get_linear_scheme(f"{MLP}.down_proj"), parallel="row",
+        ParallelLinear(256, [128], linear_scheme(config, f"{MLP}.down_proj"), parallel="row",
                        prefix=f"{MLP}.down_proj", tp_rank=0, tp_size=16)
 
 

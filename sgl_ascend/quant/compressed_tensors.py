@@ -14,10 +14,11 @@ library's fake-quantization (absmax / 127.5): a 0.4% difference in scale, well i
 activation rounding error, and nothing the checkpoint stores depends on it.
 """
 
+import copy
 import logging
 import os
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from compressed_tensors.config import CompressionFormat
@@ -29,6 +30,7 @@ from pydantic import ValidationError
 from sgl_ascend.errors import CheckpointError
 from sgl_ascend.quant.checks import read_json_object
 from sgl_ascend.quant.modelslim import PACKED_MODULES
+from sgl_ascend.quant.scheme_key import COMPRESSED_TENSORS, EXPERTS, KV_CACHE, LINEAR, UNQUANTIZED, SchemeKey
 
 logger = logging.getLogger(__name__)
 
@@ -147,6 +149,7 @@ class CompressedTensorsConfig:
         self.source = source
         self.fp8_matmul = device_has_fp8_matmul() if fp8_matmul is None else fp8_matmul
         self.ignore: List[str] = list(config.ignore or [])
+        self.clip_groups: Dict[str, bool] = {}  # activation_use_clip per group (from_dict reads it)
         self.groups: Dict[str, QuantizationScheme] = {}
         for name, scheme in config.config_groups.items():
             if not isinstance(scheme, QuantizationScheme):  # a bare list of targets: preset name
@@ -170,15 +173,13 @@ class CompressedTensorsConfig:
                 raise CheckpointError(
                     f"{key} is set; sgl-ascend serves quantized dense checkpoints only. Export the "
                     f"checkpoint without {key.split('_')[0]}.", file=source, tensor=f"{where}.{key}")
+        raw, clip_groups = split_clip(raw)
         try:
             config = QuantizationConfig.model_validate(raw)
         except ValidationError as exc:
             raise CheckpointError(f"malformed quantization_config: {exc}", file=source, tensor=where) from exc
-        if config.kv_cache_scheme is not None:
-            raise CheckpointError(
-                "kv_cache_scheme is set (quantized KV cache), which sgl-ascend does not serve yet; "
-                "export the checkpoint without it.", file=source, tensor=f"{where}.kv_cache_scheme")
         parsed = cls(config, source, fp8_matmul)  # groups that inherit the top-level format check it there
+        parsed.clip_groups = clip_groups
         known = [f.value for f in CompressionFormat]
         if "format" in raw and raw["format"] not in known:
             raise CheckpointError(
@@ -211,8 +212,9 @@ class CompressedTensorsConfig:
         if kind is None:
             raise CheckpointError(
                 f"weights [{_describe(weights)}] with input activations [{_describe(acts)}] is not a "
-                "scheme sgl-ascend serves (WNA16 int4/int8 channel|group, W8A8 int8 static|dynamic, "
-                "W4A8 int4 + dynamic int8 tokens, FP8). Re-quantize with one of those.",
+                "scheme sgl-ascend recognizes (WNA16 int4/int8 channel|group, W8A8 int8 static|dynamic, "
+                "W4A8 int4 + dynamic int8 tokens, FP8; `sgl-ascend schemes` lists what is served). "
+                "Re-quantize with one of those.",
                 file=self.source, tensor=where)
         fmt = scheme.format or self.config.format
         fmt = enum_str(fmt)
@@ -279,7 +281,82 @@ class CompressedTensorsConfig:
         names = [f"{prefix}.{e}.{p}" for e in range(num_experts) for p in expert_projections]
         return self._resolve(names, f"experts {prefix}")
 
-    def get_linear_scheme(self, prefix: str, layer: Optional[torch.nn.Module] = None):
-        from sgl_ascend.layers.schemes import linear_scheme_for_compressed_tensors
+    # -- the resolver: config -> SchemeKeys (the registry in sgl_ascend.layers maps them to classes) --
+    def linear_key(self, prefix: str, layer: Optional[torch.nn.Module] = None) -> SchemeKey:
+        """The key of a (possibly fused) linear layer; FLOAT when ignored / not targeted."""
+        return args_key(LINEAR, self.scheme_args(prefix, layer))
 
-        return linear_scheme_for_compressed_tensors(self.scheme_args(prefix, layer), self, prefix)
+    def group_keys(self) -> List[SchemeKey]:
+        """The linear key of each config group (for logs: which class serves what)."""
+        return [args_key(LINEAR, args) for args in self._args.values()]
+
+    def kv_cache_key(self) -> Optional[SchemeKey]:
+        kv = self.config.kv_cache_scheme
+        if kv is None:
+            return None
+        return SchemeKey.make(KV_CACHE, COMPRESSED_TENSORS, f"{enum_str(kv.type)}{kv.num_bits}",
+                              strategy=enum_str(kv.strategy), dynamic=kv.dynamic, symmetric=kv.symmetric)
+
+    def tensor_keys(self) -> Iterator[Tuple[SchemeKey, str]]:
+        """What `check_served` checks up front: the KV cache (config groups are checked while parsing)."""
+        kv = self.kv_cache_key()
+        if kv is not None:
+            yield kv, "quantization_config.kv_cache_scheme"
+
+
+def split_clip(raw: dict) -> Tuple[dict, Dict[str, bool]]:
+    """(config without it, group -> activation_use_clip): the W4A8 experts' activation-clip flag a config
+    group may carry, which is not a compressed-tensors field; both the linear and the expert path read
+    the config through here, so both accept it."""
+    raw = copy.deepcopy(raw)
+    groups = raw.get("config_groups")
+    clip = {}
+    if isinstance(groups, dict):
+        for name, group in groups.items():
+            if isinstance(group, dict):
+                clip[name] = bool(group.pop("activation_use_clip", False))
+    return raw, clip
+
+
+def args_key(kind: str, args: Optional[CTSchemeArgs]) -> SchemeKey:
+    """The SchemeKey of resolved args (None: unquantized)."""
+    if args is None:
+        return SchemeKey(kind, COMPRESSED_TENSORS, UNQUANTIZED)
+    w, a = args.weights, args.input_activations
+    return SchemeKey.make(
+        kind, COMPRESSED_TENSORS, args.kind, num_bits=w.num_bits, strategy=enum_str(w.strategy),
+        group_size=args.group_size, symmetric=w.symmetric, storage=args.format,
+        packed=args.format == CompressionFormat.pack_quantized.value, config_group=args.group,
+        act_dynamic=None if a is None else a.dynamic, act_symmetric=None if a is None else a.symmetric,
+        act_strategy=None if a is None else enum_str(a.strategy))
+
+
+def expert_keys(quantization_config: dict, prefix: str) -> Tuple[SchemeKey, SchemeKey]:
+    """(gate/up, down) keys of the MoE block `prefix` (e.g. model.layers.0.mlp), from expert 0's
+    projections. A config group may set `activation_use_clip` (read here, not a compressed-tensors
+    field): the keys carry it as `clip`. A combination vLLM's order does not recognise keeps a
+    descriptive name, which the registry then refuses with what it serves."""
+    raw, clip_groups = split_clip(quantization_config)
+    try:
+        config = QuantizationConfig.model_validate(raw)
+    except Exception as exc:  # pydantic's ValidationError
+        raise CheckpointError(f"malformed compressed-tensors quantization_config: {exc}",
+                              file=CONFIG_FILE) from exc
+
+    def key(proj) -> SchemeKey:
+        module = f"{prefix}.experts.0.{proj}"
+        if any(match_name(module, target) for target in config.ignore or []):
+            return SchemeKey(EXPERTS, COMPRESSED_TENSORS, UNQUANTIZED)
+        for name, group in config.config_groups.items():
+            if any(match_name(module, t) or t == "Linear" for t in group.targets):
+                w, a = group.weights, group.input_activations
+                fmt = enum_str(group.format or config.format)
+                kind = decide_kind(w, a, device_has_fp8_matmul())
+                if kind is None:
+                    kind = f"weights [{_describe(w)}] with input activations [{_describe(a)}]"
+                    return SchemeKey.make(EXPERTS, COMPRESSED_TENSORS, kind, storage=fmt, config_group=name)
+                key = args_key(EXPERTS, CTSchemeArgs(kind, fmt, w, a, name))
+                return SchemeKey(EXPERTS, COMPRESSED_TENSORS, key.name, key.params + (("clip", clip_groups.get(name, False)),))
+        return SchemeKey(EXPERTS, COMPRESSED_TENSORS, UNQUANTIZED)
+
+    return key("gate_proj"), key("down_proj")

@@ -6,16 +6,19 @@ fused_qkv_a_proj_with_mqa) are looked up through their checkpoint shards, which 
 """
 
 import os
-from typing import Dict, List, Optional
+import re
+from typing import Dict, Iterator, List, Optional, Tuple
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from sgl_ascend.errors import CheckpointError
 from sgl_ascend.quant.checks import read_json_object
+from sgl_ascend.quant.scheme_key import EXPERTS, KV_CACHE, LINEAR, MSMODELSLIM, SchemeKey
 
 DESCRIPTION_FILE = "quant_model_description.json"
 
-LINEAR_TYPES = ("FLOAT", "W8A8", "W8A8_DYNAMIC", "W8A16", "W4A4_DYNAMIC", "W4A8_DYNAMIC")
+EXPERT_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+_EXPERT_TENSOR = re.compile(r"\.experts\.\d+\.")
 
 # Fused layer name -> the checkpoint shards it is built from (SGLang's and vLLM's naming).
 PACKED_MODULES: Dict[str, List[str]] = {
@@ -60,16 +63,6 @@ def parse_description(raw: dict, path: str = DESCRIPTION_FILE) -> ModelSlimDescr
         description = ModelSlimDescription.model_validate(raw)
     except ValidationError as exc:
         raise CheckpointError(f"malformed description: {exc}", file=path) from exc
-    if description.kv_cache_type or description.fa_quant_type:
-        raise CheckpointError(
-            f"KV-cache / attention quantization (kv_cache_type={description.kv_cache_type}, "
-            f"fa_quant_type={description.fa_quant_type}) is not supported by sgl-ascend yet; "
-            "export the checkpoint without it.", file=path)
-    for name, kind in description.tensor_types.items():
-        if kind not in LINEAR_TYPES:
-            raise CheckpointError(
-                f"unknown scheme '{kind}'; sgl-ascend serves {', '.join(LINEAR_TYPES)}. "
-                "Re-export with one of those or file an issue for the scheme.", file=path, tensor=name)
     return description
 
 
@@ -119,7 +112,46 @@ class ModelSlimConfig:
         """The FLOAT `*norm.bias` tensors anti-outlier smoothing adds; the model adds them after its norms."""
         return sorted(name for name, kind in self.types.items() if kind == "FLOAT" and name.endswith("norm.bias"))
 
-    def get_linear_scheme(self, prefix: str):
-        from sgl_ascend.layers.schemes import linear_scheme_for_modelslim
+    # -- the resolver: description -> SchemeKeys (the registry in sgl_ascend.layers maps them to classes) --
+    def _key(self, kind: str, name: str, **extra) -> SchemeKey:
+        d = self.description
+        return SchemeKey.make(kind, MSMODELSLIM, name, group_size=d.group_size, legacy=d.is_legacy, **extra)
 
-        return linear_scheme_for_modelslim(self.weight_type(prefix), self, prefix)
+    def linear_key(self, prefix: str) -> SchemeKey:
+        """The key of a (possibly fused) linear layer."""
+        return self._key(LINEAR, self.weight_type(prefix))
+
+    def expert_keys(self, prefix: str) -> Tuple[SchemeKey, SchemeKey]:
+        """(gate/up, down) keys of the MoE block `prefix` (e.g. model.layers.3.mlp), read from expert 0;
+        gate_proj and up_proj are fused into one grouped matmul and must agree."""
+        kinds = {}
+        for proj in EXPERT_PROJECTIONS:
+            name = f"{prefix}.experts.0.{proj}.weight"
+            if name not in self.types:
+                raise CheckpointError("the description has no entry for it, so the experts' scheme is unknown; "
+                                      "the description does not match this model.", file=self.source, tensor=name)
+            kinds[proj] = self.types[name]
+        if kinds["gate_proj"] != kinds["up_proj"]:
+            raise CheckpointError(f"gate_proj is {kinds['gate_proj']} but up_proj is {kinds['up_proj']}; they are "
+                                  "fused into one grouped matmul and need one scheme.", file=self.source,
+                                  tensor=f"{prefix}.experts.0.up_proj.weight")
+        clip_pattern = re.compile(re.escape(prefix) + r"\.experts\.\d+\.(gate_proj|up_proj|down_proj)\.(bias|alpha)$")
+        clip = any(clip_pattern.match(name) for name in self.types)
+        return (self._key(EXPERTS, kinds["gate_proj"], clip=clip), self._key(EXPERTS, kinds["down_proj"], clip=clip))
+
+    def kv_cache_key(self) -> Optional[SchemeKey]:
+        """KV-cache / attention quantization (kv_cache_type C8, fa_quant_type), None when absent."""
+        d = self.description
+        if not (d.kv_cache_type or d.fa_quant_type):
+            return None
+        return SchemeKey.make(KV_CACHE, MSMODELSLIM, d.kv_cache_type or d.fa_quant_type,
+                              kv_cache_type=d.kv_cache_type, fa_quant_type=d.fa_quant_type)
+
+    def tensor_keys(self) -> Iterator[Tuple[SchemeKey, str]]:
+        """(key, description entry) for every typed tensor and the KV cache: what `check_served` checks
+        up front, so an unknown type string fails at start-up naming its entry."""
+        kv = self.kv_cache_key()
+        if kv is not None:
+            yield kv, "kv_cache_type" if self.description.kv_cache_type else "fa_quant_type"
+        for name, kind in self.types.items():
+            yield self._key(EXPERTS if _EXPERT_TENSOR.search(name) else LINEAR, kind), name

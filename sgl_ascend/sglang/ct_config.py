@@ -10,6 +10,7 @@ from typing import Any, Dict, List, Optional
 import torch
 
 from sgl_ascend.layers.moe import moe_method_for_compressed_tensors
+from sgl_ascend.layers.registry import check_served, linear_scheme, served_by
 from sgl_ascend.quant.compressed_tensors import QUANT_METHOD, CompressedTensorsConfig
 from sgl_ascend.sglang.config_base import AscendQuantConfigBase
 
@@ -23,9 +24,9 @@ class AscendCompressedTensorsConfig(AscendQuantConfigBase):
     def __init__(self, raw: Dict[str, Any]):
         super().__init__()
         self.raw = {k: v for k, v in raw.items() if k not in _SGLANG_KEYS}
-        self.ct = CompressedTensorsConfig.from_dict(self.raw)
-        logger.info("sgl-ascend compressed-tensors config: format %s, config groups %s",
-                    self.raw.get("format"), ", ".join(sorted(self.ct.groups)))
+        self.ct = check_served(CompressedTensorsConfig.from_dict(self.raw))
+        logger.info("sgl-ascend compressed-tensors config: format %s, config groups %s; served by %s",
+                    self.raw.get("format"), ", ".join(sorted(self.ct.groups)), served_by(self.ct.group_keys()))
 
     @classmethod
     def get_name(cls) -> str:
@@ -43,7 +44,7 @@ class AscendCompressedTensorsConfig(AscendQuantConfigBase):
         return None
 
     def linear_scheme(self, prefix: str, layer: torch.nn.Module):
-        return self.ct.get_linear_scheme(prefix, layer)
+        return linear_scheme(self.ct, prefix, layer)
 
     def shard_prefixes(self, prefix: str) -> List[str]:
         return self.ct.shard_prefixes(prefix)

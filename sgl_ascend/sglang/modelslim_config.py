@@ -11,6 +11,7 @@ from typing import Any, Dict, List, Optional
 import torch
 
 from sgl_ascend.layers.moe import moe_method_for_modelslim
+from sgl_ascend.layers.registry import check_served, linear_scheme, served_by
 from sgl_ascend.models.norm_bias import enable_norm_bias, needs_norm_bias
 from sgl_ascend.quant.modelslim import DESCRIPTION_FILE, ModelSlimConfig, parse_description
 from sgl_ascend.sglang.config_base import AscendQuantConfigBase
@@ -30,15 +31,16 @@ class AscendModelSlimConfig(AscendQuantConfigBase):
         super().__init__()
         raw = {k: v for k, v in description.items() if k not in ("quant_method", "packed_modules_mapping",
                                                                     "hf_config")}
-        self.modelslim = ModelSlimConfig(parse_description(raw), DESCRIPTION_FILE)
+        self.modelslim = check_served(ModelSlimConfig(parse_description(raw), DESCRIPTION_FILE))
         if needs_norm_bias(self.modelslim.types):
             enable_norm_bias()
         description = self.modelslim.description
         # Printed by the process that builds the model (SGLang's scheduler), so the log shows which
         # config served the checkpoint there.
-        logger.info("sgl-ascend %s config: msModelSlim checkpoint, model_quant_type=%s, writer version %s%s",
-                    self.get_name(), description.model_quant_type, description.version,
-                    ", anti-outlier norm biases" if needs_norm_bias(self.modelslim.types) else "")
+        logger.info("sgl-ascend %s config: msModelSlim checkpoint, model_quant_type=%s, writer version %s%s; "
+                    "served by %s", self.get_name(), description.model_quant_type, description.version,
+                    ", anti-outlier norm biases" if needs_norm_bias(self.modelslim.types) else "",
+                    served_by(key for key, _ in self.modelslim.tensor_keys()))
 
     @classmethod
     def get_name(cls) -> str:
@@ -55,7 +57,7 @@ class AscendModelSlimConfig(AscendQuantConfigBase):
         return None
 
     def linear_scheme(self, prefix: str, layer: torch.nn.Module):
-        return self.modelslim.get_linear_scheme(prefix)
+        return linear_scheme(self.modelslim, prefix)
 
     def shard_prefixes(self, prefix: str) -> List[str]:
         return self.modelslim.shard_prefixes(prefix)

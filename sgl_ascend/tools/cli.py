@@ -3,6 +3,7 @@
     sgl-ascend inspect PATH [--tp N] [--ep N] [--json]
     sgl-ascend verify PATH [--reference BF16_PATH] [--threshold X] [--min-top1 F] [--prompts ...] [--json]
     sgl-ascend selftest [--json]
+    sgl-ascend schemes [--json]
 
 Exit codes: 0 fine; 1 verify (or selftest) found errors above the threshold; 2 the checkpoint cannot be served
 as it is (a CheckpointError, printed with file, tensor and what to do).
@@ -129,6 +130,24 @@ def cmd_selftest(args) -> int:
     return EXIT_OK if passed else EXIT_ABOVE_THRESHOLD
 
 
+def format_schemes(rows) -> str:
+    """rows: sgl_ascend.layers.registry.served_table(); one line per (format, kind, name)."""
+    table = [["format", "kind", "scheme", "served by"]] + [list(r) for r in rows]
+    return _table(table) + "\nKV-cache schemes: none served yet (a quantized KV cache is refused at start-up)" \
+        if not any(r[1] == "kv_cache" for r in rows) else _table(table)
+
+
+def cmd_schemes(args) -> int:
+    from sgl_ascend.layers.registry import served_table
+
+    rows = served_table()
+    if args.json:
+        print(json.dumps([dict(zip(("format", "kind", "name", "class"), r)) for r in rows], indent=2))
+    else:
+        print(format_schemes(rows))
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sgl-ascend", description="Inspect and verify quantized checkpoints "
                                      "(msModelSlim, compressed-tensors) before serving them on Ascend NPUs.")
@@ -155,6 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
                                         "host: twin vs float reference); run it first on a new NPU host")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_selftest)
+    r = sub.add_parser("schemes", help="every scheme sgl-ascend serves, per format and kind (from the registry)")
+    r.add_argument("--json", action="store_true")
+    r.set_defaults(func=cmd_schemes)
     return parser
 
 

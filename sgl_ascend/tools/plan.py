@@ -19,6 +19,7 @@ from sgl_ascend.layers.linear import ParallelLinear, QKVSizes, load_linear
 from sgl_ascend.layers.moe import (FusedMoEMethod, UnquantizedExperts, check_moe_checkpoint,
                                    moe_method_for_compressed_tensors, moe_method_for_modelslim)
 from sgl_ascend.layers.parameters import ShardedParameter
+from sgl_ascend.layers.registry import check_served, linear_scheme
 from sgl_ascend.layers.schemes import UnquantizedLinear
 from sgl_ascend.quant.checkpoint import SafetensorsCheckpoint, TensorInfo
 from sgl_ascend.quant.checks import check_int4_in_int8, check_layers_present
@@ -63,13 +64,13 @@ class ModelSlimSource:
     format = MSMODELSLIM
 
     def __init__(self, model_dir: str):
-        self.config = ModelSlimConfig.from_dir(model_dir)
+        self.config = check_served(ModelSlimConfig.from_dir(model_dir))
 
     def scheme_name(self, prefix: str) -> str:
         return self.config.weight_type(prefix)
 
     def get_linear_scheme(self, prefix: str):
-        return self.config.get_linear_scheme(prefix)
+        return linear_scheme(self.config, prefix)
 
     def has_float_bias(self, prefix: str) -> bool:
         return self.config.has_float_bias(prefix)
@@ -97,7 +98,7 @@ class CompressedTensorsSource:
     format = COMPRESSED_TENSORS
 
     def __init__(self, model_dir: str):
-        self.config = CompressedTensorsConfig.from_dir(model_dir)
+        self.config = check_served(CompressedTensorsConfig.from_dir(model_dir))
         self.raw = load_config(model_dir).quantization_config
 
     @staticmethod
@@ -115,7 +116,7 @@ class CompressedTensorsSource:
         return self.config.scheme_args(shard_prefix)
 
     def get_linear_scheme(self, prefix: str):
-        return self.config.get_linear_scheme(prefix)
+        return linear_scheme(self.config, prefix)
 
     def has_float_bias(self, prefix: str) -> bool:
         return False

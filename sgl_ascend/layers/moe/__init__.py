@@ -12,3 +12,15 @@ from sgl_ascend.layers.moe.w8a8_dynamic import W8A8DynamicExperts
 __all__ = ["ExpertScheme", "TensorSpec", "FusedMoEMethod", "apply_moe", "MoELayer", "build_moe", "load_moe",
            "check_moe_checkpoint", "moe_method_for_modelslim", "moe_method_for_compressed_tensors",
            "UnquantizedExperts", "W4A4DynamicExperts", "W4A8DynamicExperts", "W8A8DynamicExperts"]
+
+
+def _import_every_module() -> None:
+    """Every module of this package, so a new expert scheme file registers itself without an edit here."""
+    import importlib
+    import pkgutil
+
+    for info in pkgutil.iter_modules(__path__):
+        importlib.import_module(f"{__name__}.{info.name}")
+
+
+_import_every_module()

@@ -1,8 +1,10 @@
-"""Which expert schemes serve a checkpoint's MoE layer: from the msModelSlim description, or from the
-compressed-tensors `quantization_config` (parsed by the library)."""
+"""Which expert schemes serve a checkpoint's MoE layer: the format resolvers in `sgl_ascend.quant` give
+one SchemeKey for gate/up and one for down; the registry (`sgl_ascend.layers.registry`) builds them.
 
-import copy
-import re
+The expert scheme classes are registered here, in one place, with the factory that reads their key.
+(After the loading rework lands, these registrations move onto the classes as decorators, like the
+linear schemes'.)
+"""
 
 import torch
 
@@ -12,82 +14,56 @@ from sgl_ascend.layers.moe.unquantized import UnquantizedExperts
 from sgl_ascend.layers.moe.w4a4_dynamic import W4A4DynamicExperts
 from sgl_ascend.layers.moe.w4a8_dynamic import W4A8DynamicExperts
 from sgl_ascend.layers.moe.w8a8_dynamic import W8A8DynamicExperts
+from sgl_ascend.layers.registry import create, register_scheme
+from sgl_ascend.quant import compressed_tensors as ct
+from sgl_ascend.quant.scheme_key import COMPRESSED_TENSORS, EXPERTS, MSMODELSLIM, SchemeKey
 
-MODELSLIM_EXPERT_TYPES = ("FLOAT", "W8A8_DYNAMIC", "W4A8_DYNAMIC", "W4A4_DYNAMIC")
+
+def _with_dtype(cls):
+    return lambda key, role, params_dtype=torch.bfloat16, **_: cls(role, params_dtype)
+
+
+def _w4a8_modelslim(key: SchemeKey, role: str, **_):
+    return W4A8DynamicExperts(role, fmt="modelslim_legacy" if key.param("legacy") else "modelslim",
+                              group_size=key.param("group_size", 0), clip=key.param("clip", False))
+
+
+def _w4a8_compressed_tensors(key: SchemeKey, role: str, module: str = "", **_):
+    group_size = key.param("group_size") or 0
+    if not (key.param("packed") and (key.param("strategy") == "channel" or group_size)):
+        raise CheckpointError(
+            f"experts quantized as W4A8 with {key.param('strategy')} weights (group_size {key.param('group_size')}), "
+            f"format {key.param('storage')} are not served; served: int4 symmetric weights per channel or group "
+            "(pack-quantized) with dynamic per-token int8 activations.", tensor=module)
+    return W4A8DynamicExperts(role, fmt="compressed_tensors", group_size=group_size, clip=key.param("clip", False))
+
+
+register_scheme(EXPERTS, COMPRESSED_TENSORS, "FLOAT",
+                factory=lambda key, role, **_: UnquantizedExperts(role))(UnquantizedExperts)
+register_scheme(EXPERTS, MSMODELSLIM, "FLOAT", factory=_with_dtype(UnquantizedExperts))(UnquantizedExperts)
+register_scheme(EXPERTS, MSMODELSLIM, "W8A8_DYNAMIC", factory=_with_dtype(W8A8DynamicExperts))(W8A8DynamicExperts)
+register_scheme(EXPERTS, MSMODELSLIM, "W4A8_DYNAMIC", factory=_w4a8_modelslim)(W4A8DynamicExperts)
+register_scheme(EXPERTS, MSMODELSLIM, "W4A4_DYNAMIC",
+                factory=lambda key, role, **_: W4A4DynamicExperts(role))(W4A4DynamicExperts)
+register_scheme(EXPERTS, COMPRESSED_TENSORS, ct.W4A8, factory=_w4a8_compressed_tensors)(W4A8DynamicExperts)
 
 
 def moe_method_for_modelslim(config, prefix: str, params_dtype: torch.dtype = torch.bfloat16) -> FusedMoEMethod:
     """config: sgl_ascend.quant.modelslim.ModelSlimConfig; prefix: the MoE block, e.g. model.layers.3.mlp."""
-    description, types = config.description, config.types
-    kinds = {}
-    for proj in ("gate_proj", "up_proj", "down_proj"):
-        name = f"{prefix}.experts.0.{proj}.weight"
-        if name not in types:
-            raise CheckpointError("the description has no entry for it, so the experts' scheme is unknown; "
-                                  "the description does not match this model.", file=config.source, tensor=name)
-        kinds[proj] = types[name]
-        if kinds[proj] not in MODELSLIM_EXPERT_TYPES:
-            raise CheckpointError(f"experts in {kinds[proj]} are not served; served: "
-                                  f"{', '.join(MODELSLIM_EXPERT_TYPES)}.", file=config.source, tensor=name)
-    if kinds["gate_proj"] != kinds["up_proj"]:
-        raise CheckpointError(f"gate_proj is {kinds['gate_proj']} but up_proj is {kinds['up_proj']}; they are "
-                              "fused into one grouped matmul and need one scheme.", file=config.source,
-                              tensor=f"{prefix}.experts.0.up_proj.weight")
-    clip_pattern = re.compile(re.escape(prefix) + r"\.experts\.\d+\.(gate_proj|up_proj|down_proj)\.(bias|alpha)$")
-    clip = any(clip_pattern.match(name) for name in types)
-
-    def scheme(role, kind):
-        if kind == "FLOAT":
-            return UnquantizedExperts(role, params_dtype)
-        if kind == "W8A8_DYNAMIC":
-            return W8A8DynamicExperts(role, params_dtype)
-        if kind == "W4A4_DYNAMIC":
-            return W4A4DynamicExperts(role)
-        return W4A8DynamicExperts(role, fmt="modelslim_legacy" if description.is_legacy else "modelslim",
-                                  group_size=description.group_size, clip=clip)
-
-    return FusedMoEMethod(scheme("w13", kinds["gate_proj"]), scheme("w2", kinds["down_proj"]))
+    w13, w2 = config.expert_keys(prefix)
+    return FusedMoEMethod(
+        create(w13, file=config.source, tensor=f"{prefix}.experts.0.gate_proj.weight", what=f"experts {prefix}",
+               role="w13", params_dtype=params_dtype),
+        create(w2, file=config.source, tensor=f"{prefix}.experts.0.down_proj.weight", what=f"experts {prefix}",
+               role="w2", params_dtype=params_dtype))
 
 
 def moe_method_for_compressed_tensors(quantization_config: dict, prefix: str) -> FusedMoEMethod:
-    """W4A8 experts: int4 symmetric weights per channel or group (pack-quantized) with dynamic per-token int8
-    activations. A config group may set `activation_use_clip` (read here, not a compressed-tensors
-    field)."""
-    from compressed_tensors.quantization import QuantizationConfig
-    from compressed_tensors.utils import match_name
-
-    raw = copy.deepcopy(quantization_config)
-    clip_groups = {name: bool(group.pop("activation_use_clip", False))
-                   for name, group in raw.get("config_groups", {}).items()}
-    try:
-        config = QuantizationConfig.model_validate(raw)
-    except Exception as exc:  # pydantic's ValidationError
-        raise CheckpointError(f"malformed compressed-tensors quantization_config: {exc}",
-                              file="config.json") from exc
-
-    def scheme(role, proj):
+    """compressed-tensors experts (W4A8: int4 symmetric weights per channel or group, pack-quantized, with
+    dynamic per-token int8 activations; or unquantized)."""
+    keys = ct.expert_keys(quantization_config, prefix)
+    schemes = []
+    for role, proj, key in (("w13", "gate_proj", keys[0]), ("w2", "down_proj", keys[1])):
         module = f"{prefix}.experts.0.{proj}"
-        if any(match_name(module, target) for target in config.ignore or []):
-            return UnquantizedExperts(role)
-        for name, group in config.config_groups.items():
-            if any(match_name(module, t) or t == "Linear" for t in group.targets):
-                return _ct_scheme(role, group, config.format, clip_groups[name], module)
-        return UnquantizedExperts(role)
-
-    return FusedMoEMethod(scheme("w13", "gate_proj"), scheme("w2", "down_proj"))
-
-
-def _ct_scheme(role, group, fmt, clip, module):
-    w, a = group.weights, group.input_activations
-    dynamic_int8 = (a is not None and a.num_bits == 8 and a.type == "int" and a.dynamic is True
-                    and a.strategy == "token" and a.symmetric)
-    int4 = w is not None and w.type == "int" and w.symmetric and w.num_bits == 4
-    group_size = w.group_size if int4 and w.strategy == "group" else 0
-    fmt = group.format or fmt
-    if int4 and (w.strategy == "channel" or group_size) and dynamic_int8 and fmt == "pack-quantized":
-        return W4A8DynamicExperts(role, fmt="compressed_tensors", group_size=group_size, clip=clip)
-    raise CheckpointError(
-        f"experts quantized as weights={w and w.model_dump(include={'num_bits', 'strategy', 'symmetric'})}, "
-        f"input_activations={a and a.model_dump(include={'num_bits', 'strategy', 'dynamic'})}, format {fmt} "
-        "are not served; served: int4 symmetric weights per channel or group (pack-quantized) with "
-        "dynamic per-token int8 activations.", tensor=module)
+        schemes.append(create(key, tensor=module, what=f"experts {module}", role=role, module=module))
+    return FusedMoEMethod(*schemes)

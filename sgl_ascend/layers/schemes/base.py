@@ -22,6 +22,11 @@ class LinearScheme(ABC):
     #: the checkpoint writer already folded a FLOAT bias of this layer into the scheme's own tensors
     folds_float_bias = False
 
+    @classmethod
+    def from_key(cls, key, **context) -> "LinearScheme":
+        """The scheme for a resolved SchemeKey (sgl_ascend.quant.scheme_key); override to read its params."""
+        return cls()
+
     @abstractmethod
     def create_weights(self, layer: torch.nn.Module, input_size_per_partition: int,
                        output_partition_sizes: List[int], input_size: int, output_size: int,

@@ -16,11 +16,18 @@ import torch
 import torch.nn.functional as F
 
 from sgl_ascend.layers.parameters import register, replace_data
+from sgl_ascend.layers.registry import register_scheme
 from sgl_ascend.layers.schemes.base import LinearScheme
 from sgl_ascend.layers.schemes.ct_common import expand_per_shard
+from sgl_ascend.quant.scheme_key import COMPRESSED_TENSORS, LINEAR
 
 
+@register_scheme(LINEAR, COMPRESSED_TENSORS, "FP8_W8A16")
 class CTFP8W8A16Linear(LinearScheme):
+    @classmethod
+    def from_key(cls, key, **context):
+        return cls(key.param("strategy") == "channel", static_input_scale=key.param("act_dynamic") is False)
+
     def __init__(self, per_channel_weights: bool, static_input_scale: bool):
         self.per_channel = per_channel_weights
         # The weight-only layer has no use for the calibrated FP8 activation scale.

@@ -13,11 +13,18 @@ loading the layer is a symmetric int4 WNA16 layer: weight int32 [K, N/8], weight
 [K/g, N] in the activation dtype.
 """
 
+from sgl_ascend.layers.registry import register_scheme
 from sgl_ascend.layers.schemes.ct_wna16 import CTWNA16Linear
 from sgl_ascend.layers.schemes.w4a8_kernel import log_weight_only
+from sgl_ascend.quant.scheme_key import COMPRESSED_TENSORS, LINEAR
 
 
+@register_scheme(LINEAR, COMPRESSED_TENSORS, "W4A8")
 class CTW4A8Linear(CTWNA16Linear):
+    @classmethod
+    def from_key(cls, key, **context):
+        return cls(key.param("group_size", 0), packed=key.param("packed", False))
+
     def __init__(self, group_size: int, packed: bool):
         super().__init__(4, group_size, symmetric=True, packed=packed)
 

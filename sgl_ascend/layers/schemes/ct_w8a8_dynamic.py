@@ -10,12 +10,22 @@ from typing import List
 import torch
 
 from sgl_ascend.layers.parameters import register, replace_data
+from sgl_ascend.layers.registry import register_scheme
 from sgl_ascend.layers.schemes.common import kernel_act_dtype, to_kernel_layout
 from sgl_ascend.layers.schemes.ct_common import expand_per_shard
 from sgl_ascend.layers.schemes.w8a8_dynamic import W8A8DynamicLinear
+from sgl_ascend.quant.scheme_key import COMPRESSED_TENSORS, LINEAR
 
 
+@register_scheme(LINEAR, COMPRESSED_TENSORS, "W8A8_DYNAMIC")
 class CTW8A8DynamicTensorLinear(W8A8DynamicLinear):
+    @classmethod
+    def from_key(cls, key, **context):
+        """Per-channel int8 weights fit msModelSlim's W8A8_DYNAMIC layer as they are (no offset)."""
+        if key.param("strategy") == "channel":
+            return W8A8DynamicLinear(with_offset=False)
+        return cls()
+
     def __init__(self):
         super().__init__(with_offset=False)
 

@@ -21,15 +21,22 @@ import torch
 
 from sgl_ascend.errors import CheckpointError
 from sgl_ascend.layers.parameters import register, replace_data
+from sgl_ascend.layers.registry import register_scheme
 from sgl_ascend.layers.schemes.base import LinearScheme
 from sgl_ascend.layers.schemes.common import kernel_act_dtype, to_kernel_layout
 from sgl_ascend.layers.schemes.ct_common import expand_per_shard
 from sgl_ascend.layers.schemes.w8a8_static import install_input_scale_reciprocal
 from sgl_ascend.ops import ops
 from sgl_ascend.ops.scales import encode_fp32_as_int64
+from sgl_ascend.quant.scheme_key import COMPRESSED_TENSORS, LINEAR
 
 
+@register_scheme(LINEAR, COMPRESSED_TENSORS, "W8A8_STATIC")
 class CTW8A8StaticLinear(LinearScheme):
+    @classmethod
+    def from_key(cls, key, **context):
+        return cls(key.param("strategy") == "channel", key.param("act_symmetric"))
+
     def __init__(self, per_channel_weights: bool, symmetric_activations: bool):
         self.per_channel = per_channel_weights
         self.symmetric_acts = symmetric_activations

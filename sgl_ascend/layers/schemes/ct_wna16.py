@@ -23,14 +23,22 @@ from compressed_tensors.compressors import unpack_from_int32
 
 from sgl_ascend.errors import CheckpointError
 from sgl_ascend.layers.parameters import register, replace_data
+from sgl_ascend.layers.registry import register_scheme
 from sgl_ascend.layers.schemes.base import LinearScheme
 from sgl_ascend.layers.schemes.common import (kernel_act_dtype, register_int4_weight, to_kernel_layout,
                                               weight_only_group_size, weight_only_matmul)
 from sgl_ascend.layers.schemes.ct_common import (check_and_drop_weight_shape, register_weight_shape,
                                                  write_packed_int4)
+from sgl_ascend.quant.scheme_key import COMPRESSED_TENSORS, LINEAR
 
 
+@register_scheme(LINEAR, COMPRESSED_TENSORS, "WNA16")
 class CTWNA16Linear(LinearScheme):
+    @classmethod
+    def from_key(cls, key, **context):
+        return cls(key.param("num_bits"), key.param("group_size", 0), key.param("symmetric"),
+                   packed=key.param("packed", False))
+
     def __init__(self, num_bits: int, group_size: int, symmetric: bool, packed: bool):
         if num_bits not in (4, 8):
             raise ValueError(f"WNA16 serves 4- and 8-bit weights, got {num_bits}")

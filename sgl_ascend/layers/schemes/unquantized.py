@@ -6,9 +6,13 @@ import torch
 import torch.nn.functional as F
 
 from sgl_ascend.layers.parameters import register
+from sgl_ascend.layers.registry import register_scheme
 from sgl_ascend.layers.schemes.base import LinearScheme
+from sgl_ascend.quant.scheme_key import COMPRESSED_TENSORS, LINEAR, MSMODELSLIM
 
 
+@register_scheme(LINEAR, MSMODELSLIM, "FLOAT")
+@register_scheme(LINEAR, COMPRESSED_TENSORS, "FLOAT")
 class UnquantizedLinear(LinearScheme):
     def create_weights(self, layer, input_size_per_partition: int, output_partition_sizes: List[int],
                        input_size: int, output_size: int, params_dtype: torch.dtype, **_):

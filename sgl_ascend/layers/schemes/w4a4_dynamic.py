@@ -14,12 +14,15 @@ from typing import List, Optional
 import torch
 
 from sgl_ascend.layers.parameters import register
+from sgl_ascend.layers.registry import register_scheme
 from sgl_ascend.layers.schemes.base import LinearScheme
 from sgl_ascend.layers.schemes.common import (drop_zero_offset, flatten_channel_scale, kernel_act_dtype,
                                               register_int4_weight)
 from sgl_ascend.ops import ops
+from sgl_ascend.quant.scheme_key import LINEAR, MSMODELSLIM
 
 
+@register_scheme(LINEAR, MSMODELSLIM, "W4A4_DYNAMIC")
 class W4A4DynamicLinear(LinearScheme):
     def create_weights(self, layer, input_size_per_partition: int, output_partition_sizes: List[int],
                        input_size: int, output_size: int, params_dtype: torch.dtype, **_):

@@ -28,16 +28,23 @@ import torch
 
 from sgl_ascend.errors import CheckpointError
 from sgl_ascend.layers.parameters import register
+from sgl_ascend.layers.registry import register_scheme
 from sgl_ascend.layers.schemes.base import LinearScheme
 from sgl_ascend.layers.schemes.common import (check_int_range, drop_zero_offset, kernel_act_dtype,
                                               pack_int4_for_kernel, weight_only_group_size)
 from sgl_ascend.layers.schemes.w4a8_kernel import (apply_w4a8_weight_only, install_w4a8_weight_only, log_weight_only,
                                                    w4a8_linear_bytes)
+from sgl_ascend.quant.scheme_key import LINEAR, MSMODELSLIM
 
 
+@register_scheme(LINEAR, MSMODELSLIM, "W4A8_DYNAMIC")
 class W4A8DynamicLinear(LinearScheme):
     # the int8-activation kernel's correction: the weight-only kernel has no use for it
     ignored_suffixes = ("scale_bias",)
+
+    @classmethod
+    def from_key(cls, key, **context):
+        return cls(key.param("group_size", 0), legacy=key.param("legacy", False))
 
     def __init__(self, group_size: int = 0, legacy: bool = False):
         self.group_size, self.legacy = group_size, legacy

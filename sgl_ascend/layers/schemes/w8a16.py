@@ -14,11 +14,14 @@ from typing import List, Optional
 import torch
 
 from sgl_ascend.layers.parameters import register, replace_data
+from sgl_ascend.layers.registry import register_scheme
 from sgl_ascend.layers.schemes.base import LinearScheme
 from sgl_ascend.layers.schemes.common import (flatten_channel_scale, kernel_act_dtype, to_kernel_layout,
                                               weight_only_matmul)
+from sgl_ascend.quant.scheme_key import LINEAR, MSMODELSLIM
 
 
+@register_scheme(LINEAR, MSMODELSLIM, "W8A16")
 class W8A16Linear(LinearScheme):
     def create_weights(self, layer, input_size_per_partition: int, output_partition_sizes: List[int],
                        input_size: int, output_size: int, params_dtype: torch.dtype, **_):

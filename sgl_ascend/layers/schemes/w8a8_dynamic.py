@@ -12,11 +12,14 @@ from typing import List, Optional
 import torch
 
 from sgl_ascend.layers.parameters import register, replace_data
+from sgl_ascend.layers.registry import register_scheme
 from sgl_ascend.layers.schemes.base import LinearScheme
 from sgl_ascend.layers.schemes.common import drop_zero_offset, flatten_channel_scale, kernel_act_dtype, to_kernel_layout
 from sgl_ascend.ops import ops
+from sgl_ascend.quant.scheme_key import LINEAR, MSMODELSLIM
 
 
+@register_scheme(LINEAR, MSMODELSLIM, "W8A8_DYNAMIC")
 class W8A8DynamicLinear(LinearScheme):
     def __init__(self, with_offset: bool = True):
         self.with_offset = with_offset

@@ -31,10 +31,12 @@ import torch
 
 from sgl_ascend.errors import CheckpointError
 from sgl_ascend.layers.parameters import register, replace_data
+from sgl_ascend.layers.registry import register_scheme
 from sgl_ascend.layers.schemes.base import LinearScheme
 from sgl_ascend.layers.schemes.common import kernel_act_dtype, to_kernel_layout
 from sgl_ascend.ops import ops
 from sgl_ascend.ops.scales import decode_int64_scale, encode_fp32_as_int64
+from sgl_ascend.quant.scheme_key import LINEAR, MSMODELSLIM
 
 
 def register_deq_scale(layer, n: int, act_dtype: torch.dtype, **rules):
@@ -47,6 +49,7 @@ def register_deq_scale(layer, n: int, act_dtype: torch.dtype, **rules):
                     converters={torch.int64: decode_int64_scale}, **rules)
 
 
+@register_scheme(LINEAR, MSMODELSLIM, "W8A8")
 class W8A8StaticLinear(LinearScheme):
     # deq_scale already carries input_scale * weight_scale; the per-channel weight scale and offset
     # some writers add beside it are not needed by the kernel, so they are not loaded.
