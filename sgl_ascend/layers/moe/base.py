@@ -5,11 +5,13 @@ One `ExpertScheme` serves one weight group of a fused-MoE layer: "w13" (gate_pro
 along the output dim, column-parallel) or "w2" (down_proj, row-parallel). A layer holds one of each,
 so gate/up and down may use different schemes (mixed checkpoints).
 
-Loading rule of a parameter (`register_expert`): the checkpoint tensor of one expert and one shard
-is validated against its `TensorSpec`, narrowed to this rank's tensor-parallel slice along
-`spec.tp_dim`, and handed to the parameter's `write(target, tensor)`, which converts it straight
-into the parameter's (final) layout inside the slice of that expert (and of that shard: gate is
-the first half of `n_dim`, up the second). Nothing is staged beside the parameter.
+Loading rule of a parameter (`register_expert`): a `ShardedParameter`, the class the linears use,
+whose `ExpertLayout` holds the `TensorSpec` and a writer with `CheckpointLayout.write`'s signature
+`write(stored slice, checkpoint slice)`. `ShardedParameter.load_expert_weight` validates one expert's
+checkpoint tensor of one shard against the spec, narrows it to this rank's tensor-parallel slice
+along `spec.tp_dim`, and hands it to the writer, which converts it straight into the parameter's
+(final) layout inside the slice of that expert (and of that shard: gate is the first half of
+`n_dim`, up the second). Nothing is staged beside the parameter.
 """
 
 from abc import ABC, abstractmethod
