@@ -53,7 +53,8 @@ def pack_int4_for_kernel(values_nk: torch.Tensor, out: Optional[torch.Tensor] = 
         raise CheckpointError(f"int4 weights need an output size divisible by 8 to pack, got {n}")
     packed = torch.empty(k, n // 8, dtype=torch.int32, device=values_nk.device) if out is None else out
     rows = max(8, INT4_PACK_CHUNK_BYTES // max(k, 1) // 8 * 8)
-    as_bytes = packed.device.type == "cpu" and values_nk.device.type == "cpu" and sys.byteorder == "little"
+    as_bytes = (packed.device.type == "cpu" and values_nk.device.type == "cpu" and sys.byteorder == "little"
+                and packed.stride(-1) == 1)
     for start in range(0, n, rows):
         chunk = values_nk[start:start + rows]
         cols = slice(start // 8, (start + chunk.shape[0]) // 8)
