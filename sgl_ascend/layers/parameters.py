@@ -8,7 +8,7 @@ whoever loads it.
 """
 
 from dataclasses import dataclass
-from typing import Callable, Dict, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Optional, Tuple, Union
 
 import torch
 
@@ -33,6 +33,57 @@ class CheckpointLayout:
     write: Callable[[torch.Tensor, torch.Tensor], None]
     stored_output_dim: int
     outputs_per_element: int = 1
+
+
+#: dtype kinds an expert tensor may accept (several writers store scales as fp32, bf16 or int64 bits)
+DTYPE_KINDS = {
+    "int8": lambda d: d == torch.int8,
+    "int32": lambda d: d == torch.int32,
+    "int": lambda d: not d.is_floating_point and d != torch.bool,
+    "float": lambda d: d.is_floating_point,
+    "float_or_int64": lambda d: d.is_floating_point or d == torch.int64,
+    "number": lambda d: d != torch.bool,
+}
+
+
+def check_dtype(got: torch.dtype, want: Union[torch.dtype, str], tensor: Optional[str] = None,
+                file: Optional[str] = None) -> None:
+    """One dtype rule for every loaded tensor. want: a stored dtype (integers and FP8 codes must match
+    exactly, other floats convert) or a kind of DTYPE_KINDS."""
+    if isinstance(want, str):
+        ok = DTYPE_KINDS[want](got)
+    else:
+        want_int, got_int = not want.is_floating_point, not got.is_floating_point
+        # FP8 values are codes like ints: a copy from (or into) another float dtype would re-quantize.
+        fp8 = want.itemsize == 1 or got.itemsize == 1
+        ok = want_int == got_int and not ((want_int or fp8) and got != want)
+    if not ok:
+        raise CheckpointError(
+            f"dtype {got} where {want} is expected; the checkpoint's scheme "
+            "does not match this tensor. Re-export it or check its quantization description "
+            "(quant_model_description.json, or quantization_config in config.json).", file=file, tensor=tensor)
+
+
+@dataclass(frozen=True)
+class ExpertLayout:
+    """A fused expert parameter [E_local, ...] filled one expert and shard at a time.
+
+    spec: the per-expert checkpoint tensor (moe.base.TensorSpec: full shape, dtype kind, tp_dim).
+    write(stored slice, checkpoint slice): as CheckpointLayout.write, on this expert's (and shard's)
+        slice of the parameter and this rank's tensor-parallel slice of the checkpoint tensor.
+    n_dim: the dim of one expert's slice that holds output channels (gate / up halves), None when
+        the tensor has none (a per-expert scalar).
+    record_full(local expert, unsliced tensor): for writers that also need the whole tensor.
+    """
+
+    spec: Any
+    write: Callable[[torch.Tensor, torch.Tensor], None]
+    n_dim: Optional[int] = 0
+    record_full: Optional[Callable[[int, torch.Tensor], None]] = None
+
+
+#: SGLang FusedMoE shard ids of gate_proj / up_proj -> their half of w13's output channels
+EXPERT_SHARD_INDEX = {"w1": 0, "w3": 1}
 
 
 def _without_ones(shape) -> tuple:
@@ -83,6 +134,7 @@ class ShardedParameter(torch.nn.Parameter):
                  input_dim: Optional[int] = None, output_pack_factor: int = 1,
                  per_shard: bool = False, first_rank_only: bool = False,
                  checkpoint_layout: Optional[CheckpointLayout] = None,
+                 expert_layout: Optional[ExpertLayout] = None,
                  converters: Optional[Dict[torch.dtype, Callable[[torch.Tensor], torch.Tensor]]] = None):
         self.tensor_name = name
         self.output_dim = output_dim
@@ -91,6 +143,7 @@ class ShardedParameter(torch.nn.Parameter):
         self.per_shard = per_shard
         self.first_rank_only = first_rank_only
         self.checkpoint_layout = checkpoint_layout
+        self.expert_layout = expert_layout
         self.converters = converters or {}
 
     # -- the four SGLang loader entry points -------------------------------------------------
@@ -125,6 +178,36 @@ class ShardedParameter(torch.nn.Parameter):
             self.data.zero_()
             return
         self._copy_slice(self._target(), loaded_weight, self.input_dim, tp_rank, use_presharded_weights)
+
+    def load_expert_weight(self, loaded_weight: torch.Tensor, *, local_expert: int, shard_id: str,
+                           tp_rank: int = 0, tp_size: int = 1, weight_name: Optional[str] = None):
+        """One expert's checkpoint tensor (SGLang FusedMoE shard "w1" gate, "w3" up, "w2" down) into
+        its slice of this fused parameter: checked against the spec, narrowed to this rank's slice
+        along spec.tp_dim, converted by the layout's writer in place."""
+        layout, name = self.expert_layout, weight_name or self.tensor_name
+        spec = layout.spec
+        spec.check(loaded_weight.dtype, loaded_weight.shape, name)
+        full, loaded = loaded_weight, loaded_weight
+        if spec.tp_dim is not None and tp_size > 1:
+            size = loaded.shape[spec.tp_dim]
+            if size % tp_size:
+                raise CheckpointError(f"dim {spec.tp_dim} of size {size} does not split into {tp_size} "
+                                      "tensor-parallel slices", tensor=name)
+            loaded = loaded.narrow(spec.tp_dim, tp_rank * (size // tp_size), size // tp_size)
+        target = None
+        if self.data.numel():
+            target = self.data[local_expert]
+            if shard_id != "w2" and layout.n_dim is not None:
+                half = target.shape[layout.n_dim] // 2
+                target = target.narrow(layout.n_dim, EXPERT_SHARD_INDEX[shard_id] * half, half)
+        try:
+            layout.write(target, loaded)
+            if layout.record_full is not None:
+                layout.record_full(local_expert, full)
+        except CheckpointError as exc:  # a writer's value check: name the tensor
+            if exc.tensor is not None:
+                raise
+            raise CheckpointError(exc.message, tensor=name) from None
 
     # -- helpers -----------------------------------------------------------------------------
     def _convert(self, loaded: torch.Tensor) -> torch.Tensor:
@@ -190,16 +273,7 @@ class ShardedParameter(torch.nn.Parameter):
 
     def _check_dtype(self, loaded, shard_index=None):
         want = self.data.dtype if self.checkpoint_layout is None else self.checkpoint_layout.dtype
-        want_int = not want.is_floating_point
-        got_int = not loaded.dtype.is_floating_point
-        # FP8 values are codes like ints: a copy from (or into) another float dtype would re-quantize.
-        fp8 = want.itemsize == 1 or loaded.dtype.itemsize == 1
-        if want_int != got_int or ((want_int or fp8) and loaded.dtype != want):
-            raise CheckpointError(
-                f"dtype {loaded.dtype} where {want} is expected; the checkpoint's scheme "
-                "does not match this tensor. Re-export it or check its quantization description "
-                "(quant_model_description.json, or quantization_config in config.json).",
-                tensor=self._shard_name(shard_index))
+        check_dtype(loaded.dtype, want, tensor=self._shard_name(shard_index))
 
     def _shard_name(self, shard_index):
         return self.tensor_name if shard_index is None else f"{self.tensor_name} (fused shard {shard_index})"

@@ -5,11 +5,13 @@ One `ExpertScheme` serves one weight group of a fused-MoE layer: "w13" (gate_pro
 along the output dim, column-parallel) or "w2" (down_proj, row-parallel). A layer holds one of each,
 so gate/up and down may use different schemes (mixed checkpoints).
 
-Loading rule of a parameter (`register_expert`): the checkpoint tensor of one expert and one shard
-is validated against its `TensorSpec`, narrowed to this rank's tensor-parallel slice along
-`spec.tp_dim`, and handed to the parameter's `write(target, tensor)`, which converts it straight
-into the parameter's (final) layout inside the slice of that expert (and of that shard: gate is
-the first half of `n_dim`, up the second). Nothing is staged beside the parameter.
+Loading rule of a parameter (`register_expert`): a `ShardedParameter`, the class the linears use,
+whose `ExpertLayout` holds the `TensorSpec` and a writer with `CheckpointLayout.write`'s signature
+`write(stored slice, checkpoint slice)`. `ShardedParameter.load_expert_weight` validates one expert's
+checkpoint tensor of one shard against the spec, narrows it to this rank's tensor-parallel slice
+along `spec.tp_dim`, and hands it to the writer, which converts it straight into the parameter's
+(final) layout inside the slice of that expert (and of that shard: gate is the first half of
+`n_dim`, up the second). Nothing is staged beside the parameter.
 """
 
 from abc import ABC, abstractmethod
@@ -19,21 +21,12 @@ from typing import Callable, Dict, Optional, Tuple
 import torch
 
 from sgl_ascend.errors import CheckpointError, shape_str
+from sgl_ascend.layers.parameters import EXPERT_SHARD_INDEX, ExpertLayout, ShardedParameter, check_dtype
 from sgl_ascend.ops import ops
 
 #: checkpoint projection names -> (weight group, SGLang FusedMoE shard id)
 PROJECTIONS = {"gate_proj": ("w13", "w1"), "up_proj": ("w13", "w3"), "down_proj": ("w2", "w2")}
-SHARD_INDEX = {"w1": 0, "w3": 1}
-
-_KINDS = {
-    "int8": lambda d: d == torch.int8,
-    "int32": lambda d: d == torch.int32,
-    "int": lambda d: not d.is_floating_point and d != torch.bool,
-    "float": lambda d: d.is_floating_point,
-    "float_or_int64": lambda d: d.is_floating_point or d == torch.int64,
-    "number": lambda d: d != torch.bool,
-}
-
+SHARD_INDEX = EXPERT_SHARD_INDEX
 
 @dataclass(frozen=True)
 class TensorSpec:
@@ -44,9 +37,7 @@ class TensorSpec:
     tp_dim: Optional[int] = None
 
     def check(self, dtype: torch.dtype, shape, name: str, file: Optional[str] = None):
-        if not _KINDS[self.kind](dtype):
-            raise CheckpointError(f"dtype {dtype} where {self.kind} is expected; the description's scheme "
-                                  "does not match this tensor.", file=file, tensor=name)
+        check_dtype(dtype, self.kind, tensor=name, file=file)
         if tuple(shape) != self.shape and not (_numel(shape) == _numel(self.shape) == 1):
             raise CheckpointError(
                 f"shape {shape_str(shape)} where {shape_str(self.shape)} is expected for this expert "
@@ -71,15 +62,17 @@ def transposed_write(target: torch.Tensor, loaded: torch.Tensor) -> None:
 
 
 def register_expert(layer: torch.nn.Module, attr: str, data: torch.Tensor, spec: TensorSpec, *,
-                    n_dim: Optional[int] = 0, write: Callable = copy_write, **extra_weight_attrs):
-    """Attach a fused expert parameter [E_local, ...] with its loading rule (see module docstring).
+                    n_dim: Optional[int] = 0, write: Callable = copy_write,
+                    record_full: Optional[Callable] = None, **extra_weight_attrs) -> ShardedParameter:
+    """Attach a fused expert parameter [E_local, ...]: a ShardedParameter whose ExpertLayout carries
+    its loading rule (see module docstring; writers have CheckpointLayout's signature).
 
     n_dim: the dim of one expert's slice that holds output channels (gate/up halves), None when
     the tensor has none (a per-expert scalar).
     """
-    param = torch.nn.Parameter(data, requires_grad=False)
-    param.moe_spec, param.moe_n_dim, param.moe_write = spec, n_dim, write
-    param.tensor_name = f"{getattr(layer, 'prefix', '') or type(layer).__name__}.{attr}"
+    prefix = getattr(layer, "prefix", "") or type(layer).__name__
+    param = ShardedParameter(data, name=f"{prefix}.{attr}",
+                             expert_layout=ExpertLayout(spec, write, n_dim, record_full))
     for key, value in extra_weight_attrs.items():  # SGLang's set_weight_attrs (weight_loader, ...)
         setattr(param, key, value)
     layer.register_parameter(attr, param)

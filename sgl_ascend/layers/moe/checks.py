@@ -4,7 +4,7 @@ a neutral w2_alpha). They get a zero-byte parameter so that loaders looking para
 
 import torch
 
-from sgl_ascend.errors import CheckpointError
+from sgl_ascend.layers.schemes.common import check_zero_offset
 
 
 def CHECK_ONLY() -> torch.Tensor:
@@ -16,11 +16,8 @@ def is_check_only(param: torch.Tensor) -> bool:
 
 
 def write_zero_check(target, loaded: torch.Tensor) -> None:
-    """Symmetric kernels take no weight offset: the checkpoint's must be zero."""
-    if torch.count_nonzero(loaded):
-        raise CheckpointError(
-            f"non-zero weight offset (max |offset| = {loaded.float().abs().max().item():g}) but the expert "
-            "kernel is symmetric; re-quantize the experts with symmetric weights.")
+    """Symmetric kernels take no weight offset: the checkpoint's must be zero (the linears' check)."""
+    check_zero_offset(loaded, "the expert kernel")
 
 
 def drop_check_only(layer: torch.nn.Module, role: str) -> None:

@@ -12,8 +12,7 @@ import torch
 
 from sgl_ascend.layers.moe.base import ExpertScheme, TensorSpec, register_expert
 from sgl_ascend.layers.moe.checks import CHECK_ONLY, drop_check_only, write_zero_check
-from sgl_ascend.layers.moe.int4 import write_fp32_bits
-from sgl_ascend.layers.schemes.common import write_int4_values
+from sgl_ascend.layers.schemes.common import write_fp32_bits, write_int4_values
 
 
 class W4A4DynamicExperts(ExpertScheme):

@@ -43,14 +43,15 @@ import torch
 from sgl_ascend.errors import CheckpointError
 from sgl_ascend.layers.moe.base import ExpertScheme, TensorSpec, register_expert
 from sgl_ascend.layers.moe.checks import CHECK_ONLY, drop_check_only, write_zero_check
-from sgl_ascend.layers.moe.int4 import write_fp32_bits, write_modelslim_pairs, write_scale_or_bits
-from sgl_ascend.layers.schemes.common import write_int4_values
+from sgl_ascend.layers.schemes.common import write_fp32_bits, write_int4_pairs, write_int4_values, write_scale_or_bits
 from sgl_ascend.layers.schemes.ct_common import write_packed_int4
 from sgl_ascend.layers.schemes.w4a8_kernel import kernel_correction, w4a8_grouped_matmul
 from sgl_ascend.ops.int4 import unpack_int8_pairs
 from sgl_ascend.ops.scales import decode_int64_scale, encode_fp32_as_int64
 
 FORMATS = ("modelslim", "modelslim_legacy", "compressed_tensors")
+#: layer buffer (not a parameter) of w2's full-K int4 sums while a tp > 1 activation-clip layer loads
+FULL_QSUM = "w2_full_qsum"
 _LOW32 = 0xFFFFFFFF
 
 
@@ -149,7 +150,7 @@ class W4A8DynamicExperts(ExpertScheme):
             raise CheckpointError(f"int4 experts need the per-rank output size of {self.role} to be a "
                                   f"multiple of 8 (16 for gate+up), got {n}")
         specs = self.checkpoint_tensors(*self.full_sizes(n, k, tp_size), tp_size)
-        weight_write = {"modelslim": write_modelslim_pairs, "modelslim_legacy": write_int4_values,
+        weight_write = {"modelslim": write_int4_pairs, "modelslim_legacy": write_int4_values,
                         "compressed_tensors": write_packed_int4}[self.fmt]
         weight_suffix = "weight_packed" if self.fmt == "compressed_tensors" else "weight"
         e = num_experts
@@ -157,10 +158,14 @@ class W4A8DynamicExperts(ExpertScheme):
         def reg(suffix, data, **kw):
             register_expert(layer, self.a(suffix), data, specs[suffix], **kw, **attrs)
 
+        record = None
         if self.clip and self.role == "w2" and tp_size > 1:
-            weight_write, attrs = _recording_full_sums(weight_write, self.fmt, e, n), dict(attrs, moe_write_full=True)
-        reg(weight_suffix, torch.empty(e, k, n // 8, dtype=torch.int32), n_dim=1, write=weight_write)
-        attrs.pop("moe_write_full", None)
+            # sum_k q over the full (unsliced) K per output channel, until post-processing splits w2_bias
+            sums = torch.zeros(e, n, dtype=torch.int32)
+            layer.register_buffer(FULL_QSUM, sums, persistent=False)
+            record = _full_sums_recorder(sums, self.fmt)
+        reg(weight_suffix, torch.empty(e, k, n // 8, dtype=torch.int32), n_dim=1, write=weight_write,
+            record_full=record)
         if self.fmt == "compressed_tensors":
             full_n, full_k = self.full_sizes(n, k, tp_size)
             reg("weight_shape", CHECK_ONLY(), n_dim=None, write=_shape_is(full_n, full_k))
@@ -206,7 +211,7 @@ class W4A8DynamicExperts(ExpertScheme):
         if self.fmt == "compressed_tensors" and not self.clip:
             bias = torch.nn.Parameter(self._rank_correction(layer), requires_grad=False)
             layer.register_parameter(self.a("scale_bias"), bias)
-        if self.clip and self.role == "w2" and hasattr(layer, "_moe_w2_full_qsum"):
+        if self.clip and self.role == "w2" and hasattr(layer, FULL_QSUM):
             self._split_w2_bias(layer)
 
     def _rank_correction(self, layer):
@@ -218,8 +223,8 @@ class W4A8DynamicExperts(ExpertScheme):
     def _split_w2_bias(self, layer):
         """tp > 1: w2_bias must be the full-K correction; each rank then adds its own slice's."""
         bias = getattr(layer, self.a("bias"))
-        full = 8 * layer._moe_w2_full_qsum.float() * decode_int64_scale(getattr(layer, self.a("weight_scale")).data)
-        del layer._moe_w2_full_qsum
+        full = 8 * getattr(layer, FULL_QSUM).float() * decode_int64_scale(getattr(layer, self.a("weight_scale")).data)
+        delattr(layer, FULL_QSUM)
         extra = (bias.data - full).abs().max().item()
         if extra > 1e-4 * full.abs().max().item() + 1e-6:
             raise CheckpointError(
@@ -239,20 +244,17 @@ class W4A8DynamicExperts(ExpertScheme):
         return num_experts * (n * k // 2 + scales + n * 4)
 
 
-def _recording_full_sums(weight_write, fmt, num_experts, n):
-    """Wrap a w2 weight writer to also keep sum_k q over the full (unsliced) K, per output channel."""
-    def write(target, loaded, full, layer, local):
-        weight_write(target, loaded)
-        if not hasattr(layer, "_moe_w2_full_qsum"):
-            layer._moe_w2_full_qsum = torch.zeros(num_experts, n, dtype=torch.int32)
+def _full_sums_recorder(sums: torch.Tensor, fmt: str):
+    """ExpertLayout.record_full of the w2 weight: sum_k q of one expert's unsliced tensor into sums[local]."""
+    def record(local, full):
         if fmt == "compressed_tensors":
             from compressed_tensors.compressors import unpack_from_int32
 
             values = unpack_from_int32(full, 4, torch.Size((full.shape[0], full.shape[1] * 8)))
         else:
             values = unpack_int8_pairs(full, 0) if fmt == "modelslim" else full
-        layer._moe_w2_full_qsum[local] = values.sum(dim=1, dtype=torch.int32)
-    return write
+        sums[local] = values.sum(dim=1, dtype=torch.int32)
+    return record
 
 
 def _shape_is(n, k):

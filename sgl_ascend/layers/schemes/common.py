@@ -1,5 +1,6 @@
 """Steps every scheme shares, one helper each: kernel layout, int4 packing, scale shapes, offsets."""
 
+import sys
 from typing import Optional
 
 import torch
@@ -7,12 +8,17 @@ import torch
 from sgl_ascend.errors import CheckpointError
 from sgl_ascend.layers.parameters import CheckpointLayout, register
 from sgl_ascend.ops import ops, to_nz
+from sgl_ascend.ops.scales import encode_fp32_as_int64
+from sgl_ascend.quant.checks import check_int4_in_int8
 
-# int4 values packed per call when converting weights, so the staging tensors stay small: ~12
-# bytes per value (int32 temporaries of the conversion), ~400 KiB per call. Weights are packed
-# while they load, when everything else is already resident, so this is all the headroom there is
-# (about as fast on CPU as 1M-value calls were: each chunk is a block of whole checkpoint rows).
-INT4_PACK_CHUNK_VALUES = 1 << 15
+# Bytes of int4 values (one per int8) converted per step while a weight loads: the staging tensors
+# of a step are about as large again, so they stay well under the 1 MiB the memory tests allow on top
+# of the largest checkpoint tensor. Weights are packed while they load, when everything else is already
+# resident, so this is all the headroom there is. Large enough that the per-step overhead (the
+# contract-checked op on the NPU, a handful of int8 ops on the CPU) is negligible.
+INT4_PACK_CHUNK_BYTES = 1 << 18
+#: the same bound in int4 values (one per byte)
+INT4_PACK_CHUNK_VALUES = INT4_PACK_CHUNK_BYTES
 
 
 def to_kernel_layout(weight_nk: torch.Tensor) -> torch.Tensor:
@@ -25,31 +31,67 @@ def to_kernel_layout(weight_nk: torch.Tensor) -> torch.Tensor:
     return to_nz(weight_nk.transpose(-2, -1))
 
 
+def _pack_rows_as_bytes(target_bytes: torch.Tensor, values: torch.Tensor) -> None:
+    """int4 values [r, K] (r even) -> bytes [K, r/2] of the int4pack layout: byte j of a little-endian
+    int32 holds values 2j (low nibble) and 2j+1 (high nibble), two's complement (sgl_ascend.ops.int4),
+    i.e. the msModelSlim pair byte transposed. int8 ops only (the left shift wraps to the nibble)."""
+    pairs = values[0::2] & 0x0F
+    pairs |= values[1::2] << 4
+    target_bytes.copy_(pairs.t())
+
+
 def pack_int4_for_kernel(values_nk: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """int4 values stored one per int8, [N, K] -> [K, N/8] int32, eight per int32 (npu int4pack),
     into `out` (e.g. a shard's slice of the kernel weight, on the kernel's device) when given.
 
-    A few whole rows of N at a time: each chunk is a small contiguous block of the checkpoint,
-    transposed in cache, and its staging tensors stay bounded.
+    Whole rows of N at a time, INT4_PACK_CHUNK_BYTES per step, so staging stays bounded. On the CPU
+    (little-endian) the bytes are built directly (what npu_convert_weight_to_int4pack computes, see
+    sgl_ascend.ops.int4); elsewhere each step goes through the op on the kernel's device.
     """
     n, k = values_nk.shape
     if n % 8:
         raise CheckpointError(f"int4 weights need an output size divisible by 8 to pack, got {n}")
     packed = torch.empty(k, n // 8, dtype=torch.int32, device=values_nk.device) if out is None else out
-    rows = max(8, INT4_PACK_CHUNK_VALUES // max(k, 1) // 8 * 8)
+    rows = max(8, INT4_PACK_CHUNK_BYTES // max(k, 1) // 8 * 8)
+    as_bytes = (packed.device.type == "cpu" and values_nk.device.type == "cpu" and sys.byteorder == "little"
+                and packed.stride(-1) == 1)
     for start in range(0, n, rows):
-        chunk = values_nk[start:start + rows].t().contiguous().to(packed.device, torch.int32)
-        packed[:, start // 8:(start + chunk.shape[1]) // 8] = ops.npu_convert_weight_to_int4pack(chunk)
+        chunk = values_nk[start:start + rows]
+        cols = slice(start // 8, (start + chunk.shape[0]) // 8)
+        if as_bytes:
+            _pack_rows_as_bytes(packed[:, cols].view(torch.int8), chunk.to(torch.int8))
+        else:
+            chunk = chunk.t().contiguous().to(packed.device, torch.int32)
+            packed[:, cols] = ops.npu_convert_weight_to_int4pack(chunk)
     return packed
 
 
 def write_int4_values(target: torch.Tensor, values: torch.Tensor) -> None:
     """One int4 value per int8 byte, [n, K] -> the kernel's int32 [K, n/8] slice `target`, in place."""
-    lo, hi = int(values.min()), int(values.max())
-    if lo < -8 or hi > 7:
-        raise CheckpointError(f"values span [{lo}, {hi}] but int4 weights stored one per byte must lie in "
-                              "[-8, 7]; the description's scheme (or version) does not match the tensor.")
+    check_int4_values(values)
     pack_int4_for_kernel(values, out=target)
+
+
+def write_int4_pairs(target: torch.Tensor, packed: torch.Tensor) -> None:
+    """msModelSlim W4A8 int8 [n/2, K], two nibbles per byte along n (low = even row) -> int32 [K, n/8].
+
+    Byte j of a kernel row holds columns 2j (low) and 2j+1 (high): the checkpoint byte transposed,
+    so the int32 slice viewed as bytes takes the transposed checkpoint directly (no unpacking).
+    """
+    target.view(torch.int8).copy_(packed.t())
+
+
+def write_fp32_bits(target: torch.Tensor, scale: torch.Tensor) -> None:
+    """A float scale [n] / [n, 1] -> int64 holding its fp32 bits (the W4A8 kernels' scale format)."""
+    target.copy_(encode_fp32_as_int64(scale.reshape(target.shape)))
+
+
+def write_scale_or_bits(target: torch.Tensor, scale: torch.Tensor) -> None:
+    """Like write_fp32_bits, but an int64 scale (already fp32 bits, activation-clip files) is kept."""
+    if scale.dtype == torch.int64:
+        target.copy_(scale.reshape(target.shape) & 0xFFFFFFFF)
+    else:
+        write_fp32_bits(target, scale)
 
 
 def register_int4_weight(layer: torch.nn.Module, attr: str, n: int, k: int, *, checkpoint_shape=None,
@@ -71,23 +113,32 @@ def flatten_channel_scale(layer: torch.nn.Module, attr: str) -> None:
     param.data = param.data.reshape(-1)
 
 
-def drop_zero_offset(layer: torch.nn.Module, attr: str, why: str) -> None:
-    """Symmetric kernels take no weight offset: check the checkpoint's is zero, then free it."""
-    param = getattr(layer, attr)
-    if torch.count_nonzero(param.data):
+def check_zero_offset(values: torch.Tensor, why: str, tensor: Optional[str] = None) -> None:
+    """Symmetric kernels take no weight offset: the checkpoint's must be zero (linears and experts)."""
+    if torch.count_nonzero(values):
         raise CheckpointError(
-            f"non-zero weight offset (max |offset| = {param.data.abs().max().item():g}) but {why} is "
-            "symmetric; re-quantize with symmetric weights.", tensor=param.tensor_name)
+            f"non-zero weight offset (max |offset| = {values.float().abs().max().item():g}) but {why} is "
+            "symmetric; re-quantize with symmetric weights.", tensor=tensor)
+
+
+def drop_zero_offset(layer: torch.nn.Module, attr: str, why: str) -> None:
+    """Check a loaded weight offset is zero (check_zero_offset), then free it."""
+    param = getattr(layer, attr)
+    check_zero_offset(param.data, why, tensor=param.tensor_name)
     delattr(layer, attr)
 
 
-def check_int_range(layer: torch.nn.Module, attr: str, low: int, high: int) -> None:
+def check_int4_values(values: torch.Tensor, tensor: Optional[str] = None) -> None:
+    """int4 values stored one per int8 byte lie in [-8, 7] (quant.checks, shared with inspect / verify)."""
+    check_int4_in_int8(values, file=None, tensor=tensor, scheme="this scheme")
+
+
+def check_int_range(layer: torch.nn.Module, attr: str, low: int = -8, high: int = 7) -> None:
+    """check_int4_values on a loaded parameter (int4 one per byte is the only such range)."""
+    if (low, high) != (-8, 7):
+        raise ValueError(f"only the int4 range [-8, 7] is checked, got [{low}, {high}]")
     param = getattr(layer, attr)
-    lo, hi = int(param.data.min()), int(param.data.max())
-    if lo < low or hi > high:
-        raise CheckpointError(
-            f"values span [{lo}, {hi}] but this scheme stores int4 values in [{low}, {high}] one per "
-            "int8; the description's scheme does not match the tensor.", tensor=param.tensor_name)
+    check_int4_values(param.data, tensor=param.tensor_name)
 
 
 # -- the activation dtype and the weight-only kernel ------------------------------------------------
