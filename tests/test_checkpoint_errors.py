@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from linear_helpers import build_layer, synthetic_qwen3_tensors, write_modelslim
+from helpers.linear import build_layer, synthetic_qwen3_tensors, write_modelslim
 from sgl_ascend.layers.registry import check_served
 from sgl_ascend.errors import CheckpointError
 from sgl_ascend.quant.checkpoint import SafetensorsCheckpoint

@@ -26,10 +26,10 @@ from compressed_tensors.quantization import QuantizationArgs
 from compressed_tensors.quantization.lifecycle.forward import fake_quantize
 from safetensors.torch import load_file
 
-from ct_fixtures import (FORMATS, QWEN3_BF16, SCHEMES, Qwen3LayerLinears, quantize_with_library, write_checkpoint,
-                         write_qwen3_ct_checkpoint)
-from conftest import rel_err
-from linear_helpers import round_half_away, tight_error
+from helpers.ct import (FORMATS, QWEN3_BF16, SCHEMES, Qwen3LayerLinears, quantize_with_library, write_checkpoint,
+                        write_qwen3_ct_checkpoint)
+from helpers.common import rel_err
+from helpers.linear import round_half_away, tight_error
 from sgl_ascend.layers.registry import check_served, linear_scheme
 from sgl_ascend.errors import CheckpointError
 from sgl_ascend.layers.linear import ParallelLinear, QKVSizes, load_linear

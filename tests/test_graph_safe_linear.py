@@ -11,8 +11,8 @@ capture (aclgraph / torchair) needs of a layer's forward.
 import pytest
 import torch
 
-from dense_cases import CASES, EXPECTED_OPS
-from linear_helpers import calibrated_input
+from helpers.dense_cases import CASES, EXPECTED_OPS
+from helpers.linear import calibrated_input
 
 # by name: dynamo traces torch.tensor([symint, ...]) as a wrapper function of the same name
 HOST_BUILT = {"tensor", "as_tensor", "scalar_tensor", "asarray"}

@@ -9,7 +9,7 @@ exceed upstream's (SGLang 0.5.23 ascend_tp; docs/moe.md)."""
 import pytest
 import torch
 
-from moe_cases import CASES, build_case, inputs
+from helpers.moe_cases import CASES, build_case, inputs
 from sgl_ascend.layers.moe import apply_moe
 
 PARALLEL = {"tp1": (1, 1), "ep2": (1, 2)}

@@ -19,14 +19,14 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from linear_helpers import layer_spec
+from helpers.linear import layer_spec
 from sgl_ascend.errors import CheckpointError
 from sgl_ascend.layers.linear import ParallelLinear, load_linear
 from sgl_ascend.layers.schemes.ct_wna16 import CTWNA16Linear
 from sgl_ascend.layers.schemes.w4a4_dynamic import W4A4DynamicLinear
 from sgl_ascend.quant.checkpoint import TensorInfo, tensors_under
 from sgl_ascend.tools.plan import resident_bytes
-from test_moe_memory import MIB, _status
+from helpers.memory import MIB, status
 
 # qkv with 1 kv head at tp 2 (replicated k/v), gate_up (merged), o_proj and down_proj (row-parallel)
 DIMS = dict(hidden=1024, inter=2048, heads=16, kv_heads=1, head_dim=64)
@@ -114,11 +114,11 @@ def test_int4_layers_load_into_the_kernel_layout(name):
     _load_in_sglang_order(scheme, SyntheticCheckpoint.make(tensors, 1, small), 1, small)
     checkpoint = SyntheticCheckpoint.make(tensors, 2, DIMS)
     gc.collect()
-    before = _status("VmRSS")
+    before = status("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
     layers = _load_in_sglang_order(scheme, checkpoint, 2, DIMS)
-    peak = _status("VmHWM") - before
+    peak = status("VmHWM") - before
     final = sum(resident_bytes(layer) for layer in layers)
     theoretical = sum(layer.scheme.theoretical_bytes(layer.input_size_per_partition,
                                                      sum(layer.output_partition_sizes)) for layer in layers)

@@ -8,7 +8,7 @@ Layers are 512 x 1024 so that the 2% is far below one weight copy (a float copy 
 import pytest
 import torch
 
-from linear_helpers import build_layer, layer_reference, quantize_linear, tight_error, write_modelslim
+from helpers.linear import build_layer, layer_reference, quantize_linear, tight_error, write_modelslim
 from sgl_ascend.ops.scales import encode_fp32_as_int64
 
 N, K = 512, 1024

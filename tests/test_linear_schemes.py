@@ -19,8 +19,8 @@ bias): two bf16 roundings, TIGHT_ADDED_BIAS.
 import pytest
 import torch
 
-from conftest import msmodelslim_fixture
-from linear_helpers import (KINDS, build_layer, calibrated_input, fixture_layer, layer_reference,
+from helpers.common import msmodelslim_fixture
+from helpers.linear import (KINDS, build_layer, calibrated_input, fixture_layer, layer_reference,
                             original_reference, rel_err, synthetic_qwen3, tight_error)
 from sgl_ascend.ops.int4 import pack_int4_to_int32, unpack_int32_to_int4
 

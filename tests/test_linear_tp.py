@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from sgl_ascend.ops.int4 import unpack_int32_to_int4
-from conftest import msmodelslim_fixture
-from linear_helpers import (KV_HEADS, build_layer, calibrated_input, layer_reference, layer_spec, open_checkpoint,
+from helpers.common import msmodelslim_fixture
+from helpers.linear import (KV_HEADS, build_layer, calibrated_input, layer_reference, layer_spec, open_checkpoint,
                             rel_err, synthetic_qwen3, tight_error)
 
 TIGHT_COLUMNS, TIGHT_PARTIALS = 2.1, 2.1

@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import msmodelslim_fixture
+from helpers.common import msmodelslim_fixture
 from sgl_ascend.errors import CheckpointError
 from sgl_ascend.ops.scales import encode_fp32_as_int64
 from sgl_ascend.quant.checkpoint import SafetensorsCheckpoint
@@ -423,7 +423,7 @@ def index_without_weight_map(d):
 
 @pytest.fixture(scope="module")
 def ct_source(tmp_path_factory):
-    from ct_fixtures import write_qwen3_ct_checkpoint
+    from helpers.ct import write_qwen3_ct_checkpoint
 
     return write_qwen3_ct_checkpoint(str(tmp_path_factory.mktemp("ct") / CT), "w4a16_group")
 

@@ -7,8 +7,8 @@ import os
 import pytest
 import torch
 
-from conftest import msmodelslim_fixture
-from linear_helpers import (build_layer, calibrated_input, fixture_layer, layer_reference, open_checkpoint,
+from helpers.common import msmodelslim_fixture
+from helpers.linear import (build_layer, calibrated_input, fixture_layer, layer_reference, open_checkpoint,
                             open_plain_checkpoint, rel_err, shard_reference, synthetic_qwen3, tight_error)
 from sgl_ascend.layers.registry import check_served, linear_scheme
 from sgl_ascend.errors import CheckpointError

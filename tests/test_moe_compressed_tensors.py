@@ -12,74 +12,14 @@ import json
 
 import pytest
 import torch
-from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
-from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
-from compressed_tensors.quantization.utils import calculate_qparams
 from safetensors.torch import load_file, save_file
 
-from conftest import rel_err
-from moe_reference import moe_reference, routing
+from helpers.common import rel_err
+from helpers.moe_checkpoints import E, GROUP, GROUP_SCHEME, H, I, PREFIX, make_checkpoint
+from helpers.moe_reference import moe_reference, routing
 from sgl_ascend.errors import CheckpointError
 from sgl_ascend.layers.moe import build_moe, moe_method_for_compressed_tensors
-from sgl_ascend.ops.scales import encode_fp32_as_int64
 from sgl_ascend.quant.checkpoint import SafetensorsCheckpoint
-
-PREFIX = "model.layers.0.mlp"
-E, H, I = 4, 128, 64
-SCHEME = QuantizationScheme(
-    targets=["re:.*mlp\\.experts\\..*"],
-    weights=QuantizationArgs(num_bits=4, type="int", symmetric=True, strategy="channel"),
-    input_activations=QuantizationArgs(num_bits=8, type="int", symmetric=True, strategy="token", dynamic=True))
-GROUP = 32
-GROUP_SCHEME = SCHEME.model_copy(update={"weights": QuantizationArgs(num_bits=4, type="int", symmetric=True,
-                                                                     strategy="group", group_size=GROUP)})
-
-
-def _observe(w, scheme):
-    if scheme.weights.strategy == "group":  # min-max per group of GROUP input channels
-        grouped = w.reshape(w.shape[0], -1, GROUP)
-        return grouped.amin(dim=-1), grouped.amax(dim=-1)
-    return w.amin(dim=1, keepdim=True), w.amax(dim=1, keepdim=True)
-
-
-def make_checkpoint(path, gen, clip=False, alpha=1.0, int64_scales=False, extra=True, scheme=SCHEME):
-    """Returns (quantization_config dict, experts [(gate, up, down) dequantized], residuals or None).
-
-    Clip files: bias = 8 * sum_k(deq) (the kernel correction) + an extra offset when `extra`."""
-    tensors, experts, residuals = {}, [], []
-    for e in range(E):
-        deq = []
-        for proj, (n, k) in (("gate_proj", (I, H)), ("up_proj", (I, H)), ("down_proj", (H, I))):
-            w = (torch.randn(n, k, generator=gen) * 0.05).to(torch.bfloat16)
-            scale, zp = calculate_qparams(*_observe(w, scheme), scheme.weights)
-            sd = PackedQuantizationCompressor.compress({"weight": w, "weight_scale": scale, "weight_zero_point": zp},
-                                                       scheme)
-            # the library's dequantization, kept in fp32 (in bf16 it would round q * scale)
-            fp32 = dict(sd, weight_scale=sd["weight_scale"].float())
-            deq.append(PackedQuantizationCompressor.decompress(fp32, scheme)["weight"].float())
-            name = f"{PREFIX}.experts.{e}.{proj}"
-            for key, value in sd.items():
-                tensors[f"{name}.{key}"] = value
-            if clip:
-                if int64_scales:
-                    tensors[f"{name}.weight_scale"] = encode_fp32_as_int64(sd["weight_scale"].float())
-                offset = torch.randn(n, generator=gen) * (0.5 if extra else 0.0)
-                tensors[f"{name}.bias"] = 8 * deq[-1].sum(dim=1) + offset
-                deq[-1] = (deq[-1], offset)
-        if clip:
-            tensors[f"{PREFIX}.experts.{e}.down_proj.alpha"] = torch.tensor([alpha])
-            down_extra = deq[2][1].unsqueeze(1).expand(-1, 16) / 16  # as 16 K-slices, summed by the reference
-            residuals.append((torch.cat([deq[0][1], deq[1][1]]), down_extra))
-            deq = [d[0] for d in deq]
-        experts.append(tuple(deq))
-    path.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path / "model.safetensors"))
-    qconfig = QuantizationConfig(config_groups={"group_0": scheme}, format="pack-quantized",
-                                 ignore=["lm_head"]).model_dump(exclude_none=True)
-    qconfig["config_groups"]["group_0"]["activation_use_clip"] = clip
-    (path / "config.json").write_text(json.dumps({"quantization_config": qconfig}))
-    return qconfig, experts, residuals if clip else None
-
 
 def _run(qconfig, ckpt, x, w, ids, tp, ep):
     total = None

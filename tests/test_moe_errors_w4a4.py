@@ -1,21 +1,18 @@
 """Bad MoE checkpoints end in one clear CheckpointError before any parameter is allocated; and W4A4
 experts (msModelSlim layout, built here: one int4 value per byte, range [-7, 7] as the tool writes)."""
 
-import json
-
 import pytest
 import torch
 from safetensors.torch import save_file
 
 import sgl_ascend.layers.moe.layer as moe_layer
-from conftest import rel_err
-from moe_reference import moe_reference, routing
+from helpers.common import rel_err
+from helpers.moe_checkpoints import PREFIX, copy_fixture, make_checkpoint, w4a4_checkpoint
+from helpers.moe_reference import moe_reference, routing
 from sgl_ascend.errors import CheckpointError
 from sgl_ascend.layers.moe import build_moe, moe_method_for_compressed_tensors, moe_method_for_modelslim
 from sgl_ascend.quant.checkpoint import SafetensorsCheckpoint
 from sgl_ascend.quant.modelslim import ModelSlimConfig
-from test_moe_compressed_tensors import make_checkpoint
-from test_moe_modelslim import PREFIX, _copy_fixture
 
 
 @pytest.fixture
@@ -32,14 +29,14 @@ def _build(path, inter=64, tp=1, method=None):
 
 
 def test_missing_expert(tmp_path, no_allocation):
-    path = _copy_fixture(tmp_path, "qwen3moe-tiny-w4a8-dynamic",
+    path = copy_fixture(tmp_path, "qwen3moe-tiny-w4a8-dynamic",
                          lambda name, t: None if ".experts.3." in name and "layers.0." in name else t)
     with pytest.raises(CheckpointError, match="experts.3.gate_proj.weight: expert 3 of 4 has no gate_proj tensors"):
         _build(path)
 
 
 def test_scale_bias_of_wrong_width(tmp_path, no_allocation):
-    path = _copy_fixture(tmp_path, "qwen3moe-tiny-w4a8-dynamic",
+    path = copy_fixture(tmp_path, "qwen3moe-tiny-w4a8-dynamic",
                          lambda name, t: t[:, :8] if name.endswith("experts.2.down_proj.scale_bias") else t)
     with pytest.raises(CheckpointError, match=r"experts.2.down_proj.scale_bias: shape \[128, 8\] where \[128, 16\]"):
         _build(path)
@@ -50,7 +47,7 @@ def test_scale_bias_of_wrong_width(tmp_path, no_allocation):
 def test_group_size_not_dividing_k(tmp_path, no_allocation, group, tp, message):
     def edit(d):
         d["group_size"] = group
-    path = _copy_fixture(tmp_path, "qwen3moe-tiny-w4a8-dynamic-g64", None, edit)
+    path = copy_fixture(tmp_path, "qwen3moe-tiny-w4a8-dynamic-g64", None, edit)
     with pytest.raises(CheckpointError, match=message):
         _build(path, inter=128, tp=tp)
 
@@ -66,34 +63,14 @@ def test_clip_tensors_half_present(tmp_path, gen, no_allocation):
 
 
 def test_nonzero_offset_is_rejected_while_loading(tmp_path):
-    path = _copy_fixture(tmp_path, "qwen3moe-tiny-w4a8-dynamic",
+    path = copy_fixture(tmp_path, "qwen3moe-tiny-w4a8-dynamic",
                          lambda name, t: t + 1 if name.endswith("experts.0.up_proj.weight_offset") else t)
     with pytest.raises(CheckpointError, match="experts.0.up_proj.weight_offset: non-zero weight offset"):
         _build(path)
 
 
-def _w4a4_checkpoint(path, gen, num_experts=4, hidden=128, inter=64):
-    tensors, description, experts = {}, {"version": "1.0.0", "group_size": 0}, []
-    for e in range(num_experts):
-        deq = []
-        for proj, (n, k) in (("gate_proj", (inter, hidden)), ("up_proj", (inter, hidden)), ("down_proj", (hidden, inter))):
-            w = torch.randn(n, k, generator=gen) * 0.05
-            scale = w.abs().amax(dim=1, keepdim=True) / 7
-            q = torch.round(w / scale).clamp(-7, 7).to(torch.int8)
-            name = f"{PREFIX}.experts.{e}.{proj}"
-            tensors.update({f"{name}.weight": q, f"{name}.weight_scale": scale,
-                            f"{name}.weight_offset": torch.zeros_like(scale)})
-            description.update({f"{name}.{s}": "W4A4_DYNAMIC" for s in ("weight", "weight_scale", "weight_offset")})
-            deq.append(q.float() * scale)
-        experts.append(tuple(deq))
-    path.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(path / "quant_model_weights.safetensors"))
-    (path / "quant_model_description.json").write_text(json.dumps(description))
-    return experts
-
-
 def test_w4a4_experts_match_reference(tmp_path, gen):
-    experts = _w4a4_checkpoint(tmp_path, gen)
+    experts = w4a4_checkpoint(tmp_path, gen)
     x = torch.randn(16, 128, generator=gen).to(torch.bfloat16)
     w, ids = routing(16, 4, 2, gen)
     for tp, ep in [(1, 1), (2, 1), (1, 2)]:

@@ -30,22 +30,14 @@ from dataclasses import dataclass
 import pytest
 import torch
 
+from helpers.memory import MIB, status
 from sgl_ascend.layers.moe import FusedMoEMethod, W4A8DynamicExperts, W8A8DynamicExperts, build_moe
 from sgl_ascend.quant.checkpoint import TensorInfo, tensors_under
 
 E, H, I = 64, 1024, 512
 PREFIX = "model.layers.0.mlp"
-MIB = 1 << 20
 
 pytestmark = pytest.mark.skipif(not os.access("/proc/self/clear_refs", os.W_OK), reason="needs Linux clear_refs")
-
-
-def _status(key):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024
-    raise KeyError(key)
 
 
 @dataclass
@@ -93,11 +85,11 @@ def test_load_peak_and_resident_bytes(scheme, bound, nz_cast):
     build_moe(method, _checkpoint(method, 2, 256, 128), PREFIX, num_experts=2, hidden_size=256, intermediate_size=128)
     ckpt = _checkpoint(method)
     gc.collect()  # layers of earlier tests (parameters reference their layer's weight_loader) go now
-    before = _status("VmRSS")
+    before = status("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
     layer = build_moe(method, ckpt, PREFIX, num_experts=E, hidden_size=H, intermediate_size=I)
-    peak = _status("VmHWM") - before
+    peak = status("VmHWM") - before
     final = layer.resident_bytes()
     largest = max(p.data.nbytes // E for p in layer.parameters())
     theoretical = method.theoretical_bytes(E, H, I)

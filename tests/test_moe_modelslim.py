@@ -6,18 +6,15 @@ relative error <= 2e-3 (a rare one-step difference of a bf16 rounding or an int8
 layers currently match to the last bit.
 """
 
-import json
-import shutil
-
 import pytest
 import torch
-from safetensors.torch import save_file
 
-from conftest import msmodelslim_fixture, rel_err
-from moe_reference import (int_dequant, modelslim_moe_dequant, modelslim_w4a8_dequant, modelslim_w4a8_residuals,
-                           moe_reference,
-                           routing)
-from moe_cases import clip_copy, mixed_copy, older_copy
+from helpers.common import msmodelslim_fixture, rel_err
+from helpers.moe_reference import (int_dequant, modelslim_moe_dequant, modelslim_w4a8_dequant, modelslim_w4a8_residuals,
+                                   moe_reference,
+                                   routing)
+from helpers.moe_cases import clip_copy, mixed_copy, older_copy
+from helpers.moe_checkpoints import copy_fixture
 from sgl_ascend.layers.moe import (FusedMoEMethod, UnquantizedExperts, build_moe, moe_method_for_modelslim)
 from sgl_ascend.quant.checkpoint import SafetensorsCheckpoint
 from sgl_ascend.quant.modelslim import ModelSlimConfig
@@ -75,26 +72,6 @@ def test_group_wise_scheme_is_detected():
     assert (method.w13.group_size, method.w2.group_size, method.w13.fmt) == (64, 64, "modelslim")
 
 
-def _copy_fixture(tmp_path, fixture, rewrite, description_edit=None):
-    """A copy of a fixture with some tensors rewritten (name -> tensor or None to drop)."""
-    src = msmodelslim_fixture(fixture)
-    dst = tmp_path / fixture
-    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("*.safetensors", "*.index.json"))
-    ckpt = SafetensorsCheckpoint(src)
-    tensors = {}
-    for name in ckpt.names():
-        tensor = rewrite(name, ckpt.get(name)) if rewrite else ckpt.get(name)
-        if tensor is not None:
-            tensors[name] = tensor.contiguous()
-    save_file(tensors, str(dst / "quant_model_weights.safetensors"))
-    desc_path = dst / "quant_model_description.json"
-    desc = json.loads(desc_path.read_text())
-    if description_edit:
-        description_edit(desc)
-    desc_path.write_text(json.dumps(desc))
-    return str(dst)
-
-
 def test_wrong_scale_bias_slice_or_packing_order_fails(tmp_path, gen):
     """The tests see a mis-sharded scale_bias and a swapped nibble order: both break the match."""
     fixture = "qwen3moe-tiny-w4a8-dynamic"
@@ -106,7 +83,7 @@ def test_wrong_scale_bias_slice_or_packing_order_fails(tmp_path, gen):
     def reversed_columns(name, t):  # rank 0 would read the other rank's 8 K-slice sums
         return t.flip(-1) if name.endswith("down_proj.scale_bias") else t
 
-    bad = SafetensorsCheckpoint(_copy_fixture(tmp_path, fixture, reversed_columns))
+    bad = SafetensorsCheckpoint(copy_fixture(tmp_path, fixture, reversed_columns))
     out, _ = _run(lambda: moe_method_for_modelslim(config, PREFIX), bad, 64, x, w, ids, tp=2)
     assert rel_err(out, ref) > 10 * TOL
 
@@ -115,7 +92,7 @@ def test_wrong_scale_bias_slice_or_packing_order_fails(tmp_path, gen):
             return ((t.to(torch.int16) << 4) | ((t.to(torch.int16) >> 4) & 0xF)).to(torch.uint8).view(torch.int8)
         return t
 
-    bad = SafetensorsCheckpoint(_copy_fixture(tmp_path / "nib", fixture, swapped_nibbles))
+    bad = SafetensorsCheckpoint(copy_fixture(tmp_path / "nib", fixture, swapped_nibbles))
     out, _ = _run(lambda: moe_method_for_modelslim(config, PREFIX), bad, 64, x, w, ids)
     assert rel_err(out, moe_reference(x, w, ids, _experts(ckpt, modelslim_moe_dequant))) > 10 * TOL
 
@@ -189,7 +166,7 @@ def test_group_wise_kernel_scale_is_rounded_through_fp16(gen):
     3.5e-3 relative (Frobenius), more than the 2e-3 the other tests allow: the ~4e-4 scale changes flip
     some bf16 output roundings (one bf16 ulp is 2^-8 relative) and some int8 requant steps. That is
     what upstream's kernel computes for this checkpoint."""
-    from moe_reference import fp16_round
+    from helpers.moe_reference import fp16_round
     from sgl_ascend.ops.scales import decode_int64_scale
 
     path = msmodelslim_fixture("qwen3moe-tiny-w4a8-dynamic-g64")

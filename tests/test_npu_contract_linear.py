@@ -10,9 +10,9 @@ through the ops upstream uses for it (and only those).
 import pytest
 import torch
 
-from conftest import rel_err
-from dense_cases import CASE_KINDS, EXPECTED_OPS, put_together
-from linear_helpers import build_layer, calibrated_input, synthetic_qwen3_tensors, write_modelslim
+from helpers.common import rel_err
+from helpers.dense_cases import CASE_KINDS, EXPECTED_OPS, put_together
+from helpers.linear import build_layer, calibrated_input, synthetic_qwen3_tensors, write_modelslim
 from sgl_ascend.ops import ops
 
 @pytest.fixture

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 import sgl_ascend.ops.contract as contract
-from conftest import rel_err
-from moe_cases import CASES, PARALLEL, build_case, inputs
+from helpers.common import rel_err
+from helpers.moe_cases import CASES, PARALLEL, build_case, inputs
 
 TOL = 2e-3
 

@@ -10,7 +10,7 @@ import torch
 from compressed_tensors.compressors import pack_to_int32, unpack_from_int32
 from safetensors.torch import load_file
 
-from conftest import msmodelslim_fixture
+from helpers.common import msmodelslim_fixture
 from sgl_ascend.ops import twin
 from sgl_ascend.ops.int4 import (pack_int4_to_int32, pack_int8_pairs, unpack_int8_pairs,
                                  unpack_int32_to_int4)

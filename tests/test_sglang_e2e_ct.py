@@ -10,8 +10,8 @@ import time
 import pytest
 import torch
 
-from float_reference import compare
-from sglang_server import launch
+from helpers.float_reference import compare
+from helpers.sglang_server import launch
 
 pytestmark = pytest.mark.sglang
 
@@ -35,7 +35,7 @@ def library_decompressed_logprobs(model_dir, prompt_ids, output_ids):
 
 
 def test_serves_compressed_tensors_w4a16(tmp_path):
-    from ct_fixtures import write_qwen3_ct_checkpoint
+    from helpers.ct import write_qwen3_ct_checkpoint
 
     model_dir = write_qwen3_ct_checkpoint(str(tmp_path / "ct-w4a16"), "w4a16_group")
     start = time.monotonic()

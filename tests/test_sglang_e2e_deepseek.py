@@ -7,9 +7,9 @@ import time
 
 import pytest
 
-from deepseek_tiny import random_weights, write_modelslim_w8a8_dynamic
-from float_reference import compare, dequantize_modelslim, teacher_forced_logprobs, write_float_checkpoint
-from sglang_server import launch
+from helpers.deepseek_tiny import random_weights, write_modelslim_w8a8_dynamic
+from helpers.float_reference import compare, dequantize_modelslim, teacher_forced_logprobs, write_float_checkpoint
+from helpers.sglang_server import launch
 
 pytestmark = pytest.mark.sglang
 

@@ -13,10 +13,10 @@ import time
 
 import pytest
 
-from conftest import msmodelslim_fixture
-from float_reference import (compare, dequantize_modelslim, drop_zero_biases, norm_biases,
-                             teacher_forced_logprobs, write_float_checkpoint)
-from sglang_server import launch, run_launcher
+from helpers.common import msmodelslim_fixture
+from helpers.float_reference import (compare, dequantize_modelslim, drop_zero_biases, norm_biases,
+                                     teacher_forced_logprobs, write_float_checkpoint)
+from helpers.sglang_server import launch, run_launcher
 
 pytestmark = pytest.mark.sglang
 

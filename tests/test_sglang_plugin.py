@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from conftest import msmodelslim_fixture
+from helpers.common import msmodelslim_fixture
 
 pytestmark = pytest.mark.sglang
 

@@ -9,7 +9,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from conftest import msmodelslim_fixture
+from helpers.common import msmodelslim_fixture
 from sgl_ascend.tools.cli import EXIT_ABOVE_THRESHOLD, EXIT_CHECKPOINT_ERROR, EXIT_OK, main
 
 SERVABLE = ["qwen3-tiny-w8a8-dynamic", "qwen3-tiny-w8a8", "qwen3-tiny-w8a16", "qwen3-tiny-w4a4-dynamic",
@@ -281,7 +281,7 @@ def test_verify_broken_checkpoint_exit_code(capsys, tmp_path):
 
 @pytest.fixture(scope="module")
 def ct_checkpoints(tmp_path_factory):
-    from ct_fixtures import write_qwen3_ct_checkpoint
+    from helpers.ct import write_qwen3_ct_checkpoint
 
     root = tmp_path_factory.mktemp("ct")
     return {s: write_qwen3_ct_checkpoint(str(root / s), s) for s in ("w8a8_dynamic", "w4a8", "w4a16_group")}

@@ -14,11 +14,11 @@ Helpers: tests/upstream_oracle.py.
 import pytest
 import torch
 
-from conftest import msmodelslim_fixture
-from linear_helpers import fixture_layer
-from upstream_oracle import (MOE_PREFIX, count_npu_ops, enter_upstream_env, max_diff, op_table,
-                             upstream_ct_w8a8_dynamic_linear, upstream_modelslim_linear, upstream_modelslim_moe,
-                             upstream_w4a8_clip_moe, w4a4_moe_checkpoint, w4a8_clip_checkpoint)
+from helpers.common import msmodelslim_fixture
+from helpers.linear import fixture_layer
+from helpers.upstream_oracle import (MOE_PREFIX, count_npu_ops, enter_upstream_env, max_diff, op_table,
+                                     upstream_ct_w8a8_dynamic_linear, upstream_modelslim_linear, upstream_modelslim_moe,
+                                     upstream_w4a8_clip_moe, w4a4_moe_checkpoint, w4a8_clip_checkpoint)
 
 pytest.importorskip("sglang")
 pytestmark = pytest.mark.sglang
@@ -105,7 +105,7 @@ def test_modelslim_linear(fixture, kind):
 # path builds its MoE schemes per-channel (modelslim.py:415-420 `cls(self, weight_group)`, group_size 0).
 
 def _moe_inputs(tokens=16, seed=0):
-    from moe_reference import routing
+    from helpers.moe_reference import routing
 
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(tokens, 128, generator=gen).to(torch.bfloat16)
@@ -162,7 +162,7 @@ CT_TOL = 1e-2
 
 @pytest.fixture(scope="module")
 def ct_checkpoints(tmp_path_factory):
-    from ct_fixtures import SCHEMES, Qwen3LayerLinears, quantize_with_library, write_checkpoint
+    from helpers.ct import SCHEMES, Qwen3LayerLinears, quantize_with_library, write_checkpoint
 
     out = {}
     for name in ("w8a8_dynamic", "w8a8_dynamic_tensor"):

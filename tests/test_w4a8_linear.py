@@ -16,8 +16,8 @@ rank's slice, partial results of row-parallel ranks summed.
 import pytest
 import torch
 
-from conftest import msmodelslim_fixture, rel_err
-from linear_helpers import tight_error, write_modelslim
+from helpers.common import msmodelslim_fixture, rel_err
+from helpers.linear import tight_error, write_modelslim
 from sgl_ascend.layers.registry import linear_scheme
 from sgl_ascend.errors import CheckpointError
 from sgl_ascend.layers.linear import ParallelLinear, load_linear

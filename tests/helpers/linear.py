@@ -17,7 +17,7 @@ from typing import Dict, Optional
 import torch
 from safetensors.torch import save_file
 
-from conftest import msmodelslim_fixture
+from helpers.common import msmodelslim_fixture
 from sgl_ascend.layers.registry import linear_scheme
 from sgl_ascend.layers.linear import ParallelLinear, QKVSizes, load_linear
 from sgl_ascend.ops.scales import decode_int64_scale

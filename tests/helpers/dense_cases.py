@@ -16,10 +16,10 @@ from typing import Callable, Dict, List
 
 import torch
 
-from conftest import msmodelslim_fixture
-from ct_fixtures import FORMATS, SCHEMES, Qwen3LayerLinears, quantize_with_library, write_checkpoint
-from float_reference import dequantize_modelslim
-from linear_helpers import (HEAD_DIM, HEADS, HIDDEN, INTER, KV_HEADS, build_layer, layer_spec,
+from helpers.common import msmodelslim_fixture
+from helpers.ct import FORMATS, SCHEMES, Qwen3LayerLinears, quantize_with_library, write_checkpoint
+from helpers.float_reference import dequantize_modelslim
+from helpers.linear import (HEAD_DIM, HEADS, HIDDEN, INTER, KV_HEADS, build_layer, layer_spec,
                             synthetic_qwen3_tensors, write_modelslim)
 from sgl_ascend.layers.registry import linear_scheme
 from sgl_ascend.layers.linear import ParallelLinear, QKVSizes, load_linear

@@ -15,7 +15,9 @@ from typing import Dict
 import torch
 from safetensors.torch import save_file
 
-TOKENIZER_DIR = os.path.join(os.path.dirname(__file__), "fixtures", "msmodelslim", "qwen3-tiny-bf16")
+from helpers.common import QWEN3_BF16
+
+TOKENIZER_DIR = QWEN3_BF16
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
                    "special_tokens_map.json")
 

@@ -12,8 +12,8 @@ from typing import Callable, Optional
 import torch
 from safetensors.torch import save_file
 
-from conftest import msmodelslim_fixture
-from moe_reference import int_dequant, modelslim_moe_dequant, modelslim_w4a8_residuals, moe_reference, routing
+from helpers.common import msmodelslim_fixture
+from helpers.moe_reference import int_dequant, modelslim_moe_dequant, modelslim_w4a8_residuals, moe_reference, routing
 from sgl_ascend.layers.moe import (FusedMoEMethod, UnquantizedExperts, build_moe, moe_method_for_compressed_tensors,
                                    moe_method_for_modelslim)
 from sgl_ascend.layers.moe.routing import ROUTING_ENV
@@ -173,8 +173,7 @@ def _modelslim(name, path, inter, dequant, act_bits=(8, 8), residual_ckpt=None, 
 
 def build_case(name, tmp, gen, params_dtype=torch.bfloat16) -> Case:
     """tmp: a directory for rewritten checkpoints; gen: a torch.Generator."""
-    from test_moe_compressed_tensors import GROUP_SCHEME, make_checkpoint
-    from test_moe_errors_w4a4 import _w4a4_checkpoint
+    from helpers.moe_checkpoints import GROUP_SCHEME, make_checkpoint, w4a4_checkpoint
 
     w4a8 = msmodelslim_fixture("qwen3moe-tiny-w4a8-dynamic")
     if name == "w8a8":
@@ -202,7 +201,7 @@ def build_case(name, tmp, gen, params_dtype=torch.bfloat16) -> Case:
         from pathlib import Path
 
         path = Path(tmp) / name
-        experts = _w4a4_checkpoint(path, gen)
+        experts = w4a4_checkpoint(path, gen)
         ckpt, config = SafetensorsCheckpoint(str(path)), ModelSlimConfig.from_dir(str(path))
         return Case(name, lambda: moe_method_for_modelslim(config, PREFIX), ckpt, 64, experts, (4, 4))
     if name == "bf16":

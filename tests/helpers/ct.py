@@ -18,7 +18,8 @@ from compressed_tensors.quantization import QuantizationConfig, QuantizationStra
 from compressed_tensors.quantization.utils import calculate_qparams
 from safetensors.torch import load_file, save_file
 
-QWEN3_BF16 = os.path.join(os.path.dirname(__file__), "fixtures", "msmodelslim", "qwen3-tiny-bf16")
+from helpers.common import QWEN3_BF16
+
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
                     "special_tokens_map.json", "generation_config.json")
 

@@ -24,7 +24,7 @@ import torch
 from safetensors.torch import save_file
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from linear_helpers import layer_spec, open_checkpoint
+from helpers.linear import layer_spec, open_checkpoint
 from sgl_ascend.ops.scales import encode_fp32_as_int64
 from sgl_ascend.quant.checkpoint import SafetensorsCheckpoint
 

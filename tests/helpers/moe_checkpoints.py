@@ -1,0 +1,112 @@
+"""Tiny MoE checkpoints written for the expert tests: compressed-tensors W4A8 experts through the
+library itself (calculate_qparams + PackedQuantizationCompressor), msModelSlim W4A4 experts (one int4
+value per byte, range [-7, 7] as the tool writes), and rewritten copies of the msModelSlim fixtures."""
+
+import json
+import shutil
+
+import torch
+from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
+from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
+from compressed_tensors.quantization.utils import calculate_qparams
+from safetensors.torch import save_file
+
+from helpers.common import msmodelslim_fixture
+from sgl_ascend.ops.scales import encode_fp32_as_int64
+from sgl_ascend.quant.checkpoint import SafetensorsCheckpoint
+
+PREFIX = "model.layers.0.mlp"
+E, H, I = 4, 128, 64
+SCHEME = QuantizationScheme(
+    targets=["re:.*mlp\\.experts\\..*"],
+    weights=QuantizationArgs(num_bits=4, type="int", symmetric=True, strategy="channel"),
+    input_activations=QuantizationArgs(num_bits=8, type="int", symmetric=True, strategy="token", dynamic=True))
+GROUP = 32
+GROUP_SCHEME = SCHEME.model_copy(update={"weights": QuantizationArgs(num_bits=4, type="int", symmetric=True,
+                                                                     strategy="group", group_size=GROUP)})
+
+
+def _observe(w, scheme):
+    if scheme.weights.strategy == "group":  # min-max per group of GROUP input channels
+        grouped = w.reshape(w.shape[0], -1, GROUP)
+        return grouped.amin(dim=-1), grouped.amax(dim=-1)
+    return w.amin(dim=1, keepdim=True), w.amax(dim=1, keepdim=True)
+
+
+def make_checkpoint(path, gen, clip=False, alpha=1.0, int64_scales=False, extra=True, scheme=SCHEME):
+    """Returns (quantization_config dict, experts [(gate, up, down) dequantized], residuals or None).
+
+    Clip files: bias = 8 * sum_k(deq) (the kernel correction) + an extra offset when `extra`."""
+    tensors, experts, residuals = {}, [], []
+    for e in range(E):
+        deq = []
+        for proj, (n, k) in (("gate_proj", (I, H)), ("up_proj", (I, H)), ("down_proj", (H, I))):
+            w = (torch.randn(n, k, generator=gen) * 0.05).to(torch.bfloat16)
+            scale, zp = calculate_qparams(*_observe(w, scheme), scheme.weights)
+            sd = PackedQuantizationCompressor.compress({"weight": w, "weight_scale": scale, "weight_zero_point": zp},
+                                                       scheme)
+            # the library's dequantization, kept in fp32 (in bf16 it would round q * scale)
+            fp32 = dict(sd, weight_scale=sd["weight_scale"].float())
+            deq.append(PackedQuantizationCompressor.decompress(fp32, scheme)["weight"].float())
+            name = f"{PREFIX}.experts.{e}.{proj}"
+            for key, value in sd.items():
+                tensors[f"{name}.{key}"] = value
+            if clip:
+                if int64_scales:
+                    tensors[f"{name}.weight_scale"] = encode_fp32_as_int64(sd["weight_scale"].float())
+                offset = torch.randn(n, generator=gen) * (0.5 if extra else 0.0)
+                tensors[f"{name}.bias"] = 8 * deq[-1].sum(dim=1) + offset
+                deq[-1] = (deq[-1], offset)
+        if clip:
+            tensors[f"{PREFIX}.experts.{e}.down_proj.alpha"] = torch.tensor([alpha])
+            down_extra = deq[2][1].unsqueeze(1).expand(-1, 16) / 16  # as 16 K-slices, summed by the reference
+            residuals.append((torch.cat([deq[0][1], deq[1][1]]), down_extra))
+            deq = [d[0] for d in deq]
+        experts.append(tuple(deq))
+    path.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path / "model.safetensors"))
+    qconfig = QuantizationConfig(config_groups={"group_0": scheme}, format="pack-quantized",
+                                 ignore=["lm_head"]).model_dump(exclude_none=True)
+    qconfig["config_groups"]["group_0"]["activation_use_clip"] = clip
+    (path / "config.json").write_text(json.dumps({"quantization_config": qconfig}))
+    return qconfig, experts, residuals if clip else None
+
+
+def w4a4_checkpoint(path, gen, num_experts=4, hidden=128, inter=64):
+    tensors, description, experts = {}, {"version": "1.0.0", "group_size": 0}, []
+    for e in range(num_experts):
+        deq = []
+        for proj, (n, k) in (("gate_proj", (inter, hidden)), ("up_proj", (inter, hidden)), ("down_proj", (hidden, inter))):
+            w = torch.randn(n, k, generator=gen) * 0.05
+            scale = w.abs().amax(dim=1, keepdim=True) / 7
+            q = torch.round(w / scale).clamp(-7, 7).to(torch.int8)
+            name = f"{PREFIX}.experts.{e}.{proj}"
+            tensors.update({f"{name}.weight": q, f"{name}.weight_scale": scale,
+                            f"{name}.weight_offset": torch.zeros_like(scale)})
+            description.update({f"{name}.{s}": "W4A4_DYNAMIC" for s in ("weight", "weight_scale", "weight_offset")})
+            deq.append(q.float() * scale)
+        experts.append(tuple(deq))
+    path.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path / "quant_model_weights.safetensors"))
+    (path / "quant_model_description.json").write_text(json.dumps(description))
+    return experts
+
+
+def copy_fixture(tmp_path, fixture, rewrite, description_edit=None):
+    """A copy of a fixture with some tensors rewritten (name -> tensor or None to drop)."""
+    src = msmodelslim_fixture(fixture)
+    dst = tmp_path / fixture
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("*.safetensors", "*.index.json"))
+    ckpt = SafetensorsCheckpoint(src)
+    tensors = {}
+    for name in ckpt.names():
+        tensor = rewrite(name, ckpt.get(name)) if rewrite else ckpt.get(name)
+        if tensor is not None:
+            tensors[name] = tensor.contiguous()
+    save_file(tensors, str(dst / "quant_model_weights.safetensors"))
+    desc_path = dst / "quant_model_description.json"
+    desc = json.loads(desc_path.read_text())
+    if description_edit:
+        description_edit(desc)
+    desc_path.write_text(json.dumps(desc))
+    return str(dst)
