@@ -1,4 +1,6 @@
-"""Synthetic checkpoints of realistic proportions for the benchmarks, written to a temp folder.
+"""Synthetic checkpoints of realistic proportions for the benchmarks, written to a temp folder; and the
+one writer of each checkpoint folder layout (msModelSlim, compressed-tensors, plain float) that the
+benchmarks, `sgl-ascend selftest` and the tests (tests/helpers) all write through.
 
 The tensors carry random values in each format's layout (msModelSlim tensor names, dtypes and shapes
 as the real tool writes them, see tests/fixtures/msmodelslim), so loading them exercises exactly the
@@ -18,6 +20,65 @@ SHAPE = dict(hidden_size=2048, intermediate_size=6144, num_attention_heads=16, n
 
 MODELSLIM_SCHEMES = ("W8A8", "W8A8_DYNAMIC", "W8A16", "W4A4_DYNAMIC", "W4A8_DYNAMIC")
 ROW_PARALLEL = ("o_proj", "down_proj")
+
+
+MODELSLIM_DESCRIPTION = "quant_model_description.json"
+MODELSLIM_INDEX = "quant_model_weights.safetensors.index.json"
+
+
+def _save(tensors: dict, file: str) -> None:
+    save_file({name: t.contiguous() for name, t in tensors.items()}, file, metadata={"format": "pt"})
+
+
+def _write_config(path: str, config: dict) -> None:
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+
+
+def write_modelslim_folder(path: str, tensors: dict, description: dict, config: dict = None, shards: int = 1,
+                           indexed: bool = True) -> str:
+    """Write an msModelSlim checkpoint folder as the tool does and return `path`: the description
+    (name -> type, plus model_quant_type / version / group_size ... as given), the tensors in `shards`
+    files quant_model_weights-0000i-of-0000n.safetensors (names sorted, dealt round-robin) with their
+    index, or (indexed=False, as older msModelSlim versions write) one quant_model_weights.safetensors
+    without index; and config.json when `config` is given."""
+    os.makedirs(path, exist_ok=True)
+    if config is not None:
+        _write_config(path, config)
+    with open(os.path.join(path, MODELSLIM_DESCRIPTION), "w") as f:
+        json.dump(description, f, indent=1)
+    if not indexed:
+        if shards != 1:
+            raise ValueError("an msModelSlim checkpoint of several shards needs its index")
+        _save(tensors, os.path.join(path, "quant_model_weights.safetensors"))
+        return path
+    names, weight_map = sorted(tensors), {}
+    for i in range(shards):
+        file = f"quant_model_weights-{i + 1:05d}-of-{shards:05d}.safetensors"
+        part = {name: tensors[name] for name in names[i::shards]}
+        _save(part, os.path.join(path, file))
+        weight_map.update({name: file for name in part})
+    with open(os.path.join(path, MODELSLIM_INDEX), "w") as f:
+        json.dump({"metadata": {}, "weight_map": weight_map}, f)
+    return path
+
+
+def write_ct_folder(path: str, tensors: dict, quant_config: dict, config: dict = None) -> str:
+    """Write a compressed-tensors checkpoint folder and return `path`: model.safetensors and config.json
+    (`config`, default empty, with `quant_config` as its quantization_config)."""
+    os.makedirs(path, exist_ok=True)
+    _save(tensors, os.path.join(path, "model.safetensors"))
+    _write_config(path, {**(config or {}), "quantization_config": quant_config})
+    return path
+
+
+def write_float_folder(path: str, tensors: dict, config: dict = None) -> str:
+    """Write an unquantized checkpoint folder (model.safetensors, config.json when given); return `path`."""
+    os.makedirs(path, exist_ok=True)
+    if config is not None:
+        _write_config(path, config)
+    _save(tensors, os.path.join(path, "model.safetensors"))
+    return path
 
 
 def hf_config(**overrides) -> dict:
@@ -76,7 +137,6 @@ def modelslim_layer(kind: str, n: int, k: int, gen, row_parallel: bool = False) 
 
 def write_modelslim(path: str, kind: str, seed: int = 0, **overrides) -> str:
     """A synthetic msModelSlim checkpoint whose every linear layer is `kind` ("FLOAT": plain bf16 model)."""
-    os.makedirs(path, exist_ok=True)
     config = hf_config(**overrides)
     gen = torch.Generator().manual_seed(seed)
     tensors = float_tensors(config, gen)
@@ -86,25 +146,15 @@ def write_modelslim(path: str, kind: str, seed: int = 0, **overrides) -> str:
         for suffix, tensor in modelslim_layer(kind, n, k, gen, prefix.endswith(ROW_PARALLEL)).items():
             tensors[f"{prefix}.{suffix}"] = tensor
             description[f"{prefix}.{suffix}"] = kind
-    with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump(config, f, indent=2)
     if kind == "FLOAT":
-        save_file(tensors, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
-        return path
-    weights = "quant_model_weights-00001-of-00001.safetensors"
-    save_file(tensors, os.path.join(path, weights), metadata={"format": "pt"})
-    with open(os.path.join(path, "quant_model_weights.safetensors.index.json"), "w") as f:
-        json.dump({"metadata": {}, "weight_map": {name: weights for name in tensors}}, f)
-    with open(os.path.join(path, "quant_model_description.json"), "w") as f:
-        json.dump(description, f, indent=1)
-    return path
+        return write_float_folder(path, tensors, config)
+    return write_modelslim_folder(path, tensors, description, config)
 
 
 def write_ct_w4a16(path: str, group_size: int = 128, seed: int = 0, **overrides) -> str:
     """A synthetic compressed-tensors pack-quantized int4 (W4A16, symmetric groups) checkpoint."""
     from compressed_tensors.compressors import pack_to_int32
 
-    os.makedirs(path, exist_ok=True)
     config = hf_config(**overrides)
     gen = torch.Generator().manual_seed(seed)
     tensors = float_tensors(config, gen)
@@ -114,13 +164,9 @@ def write_ct_w4a16(path: str, group_size: int = 128, seed: int = 0, **overrides)
         tensors[f"{prefix}.weight_scale"] = (torch.rand(n, k // group_size, generator=gen) * 1e-2).to(torch.bfloat16)
         tensors[f"{prefix}.weight_shape"] = torch.tensor([n, k], dtype=torch.int64)
     weights = {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "group_size": group_size}
-    config["quantization_config"] = {
-        "quant_method": "compressed-tensors", "format": "pack-quantized", "ignore": ["lm_head"],
-        "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights}}}
-    with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump(config, f, indent=2)
-    save_file(tensors, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
-    return path
+    quant_config = {"quant_method": "compressed-tensors", "format": "pack-quantized", "ignore": ["lm_head"],
+                    "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights}}}
+    return write_ct_folder(path, tensors, quant_config, config)
 
 
 # Qwen3-30B-A3B's expert proportions (hidden 2048, moe_intermediate 768), 16 of its 128 experts.
@@ -149,7 +195,6 @@ def expert_tensors(kind: str, n: int, k: int, down: bool, gen) -> dict:
 def write_modelslim_moe(path: str, kind: str, seed: int = 0, **overrides) -> str:
     """A synthetic Qwen3-MoE msModelSlim checkpoint: experts in `kind`, attention W8A8_DYNAMIC
     ("FLOAT": the plain bf16 model)."""
-    os.makedirs(path, exist_ok=True)
     config = hf_config(**{**MOE_SHAPE, **overrides})
     config.update(architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe", decoder_sparse_step=1,
                   mlp_only_layers=[], norm_topk_prob=True)
@@ -173,12 +218,6 @@ def write_modelslim_moe(path: str, kind: str, seed: int = 0, **overrides) -> str
                 for suffix, tensor in expert_tensors(kind, n, k, proj == "down_proj", gen).items():
                     name = f"{mlp}.experts.{expert}.{proj}.{suffix}"
                     tensors[name], description[name] = tensor, kind
-    with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump(config, f, indent=2)
     if kind == "FLOAT":
-        save_file(tensors, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
-        return path
-    save_file(tensors, os.path.join(path, "quant_model_weights.safetensors"), metadata={"format": "pt"})
-    with open(os.path.join(path, "quant_model_description.json"), "w") as f:
-        json.dump(description, f, indent=1)
-    return path
+        return write_float_folder(path, tensors, config)
+    return write_modelslim_folder(path, tensors, description, config, indexed=False)

@@ -16,9 +16,10 @@ import torch
 from compressed_tensors.compressors import ModelCompressor
 from compressed_tensors.quantization import QuantizationConfig, QuantizationStrategy, apply_quantization_config
 from compressed_tensors.quantization.utils import calculate_qparams
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from helpers.common import QWEN3_BF16
+from sgl_ascend.testing import synthetic
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
                     "special_tokens_map.json", "generation_config.json")
@@ -131,13 +132,7 @@ class Qwen3LayerLinears(torch.nn.Module):
 
 def write_checkpoint(path: str, tensors: Dict[str, torch.Tensor], quant_config: dict,
                      hf_config: Optional[dict] = None) -> str:
-    os.makedirs(path, exist_ok=True)
-    save_file(tensors, os.path.join(path, "model.safetensors"))
-    config = dict(hf_config or {})
-    config["quantization_config"] = quant_config
-    with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump(config, f, indent=2)
-    return path
+    return synthetic.write_ct_folder(path, tensors, quant_config, hf_config)
 
 
 def write_qwen3_ct_checkpoint(path: str, scheme: str = "w4a16_group", calib_tokens: int = 16) -> str:

@@ -7,15 +7,14 @@ zeros), keeps norms, embeddings, the router and lm_head FLOAT, and writes
 quant_model_description.json the way msModelSlim does.
 """
 
-import json
 import os
 import shutil
 from typing import Dict
 
 import torch
-from safetensors.torch import save_file
 
 from helpers.common import QWEN3_BF16
+from sgl_ascend.testing import synthetic
 
 TOKENIZER_DIR = QWEN3_BF16
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
@@ -78,18 +77,14 @@ def random_weights(seed: int = 0) -> Dict[str, torch.Tensor]:
     return {k: v if k.endswith("e_score_correction_bias") else v.to(torch.bfloat16) for k, v in w.items()}
 
 
-def _common_files(path: str, config: dict) -> None:
-    os.makedirs(path, exist_ok=True)
-    with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump(config, f, indent=1)
+def _tokenizer(path: str) -> str:
     for name in TOKENIZER_FILES:
         shutil.copy(os.path.join(TOKENIZER_DIR, name), path)
+    return path
 
 
 def write_bf16(path: str, weights: Dict[str, torch.Tensor]) -> str:
-    _common_files(path, CONFIG)
-    save_file(weights, os.path.join(path, "model.safetensors"))
-    return path
+    return _tokenizer(synthetic.write_float_folder(path, weights, CONFIG))
 
 
 def is_quantized_projection(name: str) -> bool:
@@ -100,7 +95,6 @@ def is_quantized_projection(name: str) -> bool:
 
 def write_modelslim_w8a8_dynamic(path: str, weights: Dict[str, torch.Tensor]) -> str:
     """msModelSlim's W8A8_DYNAMIC layout: q = round(w / scale), scale = absmax / 127 per output row."""
-    _common_files(path, CONFIG)
     tensors, description = {}, {"model_quant_type": "W8A8_DYNAMIC", "version": "1.0.0", "group_size": 0}
     for name, w in weights.items():
         if not is_quantized_projection(name):
@@ -113,8 +107,4 @@ def write_modelslim_w8a8_dynamic(path: str, weights: Dict[str, torch.Tensor]) ->
         tensors[f"{prefix}.weight_offset"] = torch.zeros_like(scale)
         for suffix in ("weight", "weight_scale", "weight_offset"):
             description[f"{prefix}.{suffix}"] = "W8A8_DYNAMIC"
-    file = "quant_model_weights.safetensors"
-    save_file(tensors, os.path.join(path, file))
-    with open(os.path.join(path, "quant_model_description.json"), "w") as f:
-        json.dump(description, f, indent=1)
-    return path
+    return _tokenizer(synthetic.write_modelslim_folder(path, tensors, description, CONFIG, indexed=False))

@@ -10,12 +10,9 @@ The activation quantization step (x / scale) is computed in fp32 like the device
 """
 
 import functools
-import json
-import os
 from typing import Dict, Optional
 
 import torch
-from safetensors.torch import save_file
 
 from helpers.common import msmodelslim_fixture
 from sgl_ascend.layers.registry import linear_scheme
@@ -23,6 +20,7 @@ from sgl_ascend.layers.linear import ParallelLinear, QKVSizes, load_linear
 from sgl_ascend.ops.scales import decode_int64_scale
 from sgl_ascend.quant.checkpoint import SafetensorsCheckpoint
 from sgl_ascend.quant.modelslim import ModelSlimConfig
+from sgl_ascend.testing import synthetic
 
 HIDDEN, HEADS, KV_HEADS, HEAD_DIM, INTER = 128, 4, 2, 32, 256
 KINDS = ("qkv_proj", "gate_up_proj", "o_proj", "down_proj")
@@ -183,21 +181,9 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 def write_modelslim(folder: str, tensors: Dict[str, torch.Tensor], types: Dict[str, str],
                     version: Optional[str] = "1.0.0", shards: int = 1) -> str:
     """Write `tensors` as an msModelSlim checkpoint (description + safetensors + index) and return `folder`."""
-    os.makedirs(folder, exist_ok=True)
     description = {} if version is None else {"version": version}
     description.update({"model_quant_type": "W8A8", **types})
-    with open(os.path.join(folder, "quant_model_description.json"), "w") as f:
-        json.dump(description, f)
-    names = sorted(tensors)
-    weight_map = {}
-    for i in range(shards):
-        file = f"quant_model_weights-{i + 1:05d}-of-{shards:05d}.safetensors"
-        part = {n: tensors[n].contiguous() for n in names[i::shards]}
-        save_file(part, os.path.join(folder, file))
-        weight_map.update({n: file for n in part})
-    with open(os.path.join(folder, "quant_model_weights.safetensors.index.json"), "w") as f:
-        json.dump({"metadata": {}, "weight_map": weight_map}, f)
-    return folder
+    return synthetic.write_modelslim_folder(folder, tensors, description, shards=shards)
 
 
 def quantize_linear(w: torch.Tensor, kind: str, gen: torch.Generator, asymmetric: bool = False,

@@ -2,18 +2,15 @@
 library itself (calculate_qparams + PackedQuantizationCompressor), msModelSlim W4A4 experts (one int4
 value per byte, range [-7, 7] as the tool writes), and rewritten copies of the msModelSlim fixtures."""
 
-import json
-import shutil
 
 import torch
 from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
 from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
 from compressed_tensors.quantization.utils import calculate_qparams
-from safetensors.torch import save_file
 
-from helpers.common import msmodelslim_fixture
+from helpers.common import msmodelslim_fixture, rewrite_modelslim
 from sgl_ascend.ops.scales import encode_fp32_as_int64
-from sgl_ascend.quant.checkpoint import SafetensorsCheckpoint
+from sgl_ascend.testing import synthetic
 
 PREFIX = "model.layers.0.mlp"
 E, H, I = 4, 128, 64
@@ -63,12 +60,10 @@ def make_checkpoint(path, gen, clip=False, alpha=1.0, int64_scales=False, extra=
             residuals.append((torch.cat([deq[0][1], deq[1][1]]), down_extra))
             deq = [d[0] for d in deq]
         experts.append(tuple(deq))
-    path.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path / "model.safetensors"))
     qconfig = QuantizationConfig(config_groups={"group_0": scheme}, format="pack-quantized",
                                  ignore=["lm_head"]).model_dump(exclude_none=True)
     qconfig["config_groups"]["group_0"]["activation_use_clip"] = clip
-    (path / "config.json").write_text(json.dumps({"quantization_config": qconfig}))
+    synthetic.write_ct_folder(str(path), tensors, qconfig)
     return qconfig, experts, residuals if clip else None
 
 
@@ -86,27 +81,10 @@ def w4a4_checkpoint(path, gen, num_experts=4, hidden=128, inter=64):
             description.update({f"{name}.{s}": "W4A4_DYNAMIC" for s in ("weight", "weight_scale", "weight_offset")})
             deq.append(q.float() * scale)
         experts.append(tuple(deq))
-    path.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(path / "quant_model_weights.safetensors"))
-    (path / "quant_model_description.json").write_text(json.dumps(description))
+    synthetic.write_modelslim_folder(str(path), tensors, description, indexed=False)
     return experts
 
 
 def copy_fixture(tmp_path, fixture, rewrite, description_edit=None):
     """A copy of a fixture with some tensors rewritten (name -> tensor or None to drop)."""
-    src = msmodelslim_fixture(fixture)
-    dst = tmp_path / fixture
-    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("*.safetensors", "*.index.json"))
-    ckpt = SafetensorsCheckpoint(src)
-    tensors = {}
-    for name in ckpt.names():
-        tensor = rewrite(name, ckpt.get(name)) if rewrite else ckpt.get(name)
-        if tensor is not None:
-            tensors[name] = tensor.contiguous()
-    save_file(tensors, str(dst / "quant_model_weights.safetensors"))
-    desc_path = dst / "quant_model_description.json"
-    desc = json.loads(desc_path.read_text())
-    if description_edit:
-        description_edit(desc)
-    desc_path.write_text(json.dumps(desc))
-    return str(dst)
+    return rewrite_modelslim(msmodelslim_fixture(fixture), str(tmp_path / fixture), rewrite, description_edit)

@@ -15,18 +15,18 @@ NPUFinalizeRouting(drop_pad_mode=2).
 
 import json
 import os
-import shutil
 import sys
 from collections import Counter
 from typing import Dict, Optional
 
 import torch
-from safetensors.torch import save_file
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from helpers.common import rewrite_modelslim
 from helpers.linear import layer_spec, open_checkpoint
 from sgl_ascend.ops.scales import encode_fp32_as_int64
 from sgl_ascend.quant.checkpoint import SafetensorsCheckpoint
+from sgl_ascend.testing import synthetic
 
 MOE_PREFIX = "model.layers.0.mlp"
 PROJS = ("gate_proj", "up_proj", "down_proj")
@@ -281,23 +281,7 @@ def upstream_w4a8_clip_moe(path: str, num_experts: int = 4, hidden: int = 128, i
 def copy_fixture(src: str, dst: str, rewrite, description_edit=None, extra: Optional[Dict] = None) -> str:
     """A copy of an msModelSlim fixture with tensors rewritten (name, tensor -> tensor or None) and
     `extra` tensors added."""
-    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("*.safetensors", "*.index.json"))
-    ckpt = SafetensorsCheckpoint(src)
-    tensors = {}
-    for name in ckpt.names():
-        t = rewrite(name, ckpt.get(name))
-        if t is not None:
-            tensors[name] = t.contiguous()
-    tensors.update(extra or {})
-    save_file(tensors, os.path.join(dst, "quant_model_weights.safetensors"))
-    desc_path = os.path.join(dst, "quant_model_description.json")
-    with open(desc_path) as f:
-        desc = json.load(f)
-    if description_edit:
-        description_edit(desc)
-    with open(desc_path, "w") as f:
-        json.dump(desc, f)
-    return dst
+    return rewrite_modelslim(src, dst, rewrite, description_edit, extra)
 
 
 def w4a8_clip_checkpoint(src: str, dst: str) -> str:
@@ -348,11 +332,7 @@ def w4a4_moe_checkpoint(dst: str, gen: torch.Generator, num_experts: int = 4, hi
             tensors.update({f"{name}.weight": torch.round(w / scale).clamp(-7, 7).to(torch.int8),
                             f"{name}.weight_scale": scale, f"{name}.weight_offset": torch.zeros_like(scale)})
             description.update({f"{name}.{s}": "W4A4_DYNAMIC" for s in ("weight", "weight_scale", "weight_offset")})
-    os.makedirs(dst, exist_ok=True)
-    save_file(tensors, os.path.join(dst, "quant_model_weights.safetensors"))
-    with open(os.path.join(dst, "quant_model_description.json"), "w") as f:
-        json.dump(description, f)
-    return dst
+    return synthetic.write_modelslim_folder(dst, tensors, description, indexed=False)
 
 
 def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
