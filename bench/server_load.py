@@ -4,7 +4,7 @@
 
 Writes synthetic checkpoints with Qwen3-1.7B layer proportions (sgl_ascend/testing/synthetic.py;
 8 decoder layers by default) to a temp folder, then for each scheme starts `python -m
-sglang.launch_server` with the CPU engine's flags (as tests/sglang_server.py and scripts/cpu_demo.sh)
+sglang.launch_server` with the CPU engine's flags (as tests/helpers/sglang_server.py and scripts/cpu_demo.sh)
 and this checkout's sgl_ascend first on PYTHONPATH. It waits for SGLang's "Load weight end" log line
 (which reports the load time and the memory the weights took), reads the peak RSS (VmHWM) of the
 server's processes at that moment, and stops the server: nothing is served, so no tokenizer is

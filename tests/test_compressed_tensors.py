@@ -6,7 +6,7 @@ checkpoint's input scale. Dynamic per-token activations have no stored conventio
 (absmax / 127, round half-even) is emulated for the tight check.
 
 Layers run in bf16 / fp16 (the NPU kernels have no fp32 activations). Two references:
-- the kernel's (`kernel=True`), tight (TIGHT units of one bf16 rounding, linear_helpers.tight_error):
+- the kernel's (`kernel=True`), tight (TIGHT units of one bf16 rounding, helpers.linear.tight_error):
   the library's math with the precision the NPU kernels are given, i.e. weight scales rounded to the
   activation dtype (npu_weight_quant_batchmatmul takes them so: WNA16, W4A8), static activations
   quantized as x * r + z with r = 1 / input_scale in the activation dtype (npu_quantize, div_mode=False),

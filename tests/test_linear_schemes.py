@@ -1,5 +1,5 @@
 """Every msModelSlim linear scheme, loaded from the real msmodelslim checkpoints, computes what the
-checkpoint's own dequantization convention gives (see linear_helpers.py for the reference).
+checkpoint's own dequantization convention gives (see tests/helpers/linear.py for the reference).
 
 Tolerances, per output element: the twins end in one bf16 rounding, so |out - ref| must stay within
 TIGHT units of 2^-8 |ref| (bf16's unit roundoff), with 1% of the output rms as floor for elements

@@ -4,7 +4,7 @@ all-gather / all-reduce would) equal the tp=1 layer's output.
 
 Slices are checked before processing against an independent slicing of the raw checkpoint tensors;
 outputs after processing, in bf16 (the NPU kernels compute in bf16/fp16 only). Tolerances, in units
-of one bf16 rounding (linear_helpers.tight_error): column ranks compute the tp=1 layer's columns,
+of one bf16 rounding (helpers.linear.tight_error): column ranks compute the tp=1 layer's columns,
 each rounded once (TIGHT_COLUMNS: within one bf16 ulp = 2 units); row ranks' partial sums are each
 rounded to bf16 before the (exact, here) all-reduce, so their error is relative to the sum of the
 partials' magnitudes (TIGHT_PARTIALS).

@@ -2,7 +2,7 @@
 message names the file and the tensor or json key, and says what to do.
 
 Every case copies a real fixture (tests/fixtures/msmodelslim, or a compressed-tensors checkpoint
-written by the library through tests/ct_fixtures.py) to tmp_path and breaks it one way. `inspect`
+written by the library through tests/helpers/ct.py) to tmp_path and breaks it one way. `inspect`
 reads headers only (plus small tensors and one row of int4-in-int8 weights); `verify` loads the
 values, so broken scale values are `verify`-only cases (inspect passes them, by design).
 """

@@ -3,7 +3,7 @@
 tensors, and per group of 32 (group scales straight into the kernel's int64 [K/g, N] slots).
 
 Reference: the library's own decompress() of every expert weight (in fp32), per-token int8
-fake-quant of activations, bf16 hand-offs as the layer makes them (tests/moe_reference.py), plus,
+fake-quant of activations, bf16 hand-offs as the layer makes them (tests/helpers/moe_reference.py), plus,
 for clip files, the documented meaning of w13_bias / w2_bias: whatever they add beyond the kernel
 correction 8 * sum_k(deq) is an offset in units of the token's activation scale. Tolerance 2e-3.
 """

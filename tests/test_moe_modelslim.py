@@ -1,7 +1,7 @@
 """Fused-MoE layers against the real msmodelslim checkpoints (tests/fixtures/msmodelslim).
 
 Reference: the checkpoint's own dequantization applied to the original input, with per-token int8
-fake-quant of activations and the layer's bf16 hand-offs (tests/moe_reference.py). Tolerance:
+fake-quant of activations and the layer's bf16 hand-offs (tests/helpers/moe_reference.py). Tolerance:
 relative error <= 2e-3 (a rare one-step difference of a bf16 rounding or an int8 requant); the
 layers currently match to the last bit.
 """

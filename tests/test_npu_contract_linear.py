@@ -1,4 +1,4 @@
-"""Every dense linear scheme (msModelSlim and compressed-tensors; tests/dense_cases.py) at tp 1 and 2,
+"""Every dense linear scheme (msModelSlim and compressed-tensors; tests/helpers/dense_cases.py) at tp 1 and 2,
 driven through the op surface (`sgl_ascend.ops.ops`, the contract-checked twins off-NPU): a call the
 real torch_npu op would reject raises NpuContractError, so running every rank's forward is the test.
 The ranks' outputs put together (column: side by side, row: summed as the all-reduce does) are

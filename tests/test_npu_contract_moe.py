@@ -1,6 +1,6 @@
 """Every expert scheme (msModelSlim and compressed-tensors) at tp 1, tp 2 and ep 2, through both routing
 versions, runs its forward with zero contract violations (every NpuContractError constructed is
-recorded, so even a swallowed one fails) and matches the float reference (tests/moe_reference.py).
+recorded, so even a swallowed one fails) and matches the float reference (tests/helpers/moe_reference.py).
 
 Inputs: bf16 activations and top-k weights (npu_dynamic_quant takes fp16/bf16 only; the quantized
 grouped matmuls output bf16). Tolerance: relative error (Frobenius) <= 2e-3 against the reference,

@@ -1,6 +1,6 @@
 """End to end: SGLang on CPU serves a compressed-tensors checkpoint through sgl-ascend's config.
 
-The checkpoint is a tiny Qwen3 quantized by the compressed-tensors library itself (tests/ct_fixtures,
+The checkpoint is a tiny Qwen3 quantized by the compressed-tensors library itself (tests/helpers/ct.py,
 W4A16 group-32, pack-quantized); the float reference is the same checkpoint decompressed by the
 library (transformers' compressed-tensors integration, run_compressed=False), in float32.
 """

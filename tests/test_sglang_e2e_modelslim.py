@@ -3,7 +3,7 @@
 Each test starts one server for one checkpoint (tests/fixtures/msmodelslim, written by the real
 msmodelslim tool), asks /v1/completions for greedy tokens with logprobs, and compares them with
 transformers running the same weights dequantized by msModelSlim's own convention, in float32
-(tests/float_reference.py). The fixtures are random tiny models whose top-2 logprobs are often only
+(tests/helpers/float_reference.py). The fixtures are random tiny models whose top-2 logprobs are often only
 hundredths of a nat apart, so a token may flip within quantization error: the test accepts a flip
 only where the float model's logprobs of the two tokens differ by less than the tolerance, and
 requires every served logprob within the tolerance of the float model's.

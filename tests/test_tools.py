@@ -277,7 +277,7 @@ def test_verify_broken_checkpoint_exit_code(capsys, tmp_path):
     assert code == EXIT_CHECKPOINT_ERROR and "model.layers.0.mlp.gate_proj.weight_offset" in err
 
 
-# -- compressed-tensors checkpoints (written by the library, tests/ct_fixtures.py) ------------------
+# -- compressed-tensors checkpoints (written by the library, tests/helpers/ct.py) ------------------
 
 @pytest.fixture(scope="module")
 def ct_checkpoints(tmp_path_factory):

@@ -8,7 +8,7 @@ For every scheme both serve, on the same checkpoint and bf16 input:
  (c) our forward makes no more torch.ops.npu calls than upstream's (counts printed as a table).
 Schemes upstream lacks on NPU (compressed-tensors static W8A8: NPUCompressedTensorsW8A8Int8 raises
 NotImplementedError; compressed-tensors dense W4A8: no NPU scheme) have no oracle.
-Helpers: tests/upstream_oracle.py.
+Helpers: tests/helpers/upstream_oracle.py.
 """
 
 import pytest

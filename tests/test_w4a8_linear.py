@@ -7,7 +7,7 @@ not quantized, the dequantization scale (weight_scale_second * weight_scale) is 
 
 Reference, in float64 from the checkpoint tensors, on bf16 inputs: x @ dequantized weight of each
 rank's slice, partial results of row-parallel ranks summed.
-- TIGHT (units of one bf16 rounding, linear_helpers.tight_error) against the reference whose scales
+- TIGHT (units of one bf16 rounding, helpers.linear.tight_error) against the reference whose scales
   are rounded to bf16 as the kernel holds them: the output is that product rounded once (per rank).
 - SCALE_REL (norm-relative) against the checkpoint's exact fp32 scales: the bf16 scale rounding
   (<= 2^-9 relative per scale), measured <= 2.6e-3 (tight: <= 0.98 units).

@@ -1,7 +1,7 @@
 """Every served expert scheme as a small test case: its checkpoint (a real msmodelslim fixture, a copy
 of one rewritten into another form, or one written with the compressed-tensors library), the
 scheme pair serving it, and the float experts + activation bits + W4A8 residuals of its reference
-(tests/moe_reference.py). Shared by the contract, routing and graph-safety tests."""
+(tests/helpers/moe_reference.py). Shared by the contract, routing and graph-safety tests."""
 
 import contextlib
 import os
