@@ -453,7 +453,7 @@ def _check_stored_tensors(layer: ParallelLinear, spec: LinearSpec, checkpoint: S
                     file=info.file, tensor=info.name)
             if layout.dtype == torch.int8 and info.dtype == torch.int8 and expected and expected[0]:
                 check_int4_in_int8(checkpoint.get_rows(info.name), file=info.file, tensor=info.name,
-                                   scheme=scheme_name)
+                                   scheme=scheme_name, sampled=True)
 
 
 def _plan_experts(plan, spec: ExpertsSpec, source, config, checkpoint, claimed) -> LayerEntry:
