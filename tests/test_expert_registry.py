@@ -80,3 +80,10 @@ def test_from_key_reads_params_dtype_and_the_format():
     ct = registry.create(SchemeKey.make(EXPERTS, COMPRESSED_TENSORS, "W4A8", packed=True, strategy="group",
                                         group_size=32), role="w13", module="m")
     assert (ct.fmt, ct.group_size) == ("compressed_tensors", 32)
+
+
+def test_only_w4a8_dynamic_reads_the_description_group_size():
+    readers = {(f, k, name) for f, k, name, _ in served_table()
+               if registry.scheme_class(SchemeKey(k, f, name)).reads_group_size}
+    assert readers == {(MSMODELSLIM, "linear", "W4A8_DYNAMIC"), (MSMODELSLIM, EXPERTS, "W4A8_DYNAMIC"),
+                       (COMPRESSED_TENSORS, EXPERTS, "W4A8")}

@@ -94,6 +94,9 @@ class ExpertScheme(ABC):
     #: activation quantization the grouped matmul consumes: torch.int8, torch.quint4x2 or None
     act_dtype: Optional[torch.dtype] = None
 
+    #: the scheme reads msModelSlim's top-level description group_size (inspect checks it against K)
+    reads_group_size = False
+
     def __init__(self, role: str, params_dtype: torch.dtype = torch.bfloat16):
         if role not in ("w13", "w2"):
             raise ValueError(f"role must be w13 or w2, got {role!r}")

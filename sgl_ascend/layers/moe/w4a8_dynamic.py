@@ -101,6 +101,7 @@ def _alpha_is_one(target, loaded):
 @register_scheme(EXPERTS, COMPRESSED_TENSORS, ct.W4A8)
 class W4A8DynamicExperts(ExpertScheme):
     act_dtype = torch.int8
+    reads_group_size = True
 
     @classmethod
     def from_key(cls, key, *, role: str, module: str = "", **context):
