@@ -47,7 +47,7 @@ from sgl_ascend.layers.registry import register_scheme
 from sgl_ascend.layers.schemes.common import write_fp32_bits, write_int4_pairs, write_int4_values, write_scale_or_bits
 from sgl_ascend.layers.schemes.ct_common import write_packed_int4
 from sgl_ascend.layers.schemes.w4a8_kernel import kernel_correction, w4a8_grouped_matmul
-from sgl_ascend.ops.int4 import unpack_int8_pairs
+from sgl_ascend.ops.int4 import CT_OFFSET_BITS, unpack_int32_to_int4, unpack_int8_pairs
 from sgl_ascend.ops.scales import decode_int64_scale, encode_fp32_as_int64
 from sgl_ascend.quant import compressed_tensors as ct
 from sgl_ascend.quant.scheme_key import COMPRESSED_TENSORS, EXPERTS, MSMODELSLIM
@@ -268,10 +268,8 @@ class W4A8DynamicExperts(ExpertScheme):
 def _full_sums_recorder(sums: torch.Tensor, fmt: str):
     """ExpertLayout.record_full of the w2 weight: sum_k q of one expert's unsliced tensor into sums[local]."""
     def record(local, full):
-        if fmt == "compressed_tensors":
-            from compressed_tensors.compressors import unpack_from_int32
-
-            values = unpack_from_int32(full, 4, torch.Size((full.shape[0], full.shape[1] * 8)))
+        if fmt == "compressed_tensors":  # [n, k/8] words along K, ours XOR CT_OFFSET_BITS
+            values = unpack_int32_to_int4(full ^ CT_OFFSET_BITS)
         else:
             values = unpack_int8_pairs(full, 0) if fmt == "modelslim" else full
         sums[local] = values.sum(dim=1, dtype=torch.int32)
