@@ -460,9 +460,7 @@ def _check_stored_tensors(layer: ParallelLinear, spec: LinearSpec, checkpoint: S
                     f"{shape_str(expected)} {layout.dtype} as the checkpoint stores it{hint}; the checkpoint does "
                     "not match config.json or was packed another way. Re-export it from this model.",
                     file=info.file, tensor=info.name)
-            # int4 one per int8 byte (msModelSlim W4A8 pairs, output_pack_factor 2, span the whole byte)
-            if (layout.dtype == torch.int8 and info.dtype == torch.int8 and param.output_pack_factor == 1
-                    and expected and expected[0]):
+            if layout.dtype == torch.int8 and info.dtype == torch.int8 and expected and expected[0]:
                 check_int4_in_int8(checkpoint.get_rows(info.name), file=info.file, tensor=info.name,
                                    scheme=scheme_name, sampled=True)
 

@@ -95,18 +95,16 @@ def write_scale_or_bits(target: torch.Tensor, scale: torch.Tensor) -> None:
 
 
 def register_int4_weight(layer: torch.nn.Module, attr: str, n: int, k: int, *, checkpoint_shape=None,
-                         checkpoint_dtype: torch.dtype = torch.int8, write=write_int4_values,
-                         outputs_per_row: int = 1):
+                         checkpoint_dtype: torch.dtype = torch.int8, write=write_int4_values):
     """An int4 weight held in the kernel layout int32 [K, N/8] from creation on: each checkpoint shard
     is packed into its slice while it loads (default: int8 [N, K], one value per byte), so no
-    unpacked copy of the layer's weight exists while the other layers load.
-    outputs_per_row: output channels per checkpoint row (2 for msModelSlim W4A8 pairs [N/2, K])."""
+    unpacked copy of the layer's weight exists while the other layers load."""
     if n % 8:
         raise CheckpointError(f"int4 weights need an output size divisible by 8 to pack, got {n}")
-    layout = CheckpointLayout(tuple(checkpoint_shape or (n // outputs_per_row, k)), checkpoint_dtype, write,
-                              stored_output_dim=1, outputs_per_element=8 // outputs_per_row)
+    layout = CheckpointLayout(tuple(checkpoint_shape or (n, k)), checkpoint_dtype, write,
+                              stored_output_dim=1, outputs_per_element=8)
     return register(layer, attr, torch.empty(k, n // 8, dtype=torch.int32), output_dim=0, input_dim=1,
-                    output_pack_factor=outputs_per_row, checkpoint_layout=layout)
+                    checkpoint_layout=layout)
 
 
 def flatten_channel_scale(layer: torch.nn.Module, attr: str) -> None:
@@ -133,6 +131,14 @@ def drop_zero_offset(layer: torch.nn.Module, attr: str, why: str) -> None:
 def check_int4_values(values: torch.Tensor, tensor: Optional[str] = None) -> None:
     """int4 values stored one per int8 byte lie in [-8, 7] (quant.checks, shared with inspect / verify)."""
     check_int4_in_int8(values, file=None, tensor=tensor, scheme="this scheme")
+
+
+def check_int_range(layer: torch.nn.Module, attr: str, low: int = -8, high: int = 7) -> None:
+    """check_int4_values on a loaded parameter (int4 one per byte is the only such range)."""
+    if (low, high) != (-8, 7):
+        raise ValueError(f"only the int4 range [-8, 7] is checked, got [{low}, {high}]")
+    param = getattr(layer, attr)
+    check_int4_values(param.data, tensor=param.tensor_name)
 
 
 # -- the activation dtype and the weight-only kernel ------------------------------------------------

@@ -17,9 +17,7 @@ weight_offset (zeros) [N, 1]; group-wise (description group_size g > 0) adds wei
 [N, K/g] (dequantized weight = q * weight_scale_second * weight_scale) and weight_offset_second
 (zeros, int64 as the tool writes it). scale_bias (the int8-activation kernel's correction) is not
 needed by the weight-only kernel and is not loaded.
-Loading packs the weight straight into int32 [K, N/8] (common.register_int4_weight: the pair bytes
-transposed, or the legacy values packed), so no checkpoint-layout copy exists. After loading: weight
-int32 [K, N/8] (the only copy), weight_scale [N] or [K/g, N] in the
+After loading: weight int32 [K, N/8] (packed, the only copy), weight_scale [N] or [K/g, N] in the
 activation dtype. Group sizes must be multiples of 32 (the kernel's rule); a rank holding a single
 group runs it per channel.
 """
@@ -32,8 +30,8 @@ from sgl_ascend.errors import CheckpointError
 from sgl_ascend.layers.parameters import register
 from sgl_ascend.layers.registry import register_scheme
 from sgl_ascend.layers.schemes.base import LinearScheme
-from sgl_ascend.layers.schemes.common import (drop_zero_offset, kernel_act_dtype, register_int4_weight,
-                                              weight_only_group_size, write_int4_pairs)
+from sgl_ascend.layers.schemes.common import (check_int_range, drop_zero_offset, kernel_act_dtype,
+                                              pack_int4_for_kernel, weight_only_group_size)
 from sgl_ascend.layers.schemes.w4a8_kernel import (apply_w4a8_weight_only, install_w4a8_weight_only, log_weight_only,
                                                    w4a8_linear_bytes)
 from sgl_ascend.quant.scheme_key import LINEAR, MSMODELSLIM
@@ -65,11 +63,11 @@ class W4A8DynamicLinear(LinearScheme):
                                   f"of groups of {g} (description group_size); pick a tp size that keeps K "
                                   "per rank a multiple of the group size.")
         self.kernel_group_size = weight_only_group_size(g, k, prefix)
-        # packed into the kernel's int32 [K, N/8] while loading (the pair bytes transposed, or the values)
         if self.legacy:
-            register_int4_weight(layer, "weight", n, k)
+            register(layer, "weight", torch.empty(n, k, dtype=torch.int8), output_dim=0, input_dim=1)
         else:
-            register_int4_weight(layer, "weight", n, k, write=write_int4_pairs, outputs_per_row=2)
+            register(layer, "weight", torch.empty(n // 2, k, dtype=torch.int8), output_dim=0, input_dim=1,
+                     output_pack_factor=2)
         register(layer, "weight_scale", torch.empty(n, 1, dtype=torch.float32), output_dim=0)
         register(layer, "weight_offset", torch.empty(n, 1, dtype=torch.float32), output_dim=0)
         if g:
@@ -81,7 +79,11 @@ class W4A8DynamicLinear(LinearScheme):
 
     def process_weights_after_loading(self, layer):
         drop_zero_offset(layer, "weight_offset", "the W4A8_DYNAMIC kernel")
-        weight = layer.weight.data
+        if self.legacy:
+            check_int_range(layer, "weight", -8, 7)
+            weight = pack_int4_for_kernel(layer.weight.data)
+        else:  # bytes of the transposed pairs are the kernel's int32 [K, N/8] (see moe/int4.py)
+            weight = layer.weight.data.t().contiguous().view(torch.int32)
         scale = layer.weight_scale.data.reshape(-1).float()
         if self.group_size:
             drop_zero_offset(layer, "weight_offset_second", "the W4A8_DYNAMIC kernel")
