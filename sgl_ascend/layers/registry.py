@@ -6,44 +6,36 @@ Scheme classes fill it themselves with a class decorator, in their own file:
     class W8A8DynamicLinear(LinearScheme): ...
 
 `create(key, **context)` builds a scheme for a key the format resolvers in `sgl_ascend.quant` return
-(`cls.from_key(key, **context)`, or the `factory` given at registration); a key no class registered
+(`cls.from_key(key, **context)`); a key no class registered
 for is refused with a CheckpointError that lists what is served, built from the registry. Everything
 that names served schemes (the resolvers' "served: ..." messages, `sgl-ascend schemes`, the SGLang
 configs' "served by" log lines) reads `served_names` / `served_table`.
 """
 
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 from sgl_ascend.errors import CheckpointError
 from sgl_ascend.quant.scheme_key import COMPRESSED_TENSORS, EXPERTS, FORMATS, KINDS, KV_CACHE, LINEAR, SchemeKey
 
-_Entry = Tuple[type, Callable]
-_REGISTRY: Dict[Tuple[str, str, str], _Entry] = {}
+_REGISTRY: Dict[Tuple[str, str, str], type] = {}
 
 _WHAT = {LINEAR: "linear layers", EXPERTS: "fused-MoE experts", KV_CACHE: "KV caches"}
 
 
-def _default_factory(cls) -> Callable:
-    def build(key: SchemeKey, **context):
-        return cls.from_key(key, **context)
-    return build
-
-
-def register_scheme(kind: str, format: str, *names: str, factory: Optional[Callable] = None):
-    """Class decorator: `cls` serves `names` of `format` for layers of `kind`. The scheme is built
-    with `factory(key, **context)` when given, else `cls.from_key(key, **context)`."""
+def register_scheme(kind: str, format: str, *names: str):
+    """Class decorator: `cls` serves `names` of `format` for layers of `kind`; the scheme is built with
+    `cls.from_key(key, **context)`."""
     if kind not in KINDS or format not in FORMATS or not names:
         raise ValueError(f"register_scheme({kind!r}, {format!r}, {names}): kind is one of {KINDS}, "
                          f"format one of {FORMATS}, and at least one name is needed")
 
     def decorate(cls):
-        build = factory or _default_factory(cls)
         for name in names:
             slot = (kind, format, name)
-            if slot in _REGISTRY and _REGISTRY[slot][0] is not cls:
-                raise ValueError(f"{format} {kind} {name} is served by {_REGISTRY[slot][0].__name__} already; "
+            if slot in _REGISTRY and _REGISTRY[slot] is not cls:
+                raise ValueError(f"{format} {kind} {name} is served by {_REGISTRY[slot].__name__} already; "
                                  f"{cls.__name__} cannot serve it too")
-            _REGISTRY[slot] = (cls, build)
+            _REGISTRY[slot] = cls
         return cls
 
     return decorate
@@ -63,7 +55,7 @@ def served_names(kind: str, format: str) -> List[str]:
 def served_table() -> List[Tuple[str, str, str, str]]:
     """(format, kind, name, class name) for every registered scheme, by format, kind and name."""
     load_builtin_schemes()
-    rows = [(f, k, name, entry[0].__name__) for (k, f, name), entry in _REGISTRY.items()]
+    rows = [(f, k, name, cls.__name__) for (k, f, name), cls in _REGISTRY.items()]
     return sorted(rows, key=lambda r: (FORMATS.index(r[0]), KINDS.index(r[1]), r[2]))
 
 
@@ -73,9 +65,9 @@ def served_by(keys) -> str:
     load_builtin_schemes()
     seen = {}
     for key in keys:
-        entry = _REGISTRY.get((key.kind, key.format, key.name))
-        if entry is not None:
-            seen.setdefault(f"{key.name} {key.kind}", entry[0].__name__)
+        cls = _REGISTRY.get((key.kind, key.format, key.name))
+        if cls is not None:
+            seen.setdefault(f"{key.name} {key.kind}", cls.__name__)
     return ", ".join(f"{what} -> {cls}" for what, cls in sorted(seen.items())) or "none"
 
 
@@ -93,10 +85,10 @@ def scheme_class(key: SchemeKey, *, file: Optional[str] = None, tensor: Optional
                  what: Optional[str] = None) -> type:
     """The class registered for `key`, or a CheckpointError naming file/tensor and what is served."""
     load_builtin_schemes()
-    entry = _REGISTRY.get((key.kind, key.format, key.name))
-    if entry is None:
+    cls = _REGISTRY.get((key.kind, key.format, key.name))
+    if cls is None:
         raise CheckpointError(refusal(key, what), file=file, tensor=tensor)
-    return entry[0]
+    return cls
 
 
 def refusal(key: SchemeKey, what: Optional[str] = None) -> str:
@@ -115,8 +107,7 @@ def refusal(key: SchemeKey, what: Optional[str] = None) -> str:
 def create(key: SchemeKey, *, file: Optional[str] = None, tensor: Optional[str] = None,
            what: Optional[str] = None, **context):
     """A scheme object for `key` (context: e.g. role and params_dtype for experts)."""
-    scheme_class(key, file=file, tensor=tensor, what=what)
-    return _REGISTRY[(key.kind, key.format, key.name)][1](key, **context)
+    return scheme_class(key, file=file, tensor=tensor, what=what).from_key(key, **context)
 
 
 def load_builtin_schemes() -> None:

@@ -14,6 +14,8 @@ import sys
 import torch
 
 NIBBLES_PER_INT32 = 8
+#: compressed-tensors int32 words XOR this (0x88888888 as an int32) are ours: every nibble's top bit flips
+CT_OFFSET_BITS = 0x88888888 - 2**32
 _SHIFTS = torch.arange(0, 32, 4, dtype=torch.int32)
 
 

@@ -396,13 +396,14 @@ def check_scale_values(values: torch.Tensor, *, file: str, tensor: str) -> None:
         "corrupt. Re-quantize the model (or re-download the checkpoint).", file=file, tensor=tensor)
 
 
-def check_int4_in_int8(values: torch.Tensor, *, file: str, tensor: str, scheme: str) -> None:
-    """int4 weights stored one value per int8 byte lie in [-8, 7]."""
+def check_int4_in_int8(values: torch.Tensor, *, file: str, tensor: str, scheme: str, sampled: bool = False) -> None:
+    """int4 weights stored one value per int8 byte lie in [-8, 7]. sampled: `values` is a sample of the
+    tensor (some rows), not all of it; the message says so."""
     if values.numel() == 0:
         return
     lo, hi = int(values.min()), int(values.max())
     if lo < -8 or hi > 7:
         raise CheckpointError(
-            f"values span [{lo}, {hi}] (sampled) but {scheme} stores int4 weights one per int8 byte, in [-8, 7]; "
+            f"values span [{lo}, {hi}]{' (sampled)' if sampled else ''} but {scheme} stores int4 weights one per int8 byte, in [-8, 7]; "
             "the description's scheme (or version) does not match the tensor. Fix the description or re-export "
             "the checkpoint.", file=file, tensor=tensor)

@@ -16,6 +16,8 @@ from sgl_ascend.models.norm_bias import enable_norm_bias, needs_norm_bias
 from sgl_ascend.quant.modelslim import DESCRIPTION_FILE, ModelSlimConfig, parse_description
 from sgl_ascend.sglang.config_base import AscendQuantConfigBase
 
+# the one msModelSlim type SGLang's `--quantization w4a4_int4` flag stands for: the flag's meaning, not
+# scheme knowledge the registry holds (it maps names to classes, not flags to names)
 W4A4_TYPE = "W4A4_DYNAMIC"
 
 logger = logging.getLogger(__name__)

@@ -19,12 +19,14 @@ from sgl_ascend.layers.linear import ParallelLinear, QKVSizes, load_linear
 from sgl_ascend.layers.moe import (FusedMoEMethod, UnquantizedExperts, check_moe_checkpoint,
                                    moe_method_for_compressed_tensors, moe_method_for_modelslim)
 from sgl_ascend.layers.parameters import ShardedParameter
-from sgl_ascend.layers.registry import check_served, linear_scheme
+from sgl_ascend.layers.registry import check_served, is_served, linear_scheme, scheme_class
 from sgl_ascend.layers.schemes import UnquantizedLinear
 from sgl_ascend.quant.checkpoint import SafetensorsCheckpoint, TensorInfo
 from sgl_ascend.quant.checks import check_int4_in_int8, check_layers_present
 from sgl_ascend.quant.compressed_tensors import CompressedTensorsConfig, enum_str
 from sgl_ascend.quant.modelslim import DESCRIPTION_FILE, ModelSlimConfig
+from sgl_ascend.quant.scheme_key import EXPERTS, LINEAR, SchemeKey
+from sgl_ascend.quant.scheme_key import MSMODELSLIM as MODELSLIM_FORMAT
 from sgl_ascend.tools.model_layout import (DecoderConfig, ExpertsSpec, FloatSpec, LinearSpec, ModelLayout,
                                            layout_from_config, load_config)
 
@@ -87,9 +89,15 @@ class ModelSlimSource:
         return self.config.norm_bias_names()
 
     def group_size(self, scheme_name: str, prefix: str, experts: Optional[ExpertsSpec] = None):
-        """(group size, file, key) when the layer's scheme is group-wise; msModelSlim's W4A8 reads the
-        description's top-level group_size (0: per channel)."""
-        if "W4A8_DYNAMIC" not in scheme_name:
+        """(group size, file, key) when the layer's scheme reads the description's top-level group_size
+        (0: per channel): the scheme class says so (`reads_group_size`, e.g. W4A8_DYNAMIC)."""
+        try:
+            names = ({self.config.types.get(f"{experts.expert_prefix(0, p)}.weight") for p in experts.projections}
+                     if experts else {self.config.weight_type(prefix)})
+        except CheckpointError:  # reported by the layer's own pass
+            return None
+        keys = [SchemeKey(EXPERTS if experts else LINEAR, MODELSLIM_FORMAT, name) for name in names if name]
+        if not any(is_served(key) and scheme_class(key).reads_group_size for key in keys):
             return None
         return self.config.description.group_size, self.config.source, "group_size"
 
@@ -103,6 +111,7 @@ class CompressedTensorsSource:
 
     @staticmethod
     def _name(args) -> str:
+        # display only: the resolver's name (args.kind, the registry key's name) with the weight args
         if args is None:
             return "FLOAT"
         w = args.weights
@@ -453,7 +462,7 @@ def _check_stored_tensors(layer: ParallelLinear, spec: LinearSpec, checkpoint: S
                     file=info.file, tensor=info.name)
             if layout.dtype == torch.int8 and info.dtype == torch.int8 and expected and expected[0]:
                 check_int4_in_int8(checkpoint.get_rows(info.name), file=info.file, tensor=info.name,
-                                   scheme=scheme_name)
+                                   scheme=scheme_name, sampled=True)
 
 
 def _plan_experts(plan, spec: ExpertsSpec, source, config, checkpoint, claimed) -> LayerEntry:

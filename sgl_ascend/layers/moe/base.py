@@ -94,10 +94,20 @@ class ExpertScheme(ABC):
     #: activation quantization the grouped matmul consumes: torch.int8, torch.quint4x2 or None
     act_dtype: Optional[torch.dtype] = None
 
-    def __init__(self, role: str):
+    #: the scheme reads msModelSlim's top-level description group_size (inspect checks it against K)
+    reads_group_size = False
+
+    def __init__(self, role: str, params_dtype: torch.dtype = torch.bfloat16):
         if role not in ("w13", "w2"):
             raise ValueError(f"role must be w13 or w2, got {role!r}")
-        self.role = role
+        self.role, self.params_dtype = role, params_dtype
+
+    @classmethod
+    def from_key(cls, key, *, role: str, params_dtype: torch.dtype = torch.bfloat16, **context) -> "ExpertScheme":
+        """The scheme of weight group `role` ("w13" / "w2") for a resolved SchemeKey
+        (sgl_ascend.quant.scheme_key), in a model of `params_dtype`; `context` may also hold `module`
+        (the checkpoint module, for messages). Override to read the key's params."""
+        return cls(role, params_dtype)
 
     def a(self, name: str) -> str:
         """Layer attribute of this group's tensor, e.g. w13_weight_scale."""

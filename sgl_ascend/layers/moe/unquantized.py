@@ -8,15 +8,15 @@ import torch
 
 from sgl_ascend.layers.moe.base import ExpertScheme, TensorSpec, grouped_matmul, register_expert, transposed_write
 from sgl_ascend.layers.parameters import replace_data
+from sgl_ascend.layers.registry import register_scheme
 from sgl_ascend.ops import to_nz
+from sgl_ascend.quant.scheme_key import COMPRESSED_TENSORS, EXPERTS, MSMODELSLIM
 
 
+@register_scheme(EXPERTS, MSMODELSLIM, "FLOAT")
+@register_scheme(EXPERTS, COMPRESSED_TENSORS, "FLOAT")
 class UnquantizedExperts(ExpertScheme):
     act_dtype = None
-
-    def __init__(self, role: str, params_dtype: torch.dtype = torch.bfloat16):
-        super().__init__(role)
-        self.params_dtype = params_dtype
 
     def checkpoint_tensors(self, n, k, tp_size) -> Dict[str, TensorSpec]:
         return {"weight": TensorSpec((n, k), "float", tp_dim=self.tp_split_dim())}

@@ -12,9 +12,12 @@ import torch
 
 from sgl_ascend.layers.moe.base import ExpertScheme, TensorSpec, register_expert
 from sgl_ascend.layers.moe.checks import CHECK_ONLY, drop_check_only, write_zero_check
+from sgl_ascend.layers.registry import register_scheme
 from sgl_ascend.layers.schemes.common import write_fp32_bits, write_int4_values
+from sgl_ascend.quant.scheme_key import EXPERTS, MSMODELSLIM
 
 
+@register_scheme(EXPERTS, MSMODELSLIM, "W4A4_DYNAMIC")
 class W4A4DynamicExperts(ExpertScheme):
     act_dtype = torch.quint4x2
 

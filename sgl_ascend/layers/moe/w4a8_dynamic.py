@@ -43,11 +43,14 @@ import torch
 from sgl_ascend.errors import CheckpointError
 from sgl_ascend.layers.moe.base import ExpertScheme, TensorSpec, register_expert
 from sgl_ascend.layers.moe.checks import CHECK_ONLY, drop_check_only, write_zero_check
+from sgl_ascend.layers.registry import register_scheme
 from sgl_ascend.layers.schemes.common import write_fp32_bits, write_int4_pairs, write_int4_values, write_scale_or_bits
 from sgl_ascend.layers.schemes.ct_common import write_packed_int4
 from sgl_ascend.layers.schemes.w4a8_kernel import kernel_correction, w4a8_grouped_matmul
-from sgl_ascend.ops.int4 import unpack_int8_pairs
+from sgl_ascend.ops.int4 import CT_OFFSET_BITS, unpack_int32_to_int4, unpack_int8_pairs
 from sgl_ascend.ops.scales import decode_int64_scale, encode_fp32_as_int64
+from sgl_ascend.quant import compressed_tensors as ct
+from sgl_ascend.quant.scheme_key import COMPRESSED_TENSORS, EXPERTS, MSMODELSLIM
 
 FORMATS = ("modelslim", "modelslim_legacy", "compressed_tensors")
 #: layer buffer (not a parameter) of w2's full-K int4 sums while a tp > 1 activation-clip layer loads
@@ -94,8 +97,26 @@ def _alpha_is_one(target, loaded):
             "so a different value would be silently dropped. Fold alpha into the down_proj scales.")
 
 
+@register_scheme(EXPERTS, MSMODELSLIM, "W4A8_DYNAMIC")
+@register_scheme(EXPERTS, COMPRESSED_TENSORS, ct.W4A8)
 class W4A8DynamicExperts(ExpertScheme):
     act_dtype = torch.int8
+    reads_group_size = True
+
+    @classmethod
+    def from_key(cls, key, *, role: str, module: str = "", **context):
+        clip = key.param("clip", False)
+        if key.format == MSMODELSLIM:
+            return cls(role, fmt="modelslim_legacy" if key.param("legacy") else "modelslim",
+                       group_size=key.param("group_size", 0), clip=clip)
+        group_size = key.param("group_size") or 0
+        if not (key.param("packed") and (key.param("strategy") == "channel" or group_size)):
+            raise CheckpointError(
+                f"experts quantized as W4A8 with {key.param('strategy')} weights (group_size "
+                f"{key.param('group_size')}), format {key.param('storage')} are not served; served: int4 symmetric "
+                "weights per channel or group (pack-quantized) with dynamic per-token int8 activations.",
+                tensor=module)
+        return cls(role, fmt="compressed_tensors", group_size=group_size, clip=clip)
 
     def __init__(self, role: str, fmt: str = "modelslim", group_size: int = 0, clip: bool = False):
         super().__init__(role)
@@ -247,10 +268,8 @@ class W4A8DynamicExperts(ExpertScheme):
 def _full_sums_recorder(sums: torch.Tensor, fmt: str):
     """ExpertLayout.record_full of the w2 weight: sum_k q of one expert's unsliced tensor into sums[local]."""
     def record(local, full):
-        if fmt == "compressed_tensors":
-            from compressed_tensors.compressors import unpack_from_int32
-
-            values = unpack_from_int32(full, 4, torch.Size((full.shape[0], full.shape[1] * 8)))
+        if fmt == "compressed_tensors":  # [n, k/8] words along K, ours XOR CT_OFFSET_BITS
+            values = unpack_int32_to_int4(full ^ CT_OFFSET_BITS)
         else:
             values = unpack_int8_pairs(full, 0) if fmt == "modelslim" else full
         sums[local] = values.sum(dim=1, dtype=torch.int32)

@@ -17,7 +17,9 @@ import torch
 from sgl_ascend.layers.moe.base import ExpertScheme, TensorSpec, register_expert, transposed_write
 from sgl_ascend.layers.moe.checks import CHECK_ONLY, drop_check_only, write_zero_check
 from sgl_ascend.layers.parameters import replace_data
+from sgl_ascend.layers.registry import register_scheme
 from sgl_ascend.ops import to_nz
+from sgl_ascend.quant.scheme_key import EXPERTS, MSMODELSLIM
 
 
 def scale_dtype_for(params_dtype: torch.dtype) -> torch.dtype:
@@ -27,11 +29,12 @@ def scale_dtype_for(params_dtype: torch.dtype) -> torch.dtype:
     return torch.bfloat16 if params_dtype == torch.bfloat16 else torch.float32
 
 
+@register_scheme(EXPERTS, MSMODELSLIM, "W8A8_DYNAMIC")
 class W8A8DynamicExperts(ExpertScheme):
     act_dtype = torch.int8
 
     def __init__(self, role: str, params_dtype: torch.dtype = torch.bfloat16):
-        super().__init__(role)
+        super().__init__(role, params_dtype)
         self.scale_dtype = scale_dtype_for(params_dtype)
 
     def checkpoint_tensors(self, n, k, tp_size) -> Dict[str, TensorSpec]:

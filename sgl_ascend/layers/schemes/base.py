@@ -22,6 +22,9 @@ class LinearScheme(ABC):
     #: the checkpoint writer already folded a FLOAT bias of this layer into the scheme's own tensors
     folds_float_bias = False
 
+    #: the scheme reads msModelSlim's top-level description group_size (inspect checks it against K)
+    reads_group_size = False
+
     @classmethod
     def from_key(cls, key, **context) -> "LinearScheme":
         """The scheme for a resolved SchemeKey (sgl_ascend.quant.scheme_key); override to read its params."""

@@ -41,6 +41,7 @@ from sgl_ascend.quant.scheme_key import LINEAR, MSMODELSLIM
 class W4A8DynamicLinear(LinearScheme):
     # the int8-activation kernel's correction: the weight-only kernel has no use for it
     ignored_suffixes = ("scale_bias",)
+    reads_group_size = True
 
     @classmethod
     def from_key(cls, key, **context):
