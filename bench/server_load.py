@@ -31,9 +31,16 @@ from sgl_ascend.testing import synthetic  # noqa: E402
 CPU_FLAGS = ["--device", "cpu", "--attention-backend", "torch_native", "--sampling-backend", "pytorch",
              "--disable-cuda-graph", "--max-total-tokens", "4096", "--mem-fraction-static", "0.05",
              "--skip-tokenizer-init"]
-# scheme -> extra server flags
-SCHEMES = {"FLOAT": [], "W8A8_DYNAMIC": [], "W4A4_DYNAMIC": ["--quantization", "w4a4_int4"],
-           "W4A8_DYNAMIC": [], "W8A16": []}
+# scheme -> extra server flags (msModelSlim schemes by their description name; "CT W4A16": compressed-tensors
+# pack-quantized int4, groups of 128)
+SCHEMES = {"FLOAT": [], "W8A8": [], "W8A8_DYNAMIC": [], "W4A4_DYNAMIC": ["--quantization", "w4a4_int4"],
+           "W4A8_DYNAMIC": [], "W8A16": [], "CT W4A16": []}
+
+
+def write_checkpoint(path: str, kind: str, layers: int) -> str:
+    if kind == "CT W4A16":
+        return synthetic.write_ct_w4a16(path, num_hidden_layers=layers)
+    return synthetic.write_modelslim(path, kind, num_hidden_layers=layers)
 LOAD_END = re.compile(r"Load weight end\. elapsed=([\d.]+) s.*mem usage=([\d.]+) GB")
 
 
@@ -110,7 +117,7 @@ def main():
     base = None
     with tempfile.TemporaryDirectory() as tmp:
         for kind in schemes:
-            path = synthetic.write_modelslim(os.path.join(tmp, kind), kind, num_hidden_layers=args.layers)
+            path = write_checkpoint(os.path.join(tmp, kind.replace(" ", "_")), kind, args.layers)
             disk = sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path)) / 2**20
             r = measure(path, SCHEMES[kind], args.timeout)
             base = base or r

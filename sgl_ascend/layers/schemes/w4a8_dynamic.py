@@ -82,7 +82,7 @@ class W4A8DynamicLinear(LinearScheme):
         if self.legacy:
             check_int_range(layer, "weight", -8, 7)
             weight = pack_int4_for_kernel(layer.weight.data)
-        else:  # bytes of the transposed pairs are the kernel's int32 [K, N/8] (see moe/int4.py)
+        else:  # bytes of the transposed pairs are the kernel's int32 [K, N/8] (common.write_int4_pairs)
             weight = layer.weight.data.t().contiguous().view(torch.int32)
         scale = layer.weight_scale.data.reshape(-1).float()
         if self.group_size:
