@@ -83,20 +83,25 @@ def cmd_inspect(args) -> int:
 
 def format_verify(report, threshold: float, min_top1: float) -> str:
     data = report.to_json()
-    rows = [["layer", "scheme", "rel. error", "weight err vs ref", "resident", "theoretical"]]
+    rows = [["layer", "scheme", "rel. error", "output err vs ref", "weight err vs ref", "resident", "theoretical"]]
     for layer in data["layers"]:
-        w = layer["weight_rel_error"]
-        rows.append([layer["prefix"], layer["scheme"], f"{layer['rel_error']:.4f}",
+        w, r = layer["weight_rel_error"], layer["ref_output_error"]
+        rows.append([layer["prefix"], layer["scheme"], f"{layer['rel_error']:.4f}", "-" if r is None else f"{r:.4f}",
                      "-" if w is None else f"{w:.4f}", _bytes(layer["resident_bytes"]),
                      _bytes(layer["theoretical_bytes"])])
     lines = [f"{report.path} against {report.reference or 'its own dequantization'}", "",
-             "per-layer relative error on captured activations, worst first:", _table(rows), ""]
+             "per-layer relative error, worst first (rel. error: served vs the checkpoint's own dequantized layer on "
+             "the inputs its float model gives it; output err vs ref: served vs the reference model's layer output, "
+             "unchanged by smoothing, includes earlier layers' drift; weight err vs ref: informative, smoothing "
+             "moves weights):", _table(rows), ""]
     for p in data["prompts"]:
         lines.append(f"prompt {p['prompt'][:40]!r}: top-1 {p['top1_agree']}/{p['tokens']}, "
                      f"logit rel. error {p['logit_rel_error']:.4f}")
     lines += [f"note: {n}" for n in report.notes]
-    lines.append(f"worst layer error {report.worst_layer_error:.4f} (threshold {threshold}), top-1 agreement "
-                 f"{report.top1_agreement:.3f} (minimum {min_top1})")
+    ref = report.worst_ref_output_error
+    lines.append(f"worst layer error {report.worst_layer_error:.4f}"
+                 + f" (threshold {threshold}), top-1 agreement {report.top1_agreement:.3f} (minimum {min_top1})"
+                 + ("" if ref is None else f"; worst output error vs reference {ref:.4f} (informative)"))
     return "\n".join(lines)
 
 

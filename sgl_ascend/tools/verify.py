@@ -6,9 +6,14 @@
    dequantization (dequant.py) and its float tensors; the reference is the --reference bf16 model,
    or that float model.
 3. The prompts run through the reference; each linear layer's (and MoE block's) real inputs are
-   captured, and the served layer's output on them is compared with the reference's (relative error).
+   captured, and the served layer's output on them is compared with what the checkpoint means: its
+   own dequantized layer on the same inputs (relative error). Against --reference weights a layer
+   error would also measure smoothing (smooth_quant, iter/flex smooth, anti-outlier move scales from
+   the weights into the norms), not quantization; the --reference weights are compared separately
+   ("weight err vs ref", informative).
 4. The float model's Linear modules (and MoE experts) are swapped for the served layers and the
-   prompts run again: logits and top-1 tokens are compared with the reference's.
+   prompts run again: logits and top-1 tokens are compared with the reference's: that is where a
+   smoothed checkpoint is judged against the original model.
 """
 
 import os
@@ -36,10 +41,13 @@ DEFAULT_PROMPTS = ("The capital of France is", "def fibonacci(n):\n    return",
 class LayerError:
     prefix: str
     scheme: str
-    rel_error: float               # served output vs float-weight output on captured activations
-    weight_rel_error: Optional[float]  # own dequantization vs --reference weights
+    rel_error: float               # served output vs the checkpoint's own dequantized layer, same inputs
+    weight_rel_error: Optional[float]  # own dequantization vs --reference weights (smoothing shows here too)
     resident_bytes: int
     theoretical_bytes: int
+    # served output (inputs of the checkpoint's float model) vs the --reference model's layer output (its
+    # own inputs): equal under smoothing, which only moves scales; includes the drift of earlier layers
+    ref_output_error: Optional[float] = None
 
 
 @dataclass
@@ -55,6 +63,11 @@ class VerifyReport:
         return max((e.rel_error for e in self.layers), default=0.0)
 
     @property
+    def worst_ref_output_error(self) -> Optional[float]:
+        errors = [e.ref_output_error for e in self.layers if e.ref_output_error is not None]
+        return max(errors) if errors else None
+
+    @property
     def top1_agreement(self) -> float:
         total = sum(p["tokens"] for p in self.prompts)
         return sum(p["top1_agree"] for p in self.prompts) / total if total else 1.0
@@ -66,7 +79,8 @@ class VerifyReport:
     def to_json(self) -> dict:
         return {"path": self.path, "reference": self.reference,
                 "layers": [asdict(e) for e in sorted(self.layers, key=lambda e: -e.rel_error)],
-                "worst_layer_error": self.worst_layer_error, "prompts": self.prompts,
+                "worst_layer_error": self.worst_layer_error,
+                "worst_ref_output_error": self.worst_ref_output_error, "prompts": self.prompts,
                 "top1_agreement": self.top1_agreement, "logit_rel_error": self.logit_rel_error,
                 "notes": self.notes}
 
@@ -219,8 +233,9 @@ def verify_checkpoint(path: str, reference: Optional[str] = None, prompts=DEFAUL
     layout = layout_from_config(config)
     report = VerifyReport(os.path.abspath(path), os.path.abspath(reference) if reference else None)
     if reference and source.extra_float_tensors():
-        report.notes.append("anti-outlier smoothing (norm biases) rescaled the weights: per-layer errors "
-                            "against --reference mix smoothing with quantization; the logits compare fairly")
+        report.notes.append("anti-outlier smoothing (norm biases) rescaled the weights: the weight error vs "
+                            "--reference measures smoothing too; layer errors are against the checkpoint's own "
+                            "dequantization, the logits against --reference")
     disable = None if progress is None else not progress
 
     served: Dict[str, torch.nn.Module] = {}
@@ -234,44 +249,60 @@ def verify_checkpoint(path: str, reference: Optional[str] = None, prompts=DEFAUL
                                         num_experts=spec.num_experts, hidden_size=spec.hidden_size,
                                         intermediate_size=spec.intermediate_size, params_dtype=config.params_dtype)
 
-    # The served model is the checkpoint's own float model with its layers swapped; the reference is
-    # the --reference model, or the same float model before the swap.
+    # The served model is the checkpoint's own float model with its layers swapped. Each layer is judged
+    # on the inputs that float model feeds it (smoothed checkpoints calibrate their activation scales
+    # for those, not for the original model's); the logits are judged against the --reference model, or
+    # the same float model before the swap.
     model = _build_own_float_model(path, source, checkpoint, layout)
-    ref_model = model
+    captured: Dict[str, list] = {prefix: [] for prefix in served}
+    hooks = []
+    for spec in layout.linears:
+        first = next(iter(spec.shards.values()))
+        hooks.append(model.get_submodule(first).register_forward_pre_hook(
+            lambda _m, args, key=spec.prefix: captured[key].append(args[0].detach().reshape(-1, args[0].shape[-1]))))
+    for spec in layout.experts:
+        hooks.append(model.get_submodule(spec.prefix).register_forward_hook(
+            lambda _m, args, out, key=spec.prefix: captured[key].append((args, out))))
+    ids = _prompt_ids(path, prompts)
+    with torch.no_grad():
+        own_logits = [model(input_ids=t).logits[0].float() for t in tqdm(ids, desc="float model", disable=disable)]
+    for h in hooks:
+        h.remove()
+    ref_logits, ref_outputs, hooks = own_logits, {}, []
     if reference is not None:
         from transformers import AutoModelForCausalLM
 
         ref_model = AutoModelForCausalLM.from_pretrained(reference, dtype=torch.bfloat16,
                                                          attn_implementation="eager").eval()
-    captured: Dict[str, list] = {prefix: [] for prefix in served}
-    hooks = []
-    for spec in layout.linears:
-        first = next(iter(spec.shards.values()))
-        hooks.append(ref_model.get_submodule(first).register_forward_pre_hook(
-            lambda _m, args, key=spec.prefix: captured[key].append(args[0].detach().reshape(-1, args[0].shape[-1]))))
-    for spec in layout.experts:
-        hooks.append(ref_model.get_submodule(spec.prefix).register_forward_hook(
-            lambda _m, args, out, key=spec.prefix: captured[key].append((args, out))))
-    ids = _prompt_ids(path, prompts)
-    with torch.no_grad():
-        ref_logits = [ref_model(input_ids=t).logits[0].float() for t in tqdm(ids, desc="float model", disable=disable)]
-    for h in hooks:
-        h.remove()
-    del ref_model
+        for spec in layout.linears:
+            for shard in spec.shards.values():
+                hooks.append(ref_model.get_submodule(shard).register_forward_hook(
+                    lambda _m, _args, out, key=(spec.prefix, shard): ref_outputs.setdefault(key, []).append(
+                        out.detach().reshape(-1, out.shape[-1]))))
+        for spec in layout.experts:
+            hooks.append(ref_model.get_submodule(spec.prefix).register_forward_hook(
+                lambda _m, _args, out, key=(spec.prefix, None): ref_outputs.setdefault(key, []).append(out)))
+        with torch.no_grad():
+            ref_logits = [ref_model(input_ids=t).logits[0].float()
+                          for t in tqdm(ids, desc="reference model", disable=disable)]
+        for h in hooks:
+            h.remove()
+        del ref_model
 
     for spec in tqdm(layout.linears, desc="layer errors", disable=disable):
         layer = served[spec.prefix]
         x = torch.cat(captured.pop(spec.prefix))
-        floats = _float_weights(spec, source, checkpoint, ref_checkpoint)
-        own = _float_weights(spec, source, checkpoint, None) if ref_checkpoint is not None else None
-        w = torch.cat(list(floats.values()))
-        bias = _float_bias(spec, ref_checkpoint or checkpoint)
+        w = torch.cat(list(_float_weights(spec, source, checkpoint, None).values()))
         with torch.no_grad():
-            expected = F.linear(x.float(), w, bias)
+            expected = F.linear(x.float(), w, _float_bias(spec, checkpoint))
             actual = layer(x)
-        weight_err = _rel(torch.cat(list(own.values())), w) if own is not None else None
+        weight_err = ref_err = None
+        if ref_checkpoint is not None:
+            weight_err = _rel(w, torch.cat(list(_float_weights(spec, source, checkpoint, ref_checkpoint).values())))
+            ref_out = torch.cat([torch.cat(ref_outputs[(spec.prefix, shard)]) for shard in spec.shards.values()], -1)
+            ref_err = _rel(actual, ref_out)
         report.layers.append(LayerError(spec.prefix, plan_scheme(plan, spec.prefix), _rel(actual, expected),
-                                        weight_err, resident_bytes(layer), layer_theoretical_bytes(layer)))
+                                        weight_err, resident_bytes(layer), layer_theoretical_bytes(layer), ref_err))
     for spec in layout.experts:
         moe = served[spec.prefix]
         with torch.no_grad():
@@ -280,8 +311,11 @@ def verify_checkpoint(path: str, reference: Optional[str] = None, prompts=DEFAUL
         actual = torch.cat([got.reshape(-1) for got, _ in pairs])
         theoretical = moe.moe_method.theoretical_bytes(moe.num_local_experts, moe.hidden_size,
                                                        moe.intermediate_size_per_partition)
+        ref_err = None
+        if reference is not None:
+            ref_err = _rel(actual, torch.cat([out.reshape(-1) for out in ref_outputs[(spec.prefix, None)]]))
         report.layers.append(LayerError(spec.prefix, plan_scheme(plan, spec.prefix), _rel(actual, expected),
-                                        None, resident_bytes(moe), theoretical))
+                                        None, resident_bytes(moe), theoretical, ref_err))
 
     for spec in layout.linears:
         layer = served[spec.prefix]
