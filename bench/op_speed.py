@@ -39,7 +39,8 @@ def build(name: str, n: int, k: int, gen) -> ParallelLinear:
     else:
         tensors = synthetic.modelslim_layer(name, n, k, gen)
     for suffix, tensor in tensors.items():
-        layer.weight_loader(getattr(layer, suffix), tensor)
+        if suffix not in layer.scheme.ignored_suffixes:  # e.g. W4A8's scale_bias: the weight-only kernel needs none
+            layer.weight_loader(getattr(layer, suffix), tensor)
     layer.scheme.process_weights_after_loading(layer)
     return layer
 
