@@ -63,7 +63,42 @@ def parse_description(raw: dict, path: str = DESCRIPTION_FILE) -> ModelSlimDescr
         description = ModelSlimDescription.model_validate(raw)
     except ValidationError as exc:
         raise CheckpointError(f"malformed description: {exc}", file=path) from exc
+    _refuse_what_is_not_applied(description, path)
     return description
+
+
+# What msModelSlim 26.1.0's ascendv1 saver writes besides tensor types (modelslim_v1/save/ascendv1.py,
+# post_run and the rotation wrappers):
+# - metadata.quarot = {max_tp_size, heads_rotation: {layers}, kronecker_rotation: {layers}}: QuaRot's
+#   online rotations; the activations of those layers must be rotated while serving, by the tensors
+#   <prefix>.heads_rotation / <prefix>.kronecker_rotation_m / _n the saver adds to the weights;
+# - optional.quarot = {rotation_map: {global_rotation: <file>}}: the offline rotation, already folded
+#   into the weights (an export, not needed to serve).
+# sgl-ascend applies no online rotation: such a checkpoint would compute wrong numbers, so it is refused.
+ONLINE_ROTATION_SUFFIXES = (".heads_rotation", ".kronecker_rotation_m", ".kronecker_rotation_n")
+KNOWN_METADATA = ("quarot",)
+
+
+def _refuse_what_is_not_applied(description: ModelSlimDescription, path: str) -> None:
+    metadata = description.metadata
+    quarot = metadata.get("quarot") if isinstance(metadata.get("quarot"), dict) else {}
+    layers = [name for part in ("heads_rotation", "kronecker_rotation")
+              for name in ((quarot.get(part) or {}).get("layers") or [])]
+    tensors = [name for name in description.tensor_types if name.endswith(ONLINE_ROTATION_SUFFIXES)]
+    if layers or tensors:
+        where = ", ".join((layers or tensors)[:3]) + (" ..." if len(layers or tensors) > 3 else "")
+        raise CheckpointError(
+            f"the checkpoint needs QuaRot online rotations ({len(layers)} layer(s) in metadata.quarot, "
+            f"{len(tensors)} rotation tensor(s), e.g. {where}), which sgl-ascend does not apply: served without "
+            "them it would compute wrong numbers. Quantize without QuaRot's online rotations (offline QuaRot "
+            "folds into the weights and is served), or serve with a runtime that applies them.",
+            file=path, key="metadata.quarot")
+    unknown = sorted(set(metadata) - set(KNOWN_METADATA))
+    if unknown:
+        raise CheckpointError(
+            f"description metadata {unknown} is unknown to sgl-ascend: the writer records there what the "
+            "runtime must apply, so serving without knowing it could compute wrong numbers. Tell the "
+            "sgl-ascend team which msModelSlim version and recipe wrote it.", file=path, key=f"metadata.{unknown[0]}")
 
 
 class ModelSlimConfig:
