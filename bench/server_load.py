@@ -16,9 +16,6 @@ import argparse
 import contextlib
 import os
 import re
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -26,11 +23,8 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from sgl_ascend.testing import synthetic  # noqa: E402
+from sgl_ascend.testing import sglang_server, synthetic  # noqa: E402
 
-CPU_FLAGS = ["--device", "cpu", "--attention-backend", "torch_native", "--sampling-backend", "pytorch",
-             "--disable-cuda-graph", "--max-total-tokens", "4096", "--mem-fraction-static", "0.05",
-             "--skip-tokenizer-init"]
 # scheme -> extra server flags (msModelSlim schemes by their description name; "CT W4A16": compressed-tensors
 # pack-quantized int4, groups of 128)
 SCHEMES = {"FLOAT": [], "W8A8": [], "W8A8_DYNAMIC": [], "W4A4_DYNAMIC": ["--quantization", "w4a4_int4"],
@@ -42,12 +36,6 @@ def write_checkpoint(path: str, kind: str, layers: int) -> str:
         return synthetic.write_ct_w4a16(path, num_hidden_layers=layers)
     return synthetic.write_modelslim(path, kind, num_hidden_layers=layers)
 LOAD_END = re.compile(r"Load weight end\. elapsed=([\d.]+) s.*mem usage=([\d.]+) GB")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _group_peak_rss_mib(pgid: int) -> float:
@@ -66,25 +54,12 @@ def _group_peak_rss_mib(pgid: int) -> float:
     return peak / 1024
 
 
-def _stop(process: subprocess.Popen) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGTERM)
-    try:
-        process.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
-        process.wait(timeout=20)
-
-
 def measure(model: str, extra, timeout: float) -> dict:
     """Start the server, wait for "Load weight end", return elapsed / mem usage / peak RSS."""
     with tempfile.NamedTemporaryFile("w+", prefix="server-load-", suffix=".log", delete=False) as log:
-        env = {**os.environ, "SGLANG_USE_CPU_ENGINE": "1",
-               "PYTHONPATH": os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)}
-        cmd = [sys.executable, "-m", "sglang.launch_server", "--model-path", model, "--host", "127.0.0.1",
-               "--port", str(_free_port()), *CPU_FLAGS, *extra]
-        process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
+        env = {"PYTHONPATH": os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)}
+        # nothing is served: no tokenizer needed
+        process = sglang_server.start(model, sglang_server.free_port(), log, [*extra, "--skip-tokenizer-init"], env)
         try:
             deadline = time.monotonic() + timeout
             while time.monotonic() < deadline:
@@ -100,7 +75,7 @@ def measure(model: str, extra, timeout: float) -> dict:
                 tail = "".join(f.readlines()[-30:])
             raise RuntimeError(f"no 'Load weight end' from the server ({model}):\n{tail}")
         finally:
-            _stop(process)
+            sglang_server.stop(process)
             os.unlink(log.name)
 
 

@@ -9,7 +9,7 @@ exceed upstream's (SGLang 0.5.23 ascend_tp; docs/moe.md)."""
 import pytest
 import torch
 
-from helpers.moe_cases import CASES, build_case, inputs
+from helpers.moe_cases import CASES, inputs
 from sgl_ascend.layers.moe import apply_moe
 
 PARALLEL = {"tp1": (1, 1), "ep2": (1, 2)}
@@ -35,17 +35,6 @@ def expected_ops(name, routing):
         if name not in UPSTREAM:  # int8 gate/up: v2 quantized inside the routing op
             ops["npu_dynamic_quant"] = 1
     return ops
-
-
-@pytest.fixture(scope="module")
-def cases(tmp_path_factory):
-    built = {}
-
-    def get(name):
-        if name not in built:
-            built[name] = build_case(name, str(tmp_path_factory.mktemp(name)), torch.Generator().manual_seed(1))
-        return built[name]
-    return get
 
 
 def _npu_ops(gm):

@@ -32,17 +32,6 @@ def violations(monkeypatch):
     return seen
 
 
-@pytest.fixture(scope="module")
-def cases(tmp_path_factory):
-    built = {}
-
-    def get(name):
-        if name not in built:
-            built[name] = build_case(name, str(tmp_path_factory.mktemp(name)), torch.Generator().manual_seed(1))
-        return built[name]
-    return get
-
-
 @pytest.mark.parametrize("parallel", sorted(PARALLEL))
 @pytest.mark.parametrize("name", CASES)
 def test_scheme_forward_is_npu_true_and_matches_reference(cases, violations, gen, name, parallel):

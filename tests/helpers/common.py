@@ -36,7 +36,7 @@ def rewrite_modelslim(src: str, dst: str, rewrite=None, description_edit=None, e
     for name in ckpt.names():
         tensor = rewrite(name, ckpt.get(name)) if rewrite else ckpt.get(name)
         if tensor is not None:
-            tensors[name] = tensor
+            tensors[name] = tensor.contiguous()  # safetensors writes contiguous tensors only
     tensors.update(extra or {})
     with open(os.path.join(src, synthetic.MODELSLIM_DESCRIPTION)) as f:
         description = json.load(f)

@@ -10,9 +10,9 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
-from safetensors.torch import save_file
 
-from helpers.common import msmodelslim_fixture
+from helpers.common import msmodelslim_fixture, rewrite_modelslim
+from helpers.moe_checkpoints import w4a8_clip_copy
 from helpers.moe_reference import int_dequant, modelslim_moe_dequant, modelslim_w4a8_residuals, moe_reference, routing
 from sgl_ascend.layers.moe import (FusedMoEMethod, UnquantizedExperts, build_moe, moe_method_for_compressed_tensors,
                                    moe_method_for_modelslim)
@@ -83,55 +83,14 @@ def experts_of(ckpt, dequant):
 
 # -- rewritten msmodelslim fixtures ------------------------------------------------------------------
 
-def copy_fixture(dst, fixture, rewrite=None, description_edit=None, extra=None):
-    """A copy of a fixture with some tensors rewritten (name -> tensor or None to drop), its description
-    edited, and `extra` tensors in a second file."""
-    import json
-    import shutil
-
-    src = msmodelslim_fixture(fixture)
-    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("*.safetensors", "*.index.json"))
-    ckpt = SafetensorsCheckpoint(src)
-    tensors = {}
-    for name in ckpt.names():
-        tensor = rewrite(name, ckpt.get(name)) if rewrite else ckpt.get(name)
-        if tensor is not None:
-            tensors[name] = tensor.contiguous()
-    save_file(tensors, os.path.join(dst, "quant_model_weights.safetensors"))
-    if extra:
-        save_file(extra, os.path.join(dst, "quant_model_weights-extra.safetensors"))
-    desc_path = os.path.join(dst, "quant_model_description.json")
-    with open(desc_path) as f:
-        desc = json.load(f)
-    if description_edit:
-        description_edit(desc)
-    with open(desc_path, "w") as f:
-        json.dump(desc, f)
-    return str(dst)
+def copy_fixture(dst, fixture, rewrite=None, description_edit=None):
+    """A copy of a fixture with some tensors rewritten (name -> tensor or None to drop), its description edited."""
+    return rewrite_modelslim(msmodelslim_fixture(fixture), str(dst), rewrite, description_edit)
 
 
 def clip_copy(dst, fixture="qwen3moe-tiny-w4a8-dynamic"):
     """The fixture's experts in the activation-clip form: bias = summed scale_bias, alpha 1, no scale_bias."""
-    src = SafetensorsCheckpoint(msmodelslim_fixture(fixture))
-
-    def drop_scale_bias(name, t):
-        return None if ".experts." in name and name.endswith("scale_bias") else t
-
-    def clip_tensors(d):
-        for name in list(d):
-            if ".experts." in name and name.endswith(".scale_bias"):
-                del d[name]
-                d[name.replace(".scale_bias", ".bias")] = "W4A8_DYNAMIC"
-                if ".down_proj." in name:
-                    d[name.replace(".scale_bias", ".alpha")] = "W4A8_DYNAMIC"
-
-    extra = {}
-    for name in src.names():
-        if ".experts." in name and name.endswith(".scale_bias"):
-            extra[name.replace(".scale_bias", ".bias")] = src.get(name).sum(dim=-1).contiguous()
-            if ".down_proj." in name:
-                extra[name.replace(".scale_bias", ".alpha")] = torch.ones(1)
-    return copy_fixture(dst, fixture, drop_scale_bias, clip_tensors, extra)
+    return w4a8_clip_copy(msmodelslim_fixture(fixture), str(dst))
 
 
 def older_copy(dst, fixture="qwen3moe-tiny-w4a8-dynamic"):

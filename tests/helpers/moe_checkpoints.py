@@ -10,6 +10,7 @@ from compressed_tensors.quantization.utils import calculate_qparams
 
 from helpers.common import msmodelslim_fixture, rewrite_modelslim
 from sgl_ascend.ops.scales import encode_fp32_as_int64
+from sgl_ascend.quant.checkpoint import SafetensorsCheckpoint
 from sgl_ascend.testing import synthetic
 
 PREFIX = "model.layers.0.mlp"
@@ -88,3 +89,35 @@ def w4a4_checkpoint(path, gen, num_experts=4, hidden=128, inter=64):
 def copy_fixture(tmp_path, fixture, rewrite, description_edit=None):
     """A copy of a fixture with some tensors rewritten (name -> tensor or None to drop)."""
     return rewrite_modelslim(msmodelslim_fixture(fixture), str(tmp_path / fixture), rewrite, description_edit)
+
+
+def w4a8_clip_copy(src: str, dst: str, int64_scales: bool = False) -> str:
+    """The per-channel W4A8 msModelSlim checkpoint at `src` in activation-clip form: no scale_bias;
+    expert bias = the kernel correction (scale_bias summed over its K-slices); down alpha = 1; with
+    `int64_scales` the expert weight_scale as int64 fp32 bits (upstream creates its clip scale
+    parameters int64)."""
+    ckpt = SafetensorsCheckpoint(src)
+
+    def rewrite(name, t):
+        if ".experts." not in name:
+            return t
+        if name.endswith(".scale_bias"):
+            return None
+        return encode_fp32_as_int64(t) if int64_scales and name.endswith(".weight_scale") else t
+
+    extra = {}
+    for name in ckpt.names():
+        if ".experts." in name and name.endswith(".scale_bias"):
+            extra[name.replace(".scale_bias", ".bias")] = ckpt.get(name).float().sum(dim=-1)
+            if ".down_proj." in name:
+                extra[name.replace(".scale_bias", ".alpha")] = torch.ones(1)
+
+    def description(d):
+        for name in list(d):
+            if ".experts." in name and name.endswith(".scale_bias"):
+                del d[name]
+                d[name.replace(".scale_bias", ".bias")] = "W4A8_DYNAMIC"
+                if ".down_proj." in name:
+                    d[name.replace(".scale_bias", ".alpha")] = "W4A8_DYNAMIC"
+
+    return rewrite_modelslim(src, dst, rewrite, description, extra)

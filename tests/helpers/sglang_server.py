@@ -7,8 +7,6 @@ the CPU engine's (see README "SGLang on a CPU host").
 import contextlib
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -17,16 +15,10 @@ import urllib.error
 import urllib.request
 from typing import Dict, List, Sequence
 
-CPU_FLAGS = ["--device", "cpu", "--attention-backend", "torch_native", "--sampling-backend", "pytorch",
-             "--disable-cuda-graph", "--max-total-tokens", "4096", "--mem-fraction-static", "0.05"]
+from sgl_ascend.testing.sglang_server import free_port, start, stop
+
 START_TIMEOUT_S = 300
 REQUEST_TIMEOUT_S = 120
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class ServerError(RuntimeError):
@@ -57,16 +49,13 @@ class Server:
 def launch(model_path: str, extra_args: Sequence[str] = (), env: Dict[str, str] = None):
     port = free_port()
     log = tempfile.NamedTemporaryFile("w", prefix="sglang-server-", suffix=".log", delete=False)
-    cmd = [sys.executable, "-m", "sglang.launch_server", "--model-path", model_path, "--host", "127.0.0.1",
-           "--port", str(port), *CPU_FLAGS, *extra_args]
-    process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                               env={**os.environ, "SGLANG_USE_CPU_ENGINE": "1", **(env or {})})
+    process = start(model_path, port, log, extra_args, env)
     server = Server(f"http://127.0.0.1:{port}", log.name)
     try:
         _wait_ready(process, server)
         yield server
     finally:
-        _kill_group(process)
+        stop(process)
         log.close()
 
 
@@ -83,21 +72,6 @@ def _wait_ready(process: subprocess.Popen, server: Server) -> None:
             pass
         time.sleep(1)
     raise ServerError(f"server not ready after {START_TIMEOUT_S}s:\n{server.log_tail()}")
-
-
-def _kill_group(process: subprocess.Popen) -> None:
-    if process.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGKILL)
-            process.wait(timeout=20)
-    # Children (scheduler, detokenizer) live in the same session; make sure none is left.
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(process.pid, signal.SIGKILL)
 
 
 def run_launcher(args: List[str], timeout: int = 180) -> subprocess.CompletedProcess:

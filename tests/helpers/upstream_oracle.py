@@ -17,16 +17,14 @@ import json
 import os
 import sys
 from collections import Counter
-from typing import Dict, Optional
+from typing import Dict
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from helpers.common import rewrite_modelslim
 from helpers.linear import layer_spec, open_checkpoint
-from sgl_ascend.ops.scales import encode_fp32_as_int64
+from helpers.moe_checkpoints import w4a4_checkpoint, w4a8_clip_copy
 from sgl_ascend.quant.checkpoint import SafetensorsCheckpoint
-from sgl_ascend.testing import synthetic
 
 MOE_PREFIX = "model.layers.0.mlp"
 PROJS = ("gate_proj", "up_proj", "down_proj")
@@ -278,61 +276,16 @@ def upstream_w4a8_clip_moe(path: str, num_experts: int = 4, hidden: int = 128, i
     return UpstreamMoE(layer, scheme.w13_kernel, scheme.w2_kernel, num_experts)
 
 
-def copy_fixture(src: str, dst: str, rewrite, description_edit=None, extra: Optional[Dict] = None) -> str:
-    """A copy of an msModelSlim fixture with tensors rewritten (name, tensor -> tensor or None) and
-    `extra` tensors added."""
-    return rewrite_modelslim(src, dst, rewrite, description_edit, extra)
-
-
 def w4a8_clip_checkpoint(src: str, dst: str) -> str:
-    """The per-channel W4A8 fixture in activation-clip form, as upstream's clip path loads it: no
-    scale_bias; bias = the kernel correction (scale_bias summed over K-slices); down alpha = 1;
-    weight_scale as int64 fp32 bits (upstream creates the clip scale parameters int64)."""
-    ckpt = SafetensorsCheckpoint(src)
-
-    def rewrite(name, t):
-        if ".experts." not in name:
-            return t
-        if name.endswith(".scale_bias"):
-            return None
-        if name.endswith(".weight_scale"):
-            return encode_fp32_as_int64(t)
-        return t
-
-    extra = {}
-    for name in ckpt.names():
-        if ".experts." in name and name.endswith(".scale_bias"):
-            extra[name.replace(".scale_bias", ".bias")] = ckpt.get(name).float().sum(dim=-1)
-            if ".down_proj." in name:
-                extra[name.replace(".scale_bias", ".alpha")] = torch.ones(1)
-
-    def description(d):
-        for name in list(d):
-            if ".experts." in name and name.endswith(".scale_bias"):
-                del d[name]
-                d[name.replace(".scale_bias", ".bias")] = "W4A8_DYNAMIC"
-                if ".down_proj." in name:
-                    d[name.replace(".scale_bias", ".alpha")] = "W4A8_DYNAMIC"
-
-    return copy_fixture(src, dst, rewrite, description, extra)
+    """The per-channel W4A8 fixture in activation-clip form as upstream's clip path loads it (int64 scales)."""
+    return w4a8_clip_copy(src, dst, int64_scales=True)
 
 
-def w4a4_moe_checkpoint(dst: str, gen: torch.Generator, num_experts: int = 4, hidden: int = 128,
-                        inter: int = 64) -> str:
-    """W4A4_DYNAMIC experts as msModelSlim writes them (the repo has no W4A4 MoE fixture; same writer
-    as tests/test_moe_errors_w4a4.py): int8 [n, k] one int4 value per byte in [-7, 7], weight_scale
-    and zero weight_offset [n, 1]."""
-    tensors, description = {}, {"version": "1.0.0", "group_size": 0}
-    for e in range(num_experts):
-        for proj, (n, k) in (("gate_proj", (inter, hidden)), ("up_proj", (inter, hidden)),
-                             ("down_proj", (hidden, inter))):
-            w = torch.randn(n, k, generator=gen) * 0.05
-            scale = w.abs().amax(dim=1, keepdim=True) / 7
-            name = f"{MOE_PREFIX}.experts.{e}.{proj}"
-            tensors.update({f"{name}.weight": torch.round(w / scale).clamp(-7, 7).to(torch.int8),
-                            f"{name}.weight_scale": scale, f"{name}.weight_offset": torch.zeros_like(scale)})
-            description.update({f"{name}.{s}": "W4A4_DYNAMIC" for s in ("weight", "weight_scale", "weight_offset")})
-    return synthetic.write_modelslim_folder(dst, tensors, description, indexed=False)
+def w4a4_moe_checkpoint(dst: str, gen: torch.Generator) -> str:
+    """W4A4_DYNAMIC experts as msModelSlim writes them (the repo has no W4A4 MoE fixture): the writer of
+    tests/test_moe_errors_w4a4.py."""
+    w4a4_checkpoint(dst, gen)
+    return dst
 
 
 def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
