@@ -11,14 +11,14 @@ from sgl_ascend.ops import ops, to_nz
 from sgl_ascend.ops.scales import encode_fp32_as_int64
 from sgl_ascend.quant.checks import check_int4_in_int8
 
-# Bytes of int4 values (one per int8) converted per step while a weight loads: the staging tensors
-# of a step are about as large again, so they stay well under the 1 MiB the memory tests allow on top
-# of the largest checkpoint tensor. Weights are packed while they load, when everything else is already
-# resident, so this is all the headroom there is. Large enough that the per-step overhead (the
-# contract-checked op on the NPU, a handful of int8 ops on the CPU) is negligible.
-INT4_PACK_CHUNK_BYTES = 1 << 18
-#: the same bound in int4 values (one per byte)
-INT4_PACK_CHUNK_VALUES = INT4_PACK_CHUNK_BYTES
+# Most bytes of int4 values (one per int8) converted per step while a weight loads. A step's staging
+# is about as large as its values and never larger than the checkpoint tensor being loaded, so the
+# load peak stays within final + largest tensor. Steps must be few: each is a handful of
+# multi-threaded torch ops, and with the cores busy (a shared host) every op waits for its threads:
+# at 256 KiB steps (hundreds per weight) W4A4 / CT W4A16 took 23-32 s to load in the real server
+# against bf16's 1.5-1.9 s under two busy competitors; at 8 MiB W4A4 took 0.35x bf16 (bench/server_load.py;
+# CT W4A16 is still 3.8-6x there, from a cause not yet found).
+INT4_PACK_CHUNK_BYTES = 1 << 23
 
 
 def to_kernel_layout(weight_nk: torch.Tensor) -> torch.Tensor:

@@ -6,17 +6,18 @@ from typing import List
 import torch
 from sgl_ascend.errors import CheckpointError, shape_str
 from sgl_ascend.layers.parameters import QKV_SHARD_INDEX, ShardedParameter
-from sgl_ascend.layers.schemes.common import INT4_PACK_CHUNK_VALUES, pack_int4_for_kernel
+from sgl_ascend.layers.schemes.common import pack_int4_for_kernel
 from sgl_ascend.ops.int4 import CT_OFFSET_BITS, unpack_int32_to_int4
 
 
 def write_packed_int4(target: torch.Tensor, packed: torch.Tensor) -> None:
     """pack-quantized int4, int32 [n, K/8] (the library's packing: v + 8 per nibble along K) -> the
     kernel's int32 [K, n/8] slice. A word XOR CT_OFFSET_BITS is ours along K (ops/int4.py); its
-    nibbles are sign-extended with int8 ops and packed along n, a few rows of n at a time so the
-    staging stays small."""
+    nibbles are sign-extended with int8 ops and packed along n, an eighth of the rows at a time: the
+    unpacked values of a step (8 per word) then take a quarter of the packed tensor's bytes, and a
+    weight takes 8 steps whatever its size (few steps: see common.INT4_PACK_CHUNK_BYTES)."""
     n, words = packed.shape
-    rows = max(8, INT4_PACK_CHUNK_VALUES // (words * 8) // 8 * 8)  # whole int32 columns of the target
+    rows = max(8, -(-n // 8) // 8 * 8)  # whole int32 columns of the target
     for start in range(0, n, rows):
         values = unpack_int32_to_int4(packed[start:start + rows] ^ CT_OFFSET_BITS)  # always in [-8, 7]
         pack_int4_for_kernel(values, out=target.narrow(1, start // 8, values.shape[0] // 8))
