@@ -6,10 +6,11 @@ from typing import List
 import torch
 from sgl_ascend.errors import CheckpointError, shape_str
 from sgl_ascend.layers.parameters import QKV_SHARD_INDEX, ShardedParameter
-from sgl_ascend.layers.schemes.common import pack_int4_for_kernel
+from sgl_ascend.layers.schemes.common import one_intra_op_thread, pack_int4_for_kernel
 from sgl_ascend.ops.int4 import CT_OFFSET_BITS, unpack_int32_to_int4
 
 
+@one_intra_op_thread()
 def write_packed_int4(target: torch.Tensor, packed: torch.Tensor) -> None:
     """pack-quantized int4, int32 [n, K/8] (the library's packing: v + 8 per nibble along K) -> the
     kernel's int32 [K, n/8] slice. A word XOR CT_OFFSET_BITS is ours along K (ops/int4.py); its
