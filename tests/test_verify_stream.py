@@ -17,7 +17,8 @@ import pytest
 import torch
 
 from helpers.common import msmodelslim_fixture
-from helpers.deepseek_tiny import CONFIG as DS, random_weights, write_bf16, write_modelslim_w8a8_dynamic
+from helpers.deepseek_tiny import (CONFIG as DS, V2_LITE_CONFIG, random_weights, write_bf16,
+                                   write_modelslim_w8a8_dynamic)
 from helpers.memory import live_cpu_tensor_bytes
 from sgl_ascend.quant.checkpoint import SafetensorsCheckpoint
 from sgl_ascend.testing import synthetic
@@ -35,9 +36,11 @@ def run_json(capsys, *argv):
 @pytest.fixture(scope="module")
 def deepseek(tmp_path_factory):
     root = tmp_path_factory.mktemp("deepseek")
-    weights = random_weights(0)
+    weights, v2 = random_weights(0), random_weights(0, V2_LITE_CONFIG)
     return {"bf16": write_bf16(str(root / "bf16"), weights),
-            "w8a8": write_modelslim_w8a8_dynamic(str(root / "w8a8"), weights)}
+            "w8a8": write_modelslim_w8a8_dynamic(str(root / "w8a8"), weights),
+            "v2-bf16": write_bf16(str(root / "v2-bf16"), v2, V2_LITE_CONFIG),
+            "v2-w8a8": write_modelslim_w8a8_dynamic(str(root / "v2-w8a8"), v2, V2_LITE_CONFIG)}
 
 
 # -- streaming: peak memory -------------------------------------------------------------------------
@@ -115,11 +118,11 @@ def streamed_float_logits(path: str, ids: torch.Tensor) -> torch.Tensor:
     return model.logits(checkpoint, hidden)[0]
 
 
-@pytest.mark.parametrize("name", ["qwen3-tiny-bf16", "qwen3moe-tiny-bf16", "deepseek"])
+@pytest.mark.parametrize("name", ["qwen3-tiny-bf16", "qwen3moe-tiny-bf16", "bf16", "v2-bf16"])
 def test_streamed_float_model_matches_transformers(name, deepseek):
     from transformers import AutoModelForCausalLM
 
-    path = deepseek["bf16"] if name == "deepseek" else msmodelslim_fixture(name)
+    path = deepseek.get(name) or msmodelslim_fixture(name)
     ids = torch.randint(0, 256, (1, 12), generator=torch.Generator().manual_seed(1))
     whole = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, attn_implementation="eager").eval()
     with torch.no_grad():
@@ -164,12 +167,15 @@ def test_inspect_mla_bytes_equal_theoretical(capsys, deepseek):
             ("1", "mlp.experts"), ("1", "mlp.shared_experts.down_proj")} <= modules
 
 
-def test_verify_mla_passes(capsys, deepseek):
-    code, data = run_json(capsys, "verify", deepseek["w8a8"], "--reference", deepseek["bf16"])
+@pytest.mark.parametrize("version, attention", [("", ("fused_qkv_a_proj_with_mqa", "q_b_proj")),
+                                                ("v2-", ("q_proj", "kv_a_proj_with_mqa"))])
+def test_verify_mla_passes(capsys, deepseek, version, attention):
+    code, data = run_json(capsys, "verify", deepseek[f"{version}w8a8"], "--reference", deepseek[f"{version}bf16"])
     assert code == EXIT_OK and data["passed"]
     prefixes = {layer["prefix"] for layer in data["layers"]}
-    assert {"model.layers.0.self_attn.fused_qkv_a_proj_with_mqa", "model.layers.1.self_attn.kv_b_proj",
-            "model.layers.1.mlp.experts", "model.layers.1.mlp.shared_experts.gate_up_proj"} <= prefixes
+    assert {f"model.layers.0.self_attn.{m}" for m in attention} <= prefixes
+    assert {"model.layers.1.self_attn.kv_b_proj", "model.layers.1.mlp.experts",
+            "model.layers.1.mlp.shared_experts.gate_up_proj"} <= prefixes
     assert 0 < data["worst_layer_error"] < 0.03  # int8 per-token activations
     assert all(layer["resident_bytes"] == layer["theoretical_bytes"] for layer in data["layers"])
     assert data["top1_agreement"] >= 0.9 and data["logit_rel_error"] < 0.06
@@ -199,16 +205,16 @@ def test_verify_mla_fails_on_wrong_scales(capsys, deepseek, tmp_path):
 # -- tp > 1 -------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("name, tp, ep", [("qwen3-tiny-w8a16", 2, 1), ("qwen3-tiny-w8a8-dynamic", 4, 1),
-                                          ("qwen3moe-tiny-w8a8-v0", 2, 2), ("deepseek", 2, 1)])
+                                          ("qwen3moe-tiny-w8a8-v0", 2, 2), ("w8a8", 2, 1), ("v2-w8a8", 4, 2)])
 def test_verify_tp_equals_tp1(capsys, deepseek, name, tp, ep):
-    path = deepseek["w8a8"] if name == "deepseek" else msmodelslim_fixture(name)
+    path = deepseek.get(name) or msmodelslim_fixture(name)
     _, tp1 = run_json(capsys, "verify", path)
     code, data = run_json(capsys, "verify", path, "--tp", str(tp), "--ep", str(ep))
     assert code == EXIT_OK and data["passed"] and data["tp"] == tp
     assert [(e["prefix"], e["rel_error"]) for e in data["layers"]] == [(e["prefix"], e["rel_error"]) for e in tp1["layers"]]
     assert data["top1_agreement"] == tp1["top1_agreement"]
     for layer in data["layers"]:
-        if layer["prefix"].endswith("fused_qkv_a_proj_with_mqa"):  # replicated: every rank is tp=1
+        if layer["prefix"].endswith(("fused_qkv_a_proj_with_mqa", "kv_a_proj_with_mqa")):  # replicated
             assert layer["tp_error"] is None
         elif layer["prefix"].endswith(("o_proj", "down_proj")) and "W8A16" not in layer["scheme"]:
             # each rank quantizes its own slice of K per token: within the layer's own quantization error
