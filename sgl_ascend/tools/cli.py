@@ -1,7 +1,8 @@
 """The `sgl-ascend` console script.
 
     sgl-ascend inspect PATH [--tp N] [--ep N] [--json]
-    sgl-ascend verify PATH [--reference BF16_PATH] [--threshold X] [--min-top1 F] [--prompts ...] [--json]
+    sgl-ascend verify PATH [--reference BF16_PATH] [--tp N] [--ep N] [--threshold X] [--min-top1 F] [--prompts ...]
+                      [--json]
     sgl-ascend selftest [--json]
     sgl-ascend schemes [--json]
 
@@ -83,12 +84,14 @@ def cmd_inspect(args) -> int:
 
 def format_verify(report, threshold: float, min_top1: float) -> str:
     data = report.to_json()
-    rows = [["layer", "scheme", "rel. error", "output err vs ref", "weight err vs ref", "resident", "theoretical"]]
+    tp = report.tp > 1
+    rows = [["layer", "scheme", "rel. error", "output err vs ref", "weight err vs ref", "resident", "theoretical"]
+            + ([f"tp={report.tp} vs tp=1"] if tp else [])]
     for layer in data["layers"]:
-        w, r = layer["weight_rel_error"], layer["ref_output_error"]
+        w, r, t = layer["weight_rel_error"], layer["ref_output_error"], layer["tp_error"]
         rows.append([layer["prefix"], layer["scheme"], f"{layer['rel_error']:.4f}", "-" if r is None else f"{r:.4f}",
                      "-" if w is None else f"{w:.4f}", _bytes(layer["resident_bytes"]),
-                     _bytes(layer["theoretical_bytes"])])
+                     _bytes(layer["theoretical_bytes"])] + (["-" if t is None else f"{t:.4f}"] if tp else []))
     lines = [f"{report.path} against {report.reference or 'its own dequantization'}", "",
              "per-layer relative error, worst first (rel. error: served vs the checkpoint's own dequantized layer on "
              "the inputs its float model gives it; output err vs ref: served vs the reference model's layer output, "
@@ -102,15 +105,24 @@ def format_verify(report, threshold: float, min_top1: float) -> str:
     lines.append(f"worst layer error {report.worst_layer_error:.4f}"
                  + f" (threshold {threshold}), top-1 agreement {report.top1_agreement:.3f} (minimum {min_top1})"
                  + ("" if ref is None else f"; worst output error vs reference {ref:.4f} (informative)"))
+    if report.worst_tp_error is not None:
+        lines.append(f"tp={report.tp} ep={report.ep}: worst difference of the ranks' output put together vs tp=1 "
+                     f"{report.worst_tp_error:.4f} (threshold {threshold})")
     return "\n".join(lines)
+
+
+def verify_passed(report, threshold: float, min_top1: float) -> bool:
+    tp_error = report.worst_tp_error
+    return (report.worst_layer_error <= threshold and report.top1_agreement >= min_top1
+            and (tp_error is None or tp_error <= threshold))
 
 
 def cmd_verify(args) -> int:
     from sgl_ascend.tools.verify import DEFAULT_PROMPTS, verify_checkpoint
 
     report = verify_checkpoint(args.path, args.reference, args.prompts or DEFAULT_PROMPTS,
-                               progress=False if args.json else None)
-    passed = report.worst_layer_error <= args.threshold and report.top1_agreement >= args.min_top1
+                               progress=False if args.json else None, tp=args.tp, ep=args.ep)
+    passed = verify_passed(report, args.threshold, args.min_top1)
     if args.json:
         print(json.dumps({**report.to_json(), "threshold": args.threshold, "min_top1": args.min_top1,
                           "passed": passed}, indent=2))
@@ -167,6 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("path")
     v.add_argument("--reference", help="the original bf16 model folder (default: the checkpoint's own "
                                        "dequantization)")
+    v.add_argument("--tp", type=int, default=1, help="also build every layer for N tensor-parallel ranks (in this "
+                                                     "process) and check their outputs put together equal tp=1's")
+    v.add_argument("--ep", type=int, default=1, help="expert-parallel size with --tp (divides --tp)")
     v.add_argument("--threshold", type=float, default=0.25,
                    help="largest per-layer relative error accepted (default 0.25). Seen on the tiny fixtures: "
                         "int8 layers 0.01-0.04; int4 activations 0.12-0.17; int4 weights against --reference "

@@ -38,9 +38,10 @@ def dequantize_modelslim(checkpoint, prefix: str, kind: str, legacy: bool = Fals
         return weight.float() * scale
     if kind not in ("W8A8", "W8A8_DYNAMIC", "W8A16", "W4A4_DYNAMIC", "W4A8_DYNAMIC"):
         raise CheckpointError(f"verify cannot dequantize scheme {kind}", tensor=f"{prefix}.weight")
-    scale = get("weight_scale").float().reshape(-1, 1)
-    offset = get("weight_offset").float().reshape(-1, 1) if has("weight_offset") else 0.0
-    return (weight.float() - offset) * scale
+    values = weight.float()  # in place from here: verify dequantizes layers of hundreds of MiB
+    if has("weight_offset"):
+        values -= get("weight_offset").float().reshape(-1, 1)
+    return values.mul_(get("weight_scale").float().reshape(-1, 1))
 
 
 def dequantize_compressed_tensors(checkpoint, prefix: str, args) -> torch.Tensor:

@@ -176,11 +176,16 @@ def scheme_source(model_dir: str, config: DecoderConfig):
 
 def build_linear(spec: LinearSpec, source, config: DecoderConfig, *, tp_rank: int = 0, tp_size: int = 1,
                  device: str = "cpu") -> ParallelLinear:
-    """The layer SGLang builds for `spec` on rank tp_rank, with the checkpoint's scheme."""
+    """The layer SGLang builds for `spec` on rank tp_rank, with the checkpoint's scheme. A replicated
+    layer is every rank's copy of the tp=1 layer (fused shards, e.g. MLA's q_a + kv_a, load as merged
+    columns)."""
     scheme = source.get_linear_scheme(spec.prefix)
+    parallel = spec.parallel
+    if parallel == "replicated":
+        parallel, tp_rank, tp_size = "column", 0, 1
     qkv = QKVSizes(config.num_attention_heads, config.kv_heads, config.head_size, tp_size) if spec.qkv else None
     with torch.device(device):
-        return ParallelLinear(spec.input_size, spec.output_sizes, scheme, parallel=spec.parallel,
+        return ParallelLinear(spec.input_size, spec.output_sizes, scheme, parallel=parallel,
                               prefix=spec.prefix, tp_rank=tp_rank, tp_size=tp_size,
                               params_dtype=config.params_dtype, bias=spec.bias or source.has_float_bias(spec.prefix),
                               qkv=qkv)
@@ -504,12 +509,16 @@ def _plan_experts(plan, spec: ExpertsSpec, source, config, checkpoint, claimed) 
 
 
 def _plan_floats(plan, layout: ModelLayout, config: DecoderConfig, checkpoint, claimed) -> None:
-    elem = torch.empty((), dtype=config.params_dtype).element_size()
     for spec in layout.floats:
+        elem = torch.empty((), dtype=spec.dtype or config.params_dtype).element_size()
         numel = 1
         for s in spec.shape:
             numel *= s
-        plan.floats_bf16_bytes += numel * 2 if spec.in_bf16_model else 0
+        plan.floats_bf16_bytes += numel * (4 if spec.dtype == torch.float32 else 2) if spec.in_bf16_model else 0
+        if spec.derived:
+            plan.floats_resident_bytes += numel * elem
+            plan.floats_resident_bytes_per_device += numel // (plan.tp if spec.split == "heads" else 1) * elem
+            continue
         if spec.name not in checkpoint:
             plan.missing.append({"tensor": spec.name, "layer": spec.name.rsplit(".", 1)[0]})
             plan.errors.append(str(CheckpointError("the model needs this tensor but the checkpoint lacks it",

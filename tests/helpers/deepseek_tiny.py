@@ -1,7 +1,8 @@
 """A tiny random DeepSeek-V3 checkpoint, and a small msModelSlim W8A8_DYNAMIC writer for it (tests).
 
 Layer 0 is dense (first_k_dense_replace=1), layer 1 is MoE with 4 routed experts (top-2, sigmoid
-scoring with e_score_correction_bias) and one shared expert; attention is MLA with q_lora. The
+scoring with e_score_correction_bias) and one shared expert; attention is MLA with q_lora.
+V2_LITE_CONFIG is the DeepSeek-V2-Lite variant: no q_lora (q_proj), softmax greedy routing. The
 writer quantizes every projection per-channel symmetric int8 (weight, weight_scale, weight_offset of
 zeros), keeps norms, embeddings, the router and lm_head FLOAT, and writes
 quant_model_description.json the way msModelSlim does.
@@ -37,14 +38,18 @@ CONFIG = {
 }
 
 
+V2_LITE_CONFIG = {**CONFIG, "architectures": ["DeepseekV2ForCausalLM"], "model_type": "deepseek_v2",
+                  "q_lora_rank": None, "scoring_func": "softmax", "topk_method": "greedy", "norm_topk_prob": False}
+
+
 def _mlp(prefix: str, hidden: int, inter: int, gen) -> Dict[str, torch.Tensor]:
     return {f"{prefix}.gate_proj.weight": torch.randn(inter, hidden, generator=gen) * hidden ** -0.5,
             f"{prefix}.up_proj.weight": torch.randn(inter, hidden, generator=gen) * hidden ** -0.5,
             f"{prefix}.down_proj.weight": torch.randn(hidden, inter, generator=gen) * inter ** -0.5}
 
 
-def random_weights(seed: int = 0) -> Dict[str, torch.Tensor]:
-    c, gen = CONFIG, torch.Generator().manual_seed(seed)
+def random_weights(seed: int = 0, config: dict = CONFIG) -> Dict[str, torch.Tensor]:
+    c, gen = config, torch.Generator().manual_seed(seed)
     h, heads = c["hidden_size"], c["num_attention_heads"]
     qk = c["qk_nope_head_dim"] + c["qk_rope_head_dim"]
     w = {"model.embed_tokens.weight": torch.randn(c["vocab_size"], h, generator=gen),
@@ -53,11 +58,16 @@ def random_weights(seed: int = 0) -> Dict[str, torch.Tensor]:
     for i in range(c["num_hidden_layers"]):
         p = f"model.layers.{i}"
         a = f"{p}.self_attn"
+        if c["q_lora_rank"]:
+            w.update({
+                f"{a}.q_a_proj.weight": torch.randn(c["q_lora_rank"], h, generator=gen) * h ** -0.5,
+                f"{a}.q_a_layernorm.weight": torch.ones(c["q_lora_rank"]),
+                f"{a}.q_b_proj.weight":
+                    torch.randn(heads * qk, c["q_lora_rank"], generator=gen) * c["q_lora_rank"] ** -0.5})
+        else:
+            w[f"{a}.q_proj.weight"] = torch.randn(heads * qk, h, generator=gen) * h ** -0.5
         w.update({
             f"{p}.input_layernorm.weight": torch.ones(h), f"{p}.post_attention_layernorm.weight": torch.ones(h),
-            f"{a}.q_a_proj.weight": torch.randn(c["q_lora_rank"], h, generator=gen) * h ** -0.5,
-            f"{a}.q_a_layernorm.weight": torch.ones(c["q_lora_rank"]),
-            f"{a}.q_b_proj.weight": torch.randn(heads * qk, c["q_lora_rank"], generator=gen) * c["q_lora_rank"] ** -0.5,
             f"{a}.kv_a_proj_with_mqa.weight":
                 torch.randn(c["kv_lora_rank"] + c["qk_rope_head_dim"], h, generator=gen) * h ** -0.5,
             f"{a}.kv_a_layernorm.weight": torch.ones(c["kv_lora_rank"]),
@@ -69,7 +79,8 @@ def random_weights(seed: int = 0) -> Dict[str, torch.Tensor]:
             w.update(_mlp(f"{p}.mlp", h, c["intermediate_size"], gen))
             continue
         w[f"{p}.mlp.gate.weight"] = torch.randn(c["n_routed_experts"], h, generator=gen) * h ** -0.5
-        w[f"{p}.mlp.gate.e_score_correction_bias"] = torch.zeros(c["n_routed_experts"])
+        if c["topk_method"] == "noaux_tc":
+            w[f"{p}.mlp.gate.e_score_correction_bias"] = torch.zeros(c["n_routed_experts"])
         for e in range(c["n_routed_experts"]):
             w.update(_mlp(f"{p}.mlp.experts.{e}", h, c["moe_intermediate_size"], gen))
         w.update(_mlp(f"{p}.mlp.shared_experts", h, c["moe_intermediate_size"] * c["n_shared_experts"], gen))
@@ -83,8 +94,8 @@ def _tokenizer(path: str) -> str:
     return path
 
 
-def write_bf16(path: str, weights: Dict[str, torch.Tensor]) -> str:
-    return _tokenizer(synthetic.write_float_folder(path, weights, CONFIG))
+def write_bf16(path: str, weights: Dict[str, torch.Tensor], config: dict = CONFIG) -> str:
+    return _tokenizer(synthetic.write_float_folder(path, weights, config))
 
 
 def is_quantized_projection(name: str) -> bool:
@@ -93,7 +104,7 @@ def is_quantized_projection(name: str) -> bool:
     return name.endswith(".weight") and "_proj" in module
 
 
-def write_modelslim_w8a8_dynamic(path: str, weights: Dict[str, torch.Tensor]) -> str:
+def write_modelslim_w8a8_dynamic(path: str, weights: Dict[str, torch.Tensor], config: dict = CONFIG) -> str:
     """msModelSlim's W8A8_DYNAMIC layout: q = round(w / scale), scale = absmax / 127 per output row."""
     tensors, description = {}, {"model_quant_type": "W8A8_DYNAMIC", "version": "1.0.0", "group_size": 0}
     for name, w in weights.items():
@@ -107,4 +118,4 @@ def write_modelslim_w8a8_dynamic(path: str, weights: Dict[str, torch.Tensor]) ->
         tensors[f"{prefix}.weight_offset"] = torch.zeros_like(scale)
         for suffix in ("weight", "weight_scale", "weight_offset"):
             description[f"{prefix}.{suffix}"] = "W8A8_DYNAMIC"
-    return _tokenizer(synthetic.write_modelslim_folder(path, tensors, description, CONFIG, indexed=False))
+    return _tokenizer(synthetic.write_modelslim_folder(path, tensors, description, config, indexed=False))
