@@ -143,7 +143,7 @@ def no_pynccl_on_gloo(original, *args, **kwargs):
 def cpu_graph_fill_value(result, backend, *args, **kwargs):
     """AFTER TorchNativeAttnBackend.__init__ (see the module docstring)."""
     if not hasattr(backend, "get_cpu_graph_seq_len_fill_value"):
-        _log_once("fill", "torch_native attention pads DP-attention batches with seq_len 1")
+        _log_once("fill", "torch_native attention: get_cpu_graph_seq_len_fill_value = 1 (DP attention pads batches with it)")
         backend.get_cpu_graph_seq_len_fill_value = lambda: 1
     return result
 
