@@ -132,3 +132,19 @@ def test_resident_bytes_count_parameters_and_persistent_buffers():
     model.register_buffer("deq_scale", torch.zeros(8, dtype=torch.int64))
     model.register_buffer("cos_sin_cache", torch.zeros(100), persistent=False)
     assert resident_bytes(model) == 40 * 2 + 8 * 8
+
+
+def test_tp_not_dividing_heads_is_refused_on_cpu():
+    from sgl_ascend.sglang.cpu_compat import refuse_padded_heads
+
+    def config(quantization, heads=4, kv_heads=2):
+        return SimpleNamespace(quantization=quantization, num_attention_heads=heads,
+                               get_total_num_kv_heads=lambda: kv_heads)
+
+    def original(model_config, load_config, tp_size):
+        return model_config
+
+    with pytest.raises(ValueError, match=r"--tp 4 does not divide this model's 4 attention / 2 KV heads.*here: 1, 2"):
+        refuse_padded_heads(original, config("modelslim"), None, 4)
+    assert refuse_padded_heads(original, cfg := config("modelslim"), None, 2) is cfg
+    assert refuse_padded_heads(original, cfg := config(None), None, 4) is cfg  # SGLang's own models: it pads

@@ -23,6 +23,10 @@ when it first changes something:
   groups get SGLang's torch.distributed path instead.
 - `cpu_graph_fill_value`: DP attention asks the attention backend for
   `get_cpu_graph_seq_len_fill_value`, which torch_native lacks; 1, as SGLang's CPU graph runner uses.
+- `refuse_padded_heads`: where --tp does not divide the attention or KV head counts, SGLang's CPU
+  engine pads the heads (and the weights, in its own loaders); sgl-ascend's quantized loaders slice
+  the checkpoint as it is, so such a --tp is refused before the model is built. (On NPU, SGLang
+  replicates KV heads instead, which our loaders do.)
 The env var SGL_ASCEND_DISABLE_CPU_COMPAT=1 turns the shim and these hooks off.
 """
 
@@ -148,12 +152,28 @@ def cpu_graph_fill_value(result, backend, *args, **kwargs):
     return result
 
 
+OUR_QUANTIZATION = ("modelslim", "w4a4_int4", "compressed-tensors")
+
+
+def refuse_padded_heads(original, model_config, load_config, tp_size, *args, **kwargs):
+    """AROUND sglang.srt.configs.update_config.adjust_config_with_unaligned_cpu_tp (see the module docstring)."""
+    heads, kv_heads = model_config.num_attention_heads, model_config.get_total_num_kv_heads()
+    if getattr(model_config, "quantization", None) in OUR_QUANTIZATION and (heads % tp_size or kv_heads % tp_size):
+        raise ValueError(
+            f"--tp {tp_size} does not divide this model's {heads} attention / {kv_heads} KV heads. SGLang's CPU "
+            f"engine would pad the heads, which sgl-ascend's {model_config.quantization} loaders do not do. On CPU "
+            f"use a --tp dividing both (here: {', '.join(str(t) for t in range(1, kv_heads + 1) if heads % t == 0 and kv_heads % t == 0)}); "
+            "on NPU, SGLang replicates KV heads instead and any --tp dividing the attention heads is served.")
+    return original(model_config, load_config, tp_size, *args, **kwargs)
+
+
 def hooks():
     """(target, hook, hook type name) of the CPU patches, for the plugin to register."""
     return [("sglang.srt.utils.numa_utils.init_threads_binding", bind_threads_per_rank, "AROUND"),
             ("sglang.srt.distributed.parallel_state.init_model_parallel_group", no_pynccl_on_gloo, "AROUND"),
             ("sglang.srt.layers.attention.torch_native_backend.TorchNativeAttnBackend.__init__",
-             cpu_graph_fill_value, "AFTER")]
+             cpu_graph_fill_value, "AFTER"),
+            ("sglang.srt.configs.update_config.adjust_config_with_unaligned_cpu_tp", refuse_padded_heads, "AROUND")]
 
 
 def is_active() -> bool:
