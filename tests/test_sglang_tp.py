@@ -25,6 +25,8 @@ pytestmark = [pytest.mark.sglang, pytest.mark.sglang_tp]
 PROMPT = list(range(10, 26))
 MAX_TOKENS = 8
 TP2 = ["--tp", "2"]
+# Two ranks start (and each imports SGLang) on the same cores: allow twice a tp1 server's start limit.
+START_TIMEOUT_S = 600
 
 # name -> (msModelSlim fixture, extra args, tolerance in nats: the tp1 test's)
 MODELSLIM_CASES = {
@@ -49,7 +51,7 @@ def _resident_bytes_per_rank(log: str):
 
 def _serve(model_dir, extra_args):
     start = time.monotonic()
-    with launch(model_dir, extra_args) as server:
+    with launch(model_dir, extra_args, start_timeout=START_TIMEOUT_S) as server:
         served = server.complete(PROMPT, MAX_TOKENS)
         log = server.log_tail(2000)
     return served, log, time.monotonic() - start
