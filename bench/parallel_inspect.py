@@ -133,7 +133,7 @@ def main():
             path = os.path.join(tmp, kind.lower())
             disk = write_shape_only(path, kind)
             plan = plan_checkpoint(path, tp=args.tp, ep=args.ep)
-            memory = plan.to_dict()["memory"]
+            memory = plan.memory()
             print(format_plan(plan))
             print(f"== Qwen3-235B-A22B shapes, experts {kind}, attention W8A8_DYNAMIC: checkpoint "
                   f"{disk / GiB:.1f} GiB, resident {memory['resident_bytes'] / GiB:.1f} GiB in all, "

@@ -63,12 +63,12 @@ def test_tp2_serves_modelslim_checkpoint(tmp_path, case):
 
     fixture, extra_args, tolerance = MODELSLIM_CASES[case]
     model_dir = msmodelslim_fixture(fixture)
+    ep = int(extra_args[extra_args.index("--ep-size") + 1]) if "--ep-size" in extra_args else 1
+    predicted = plan_checkpoint(model_dir, tp=2, ep=ep).memory()["resident_bytes_per_device"]
     served, log, served_s = _serve(model_dir, extra_args)
     reference_dir = write_float_checkpoint(model_dir, drop_zero_biases(dequantize_modelslim(model_dir)),
                                            str(tmp_path / "float"))
     result = compare(served, teacher_forced_logprobs(reference_dir, PROMPT, served["token_ids"]), tolerance)
-    ep = int(extra_args[extra_args.index("--ep-size") + 1]) if "--ep-size" in extra_args else 1
-    predicted = plan_checkpoint(model_dir, tp=2, ep=ep).to_dict()["memory"]["resident_bytes_per_device"]
     per_rank = _resident_bytes_per_rank(log)
     print(f"\n[tp] {case} {' '.join(extra_args)}: server {served_s:.1f}s, {result}; resident bytes per rank "
           f"{per_rank}, inspect predicts {predicted} per device")
