@@ -3,6 +3,8 @@
 # unit tests on torch 2.13.0, then the SGLang tests (real sglang.launch_server on CPU) on 2.14.1.
 # Extra arguments go to pytest, e.g. `bash scripts/test.sh -k w8a8`.
 # The fast loop without SGLang: .venv-core/bin/python -m pytest -m "not sglang"
+# The SGLang run includes the --tp 2 / --ep-size 2 servers (tests/test_sglang_tp.py, ~9 servers);
+# `-m sglang_tp` runs only those, `-m "sglang and not sglang_tp"` leaves them out.
 source "$(dirname "$0")/env.sh"
 cd "$ROOT"
 core_venv

@@ -15,6 +15,7 @@ NEW_QUANTIZATION_METHODS = ("w4a4_int4",)
 
 def register() -> None:
     from sgl_ascend.sglang import cpu_compat
+    from sgl_ascend.sglang.resident import log_resident_bytes
 
     # First: everything below imports SGLang modules that import sgl_kernel.
     cpu_compat.activate()
@@ -59,6 +60,8 @@ def _register_hooks() -> None:
 
     from sgl_ascend.models.deepseek import float_kv_b_proj_for_mla, mla_for_torch_native
     from sgl_ascend.models.norm_bias import add_norm_bias
+    from sgl_ascend.sglang import cpu_compat
+    from sgl_ascend.sglang.resident import log_resident_bytes
     from sgl_ascend.sglang.weight_filter import drop_ignored_tensors
 
     HookRegistry.register("sglang.srt.model_loader.loader.DefaultModelLoader.load_weights_only",
@@ -68,3 +71,8 @@ def _register_hooks() -> None:
     HookRegistry.register("sglang.srt.layers.layernorm.RMSNorm.__init__", add_norm_bias, HookType.AFTER)
     HookRegistry.register("sglang.srt.models.deepseek_common.deepseek_weight_loader."
                           "DeepseekV2WeightLoaderMixin.post_load_weights", float_kv_b_proj_for_mla, HookType.AROUND)
+    HookRegistry.register("sglang.srt.model_loader.loader.DefaultModelLoader.load_weights_and_postprocess",
+                          log_resident_bytes, HookType.AFTER)
+    if cpu_compat.enabled():  # CPU-only hosts: SGLang's multi-process engine on gloo
+        for target, hook, kind in cpu_compat.hooks():
+            HookRegistry.register(target, hook, HookType[kind])

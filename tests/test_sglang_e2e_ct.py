@@ -8,7 +8,6 @@ library (transformers' compressed-tensors integration, run_compressed=False), in
 import time
 
 import pytest
-import torch
 
 from helpers.float_reference import compare
 from helpers.sglang_server import launch
@@ -20,22 +19,8 @@ MAX_TOKENS = 8
 TOLERANCE = 0.05  # nats; weight-only scheme, the error left is bf16 vs float32
 
 
-def library_decompressed_logprobs(model_dir, prompt_ids, output_ids):
-    from transformers import AutoModelForCausalLM
-    from transformers.utils.quantization_config import CompressedTensorsConfig
-
-    model = AutoModelForCausalLM.from_pretrained(
-        model_dir, dtype=torch.float32, quantization_config=CompressedTensorsConfig(run_compressed=False))
-    ids = torch.tensor([list(prompt_ids) + list(output_ids)])
-    with torch.no_grad():
-        logprobs = torch.log_softmax(model(ids).logits[0, len(prompt_ids) - 1: -1].float(), dim=-1)
-    chosen = logprobs.gather(1, torch.tensor(output_ids)[:, None])[:, 0]
-    best = logprobs.max(dim=-1)
-    return chosen.tolist(), best.indices.tolist(), best.values.tolist()
-
-
 def test_serves_compressed_tensors_w4a16(tmp_path):
-    from helpers.ct import write_qwen3_ct_checkpoint
+    from helpers.ct import library_decompressed_logprobs, write_qwen3_ct_checkpoint
 
     model_dir = write_qwen3_ct_checkpoint(str(tmp_path / "ct-w4a16"), "w4a16_group")
     start = time.monotonic()

@@ -50,6 +50,12 @@ class SafetensorsCheckpoint:
             self._read_header(file)
         self._check_index_consistency()
         self._handles = {}
+        # prefix -> {suffix: info}: with_prefix is called once per layer/expert projection, and a scan of
+        # every name per call is quadratic (a 235B MoE has ~200k tensors and ~36k expert projections).
+        self._by_prefix: Dict[str, Dict[str, TensorInfo]] = {}
+        for name, info in self._infos.items():
+            head, _, suffix = name.rpartition(".")
+            self._by_prefix.setdefault(head, {})[suffix] = info
 
     def _files_from_index(self) -> List[str]:
         self.index: Dict[str, str] = {}
@@ -138,7 +144,7 @@ class SafetensorsCheckpoint:
                                   "Download or copy it again.", file=info.file, tensor=name) from None
 
     def with_prefix(self, prefix: str) -> Dict[str, TensorInfo]:
-        return tensors_under(self._infos, prefix)
+        return dict(self._by_prefix.get(prefix, {}))
 
 
 def tensors_under(infos: Dict[str, TensorInfo], prefix: str) -> Dict[str, TensorInfo]:

@@ -165,3 +165,18 @@ def write_qwen3_ct_checkpoint(path: str, scheme: str = "w4a16_group", calib_toke
     for name in _TOKENIZER_FILES:
         shutil.copy(os.path.join(QWEN3_BF16, name), path)
     return path
+
+
+def library_decompressed_logprobs(model_dir, prompt_ids, output_ids):
+    """teacher_forced_logprobs's result for a CT checkpoint decompressed by the library (float32)."""
+    from transformers import AutoModelForCausalLM
+    from transformers.utils.quantization_config import CompressedTensorsConfig
+
+    model = AutoModelForCausalLM.from_pretrained(
+        model_dir, dtype=torch.float32, quantization_config=CompressedTensorsConfig(run_compressed=False))
+    ids = torch.tensor([list(prompt_ids) + list(output_ids)])
+    with torch.no_grad():
+        logprobs = torch.log_softmax(model(ids).logits[0, len(prompt_ids) - 1: -1].float(), dim=-1)
+    chosen = logprobs.gather(1, torch.tensor(output_ids)[:, None])[:, 0]
+    best = logprobs.max(dim=-1)
+    return chosen.tolist(), best.indices.tolist(), best.values.tolist()

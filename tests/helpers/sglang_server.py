@@ -46,21 +46,22 @@ class Server:
 
 
 @contextlib.contextmanager
-def launch(model_path: str, extra_args: Sequence[str] = (), env: Dict[str, str] = None):
+def launch(model_path: str, extra_args: Sequence[str] = (), env: Dict[str, str] = None,
+           start_timeout: int = START_TIMEOUT_S):
     port = free_port()
     log = tempfile.NamedTemporaryFile("w", prefix="sglang-server-", suffix=".log", delete=False)
     process = start(model_path, port, log, extra_args, env)
     server = Server(f"http://127.0.0.1:{port}", log.name)
     try:
-        _wait_ready(process, server)
+        _wait_ready(process, server, start_timeout)
         yield server
     finally:
         stop(process)
         log.close()
 
 
-def _wait_ready(process: subprocess.Popen, server: Server) -> None:
-    deadline = time.monotonic() + START_TIMEOUT_S
+def _wait_ready(process: subprocess.Popen, server: Server, timeout: int) -> None:
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise ServerError(f"server exited with {process.returncode}:\n{server.log_tail()}")
@@ -71,7 +72,7 @@ def _wait_ready(process: subprocess.Popen, server: Server) -> None:
         except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
             pass
         time.sleep(1)
-    raise ServerError(f"server not ready after {START_TIMEOUT_S}s:\n{server.log_tail()}")
+    raise ServerError(f"server not ready after {timeout}s:\n{server.log_tail()}")
 
 
 def run_launcher(args: List[str], timeout: int = 180) -> subprocess.CompletedProcess:
