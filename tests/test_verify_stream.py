@@ -219,3 +219,17 @@ def test_verify_tp_equals_tp1(capsys, deepseek, name, tp, ep):
             assert layer["tp_error"] <= 1.5 * layer["rel_error"] + 0.005
         else:  # column ranks compute tp=1's columns; weight-only rows and experts: bf16 partial sums
             assert layer["tp_error"] < 0.01, layer
+
+
+def test_verify_tp_catches_a_wrong_rank_slice(capsys, monkeypatch):
+    """Every row-parallel rank loading rank 0's slice of K: tp=1 is unaffected, the ranks' sum is not."""
+    from sgl_ascend.layers.parameters import ShardedParameter
+
+    original = ShardedParameter.load_row_parallel_weight
+    monkeypatch.setattr(ShardedParameter, "load_row_parallel_weight",
+                        lambda self, loaded, tp_rank=0, **kw: original(self, loaded, 0, **kw))
+    code, data = run_json(capsys, "verify", msmodelslim_fixture("qwen3-tiny-w8a16"), "--tp", "2")
+    assert code == EXIT_ABOVE_THRESHOLD and not data["passed"]
+    assert data["worst_layer_error"] < 0.01 and data["worst_tp_error"] > 0.5
+    rows = {layer["prefix"].rpartition(".")[2] for layer in data["layers"] if layer["tp_error"] > 0.5}
+    assert rows == {"o_proj", "down_proj"}

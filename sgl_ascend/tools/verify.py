@@ -370,8 +370,7 @@ def verify_checkpoint(path: str, reference: Optional[str] = None, prompts=DEFAUL
         served = model.run(layer, served, contexts)
         del layer
 
-    own_logits = model.logits(checkpoint, own)
-    ref_logits = model.logits(ref_checkpoint, ref) if reference else own_logits
+    ref_logits = model.logits(ref_checkpoint, ref) if reference else model.logits(checkpoint, own)
     for text, t, logits, expected in zip(prompts, ids, model.logits(checkpoint, served), ref_logits):
         report.prompts.append({"prompt": text, "tokens": int(t.shape[1]),
                                "top1_agree": int((logits.argmax(-1) == expected.argmax(-1)).sum()),
