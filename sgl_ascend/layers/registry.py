@@ -133,7 +133,8 @@ def check_served(config):
     return config
 
 
-def linear_scheme(config, prefix: str, layer=None):
-    """The linear scheme of layer `prefix` of a resolved checkpoint config."""
+def linear_scheme(config, prefix: str, layer=None, **context):
+    """The linear scheme of layer `prefix` of a resolved checkpoint config; `context` goes to the class's
+    `from_key` (e.g. `decode_node`, a PD-disaggregated decode server, for W8A8_MIX)."""
     key = config.linear_key(prefix) if layer is None else config.linear_key(prefix, layer)
-    return create(key, file=config.source, tensor=f"{prefix}.weight", what=f"layer {prefix}")
+    return create(key, file=config.source, tensor=f"{prefix}.weight", what=f"layer {prefix}", **context)

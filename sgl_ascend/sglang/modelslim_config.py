@@ -59,7 +59,7 @@ class AscendModelSlimConfig(AscendQuantConfigBase):
         return None
 
     def linear_scheme(self, prefix: str, layer: torch.nn.Module):
-        return linear_scheme(self.modelslim, prefix)
+        return linear_scheme(self.modelslim, prefix, decode_node=_decode_node())
 
     def shard_prefixes(self, prefix: str) -> List[str]:
         return self.modelslim.shard_prefixes(prefix)
@@ -101,3 +101,14 @@ def check_w4a4(description: Dict[str, Any]) -> None:
             f"--quantization w4a4_int4 needs a W4A4_DYNAMIC checkpoint, but {DESCRIPTION_FILE} says "
             f"model_quant_type={model_type!r} with layers {found}. Serve it without --quantization "
             "(sgl-ascend picks the scheme from the description) or with --quantization modelslim.")
+
+
+def _decode_node() -> bool:
+    """A PD-disaggregated decode server (`--disaggregation-mode decode`): W8A8_MIX serves its static path
+    there, as vllm-ascend does on a KV consumer; every other server runs the dynamic one."""
+    from sglang.srt.runtime_context import get_disagg
+
+    try:
+        return get_disagg().disaggregation_mode == "decode"
+    except ValueError:  # not published: a model built outside a server (tests, tools) is not a decode node
+        return False

@@ -36,7 +36,8 @@ def dequantize_modelslim(checkpoint, prefix: str, kind: str, legacy: bool = Fals
         # deq_scale = input_scale * weight_scale (int64 carrying fp32 bits for fp16 models)
         scale = decode_int64_scale(get("deq_scale")).float().reshape(-1, 1) / get("input_scale").float()
         return weight.float() * scale
-    if kind not in ("W8A8", "W8A8_DYNAMIC", "W8A16", "W4A4_DYNAMIC", "W4A8_DYNAMIC"):
+    # W8A8_MIX carries weight_scale / weight_offset beside its static tensors: the same weight either way
+    if kind not in ("W8A8", "W8A8_DYNAMIC", "W8A8_MIX", "W8A16", "W4A4_DYNAMIC", "W4A8_DYNAMIC"):
         raise CheckpointError(f"verify cannot dequantize scheme {kind}", tensor=f"{prefix}.weight")
     scale = get("weight_scale").float().reshape(-1, 1)
     offset = get("weight_offset").float().reshape(-1, 1) if has("weight_offset") else 0.0

@@ -63,7 +63,7 @@ def dequantize_modelslim(model_dir: str, swap_nibbles: bool = False) -> Dict[str
             out[name] = tensor.float()
             continue
         get = lambda s: tensors[f"{prefix}.{s}"].float()  # noqa: E731
-        if kind in ("W8A8_DYNAMIC", "W8A16", "W4A4_DYNAMIC"):
+        if kind in ("W8A8_DYNAMIC", "W8A8_MIX", "W8A16", "W4A4_DYNAMIC"):
             out[name] = (tensor.float() - get("weight_offset")) * get("weight_scale")
         elif kind == "W4A8_DYNAMIC":
             q = tensor.to(torch.int16) if legacy else _unpack_int4_pairs_rows(tensor, swap_nibbles)
