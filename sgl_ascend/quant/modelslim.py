@@ -7,11 +7,12 @@ fused_qkv_a_proj_with_mqa) are looked up through their checkpoint shards, which 
 
 import os
 import re
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Dict, FrozenSet, Iterator, List, Optional, Tuple
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from sgl_ascend.errors import CheckpointError
+from sgl_ascend.quant.checkpoint import SafetensorsCheckpoint
 from sgl_ascend.quant.checks import read_json_object
 from sgl_ascend.quant.scheme_key import EXPERTS, KV_CACHE, LINEAR, MSMODELSLIM, SchemeKey
 
@@ -101,17 +102,59 @@ def _refuse_what_is_not_applied(description: ModelSlimDescription, path: str) ->
             "sgl-ascend team which msModelSlim version and recipe wrote it.", file=path, key=f"metadata.{unknown[0]}")
 
 
-class ModelSlimConfig:
-    """Scheme lookup for an msModelSlim checkpoint, independent of SGLang."""
+def group_wise_layers(model_dir: str) -> Optional[FrozenSet[str]]:
+    """Checkpoint prefixes whose weights carry per-group scales, from the safetensors headers only (no
+    data is read); None when the folder has no weights to look at.
 
-    def __init__(self, description: ModelSlimDescription, source: str = DESCRIPTION_FILE):
+    The description cannot say it: its one top-level `group_size` is written by whichever layer was
+    quantized per group, and the tool writes the same type string (W8A8_DYNAMIC, W8A16, W4A4_DYNAMIC) for
+    a per-channel layer (weight_scale [N, 1]) and a per-group one (weight_scale [N, K / group_size]); a
+    Qwen3 W4A8 recipe, for one, writes per-group W4A8 MLPs beside per-channel W8A8_DYNAMIC attention.
+    """
+    try:
+        checkpoint = SafetensorsCheckpoint(model_dir)
+    except CheckpointError:
+        return None
+    grouped = set()
+    for info in checkpoint.infos():
+        prefix, _, suffix = info.name.rpartition(".")
+        if (suffix == "weight_scale" and len(info.shape) == 2 and info.shape[1] > 1) or \
+                suffix == "weight_scale_second":
+            grouped.add(prefix)
+    return frozenset(grouped)
+
+
+class ModelSlimConfig:
+    """Scheme lookup for an msModelSlim checkpoint, independent of SGLang.
+
+    `group_wise`: the checkpoint prefixes with per-group scales (`group_wise_layers`), when the weights'
+    headers were read; their keys carry `group_wise=True`. Without it (None) no key does, and only the
+    schemes that read the description's group_size themselves (W4A8_DYNAMIC) are group-wise.
+    """
+
+    def __init__(self, description: ModelSlimDescription, source: str = DESCRIPTION_FILE,
+                 group_wise: Optional[FrozenSet[str]] = None):
         self.description = description
         self.types = description.tensor_types
         self.source = source
+        self.group_wise = group_wise
 
     @classmethod
     def from_dir(cls, model_dir: str) -> "ModelSlimConfig":
-        return cls(load_description(model_dir), os.path.join(model_dir, DESCRIPTION_FILE))
+        return cls(load_description(model_dir), os.path.join(model_dir, DESCRIPTION_FILE),
+                   group_wise_layers(model_dir))
+
+    def is_group_wise(self, prefix: str) -> bool:
+        """Whether the (possibly fused) layer's weights carry per-group scales; its shards must agree."""
+        if self.group_wise is None:
+            return False
+        shards = {shard: shard in self.group_wise for shard in self.shard_prefixes(prefix)}
+        if len(set(shards.values())) > 1:
+            listing = ", ".join(f"{s} {'per group' if g else 'per channel'}" for s, g in shards.items())
+            raise CheckpointError(
+                f"the shards of fused layer {prefix} are quantized differently ({listing}); one kernel serves "
+                "the fused layer, so re-export them alike.", file=self.source, tensor=f"{prefix}.weight_scale")
+        return any(shards.values())
 
     def shard_prefixes(self, prefix: str) -> List[str]:
         """Checkpoint prefixes a layer is built from: itself, or the shards of a fused layer."""
@@ -153,8 +196,12 @@ class ModelSlimConfig:
         return SchemeKey.make(kind, MSMODELSLIM, name, group_size=d.group_size, legacy=d.is_legacy, **extra)
 
     def linear_key(self, prefix: str) -> SchemeKey:
-        """The key of a (possibly fused) linear layer."""
-        return self._key(LINEAR, self.weight_type(prefix))
+        """The key of a (possibly fused) linear layer; `group_wise` is set where its weights carry per-group
+        scales (known from the headers, see group_wise_layers)."""
+        name = self.weight_type(prefix)
+        if self.is_group_wise(prefix):
+            return self._key(LINEAR, name, group_wise=True)
+        return self._key(LINEAR, name)
 
     def expert_keys(self, prefix: str) -> Tuple[SchemeKey, SchemeKey]:
         """(gate/up, down) keys of the MoE block `prefix` (e.g. model.layers.3.mlp), read from expert 0;

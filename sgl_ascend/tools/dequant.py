@@ -39,8 +39,11 @@ def dequantize_modelslim(checkpoint, prefix: str, kind: str, legacy: bool = Fals
     # W8A8_MIX carries weight_scale / weight_offset beside its static tensors: the same weight either way
     if kind not in ("W8A8", "W8A8_DYNAMIC", "W8A8_MIX", "W8A16", "W4A4_DYNAMIC", "W4A8_DYNAMIC"):
         raise CheckpointError(f"verify cannot dequantize scheme {kind}", tensor=f"{prefix}.weight")
-    scale = get("weight_scale").float().reshape(-1, 1)
-    offset = get("weight_offset").float().reshape(-1, 1) if has("weight_offset") else 0.0
+    scale = get("weight_scale").float().reshape(weight.shape[0], -1)
+    offset = get("weight_offset").float().reshape(scale.shape) if has("weight_offset") else torch.zeros_like(scale)
+    if scale.shape[1] > 1:  # per group (W8A16 / W8A8_DYNAMIC / W4A4_DYNAMIC): [N, K / g], g input channels each
+        group = weight.shape[1] // scale.shape[1]
+        scale, offset = scale.repeat_interleave(group, dim=1), offset.repeat_interleave(group, dim=1)
     return (weight.float() - offset) * scale
 
 
