@@ -1,6 +1,7 @@
 """The schemes msModelSlim writes beyond the checked-in fixtures, through SGLang: the real server serves the
-real tool's W8A8_MIX output (the dynamic path), and a PD-disaggregated decode server
-(`--disaggregation-mode decode`) picks the static path.
+real tool's W8A8_MIX output (the dynamic path) and per-group W8A8_DYNAMIC (weight-only per group, its
+group-wise layers found from the checkpoint's headers), and a PD-disaggregated decode server
+(`--disaggregation-mode decode`) picks W8A8_MIX's static path.
 
 The served-vs-float comparison is tests/test_sglang_e2e_modelslim.py's (greedy tokens and logprobs against
 transformers on the checkpoint's own dequantized weights, float32); tolerance 0.05 nats as for
@@ -23,8 +24,10 @@ PROMPT = list(range(10, 26))
 MAX_TOKENS = 8
 
 
-def test_server_serves_w8a8_mix(tmp_path):
-    model_dir = quantized("w8a8_mix")
+@pytest.mark.parametrize("recipe, served_by", [("w8a8_mix", "W8A8_MIX linear -> W8A8MixLinear"),
+                                               ("w8a8_dynamic_g32", "W8A8_DYNAMIC linear -> W8A8DynamicLinear")])
+def test_server_serves_it(tmp_path, recipe, served_by):
+    model_dir = quantized(recipe)
     start = time.monotonic()
     with launch(model_dir) as server:
         served = server.complete(PROMPT, MAX_TOKENS)
@@ -32,9 +35,23 @@ def test_server_serves_w8a8_mix(tmp_path):
     reference = write_float_checkpoint(model_dir, drop_zero_biases(dequantize_modelslim(model_dir)),
                                        str(tmp_path / "float"))
     result = compare(served, teacher_forced_logprobs(reference, PROMPT, served["token_ids"]), 0.05)
-    print(f"\n[e2e] w8a8_mix: server {time.monotonic() - start:.1f}s, {result}")
-    assert "W8A8_MIX linear -> W8A8MixLinear" in log
+    print(f"\n[e2e] {recipe}: server {time.monotonic() - start:.1f}s, {result}")
+    assert served_by in log
     assert result["ok"], result
+
+
+def test_config_reads_per_group_layers_from_the_headers():
+    """SGLang hands the description with its hf_config; the headers of that folder mark per-group layers."""
+    from types import SimpleNamespace
+
+    from sgl_ascend.layers.schemes.group_weight_only import GroupWeightOnlyLinear
+    from sgl_ascend.sglang.modelslim_config import AscendModelSlimConfig
+
+    model_dir = quantized("w8a8_dynamic_g32")
+    with open(f"{model_dir}/quant_model_description.json") as f:
+        description = {**json.load(f), "quant_method": "modelslim", "hf_config": SimpleNamespace(_name_or_path=model_dir)}
+    config = AscendModelSlimConfig(description)
+    assert isinstance(config.linear_scheme("model.layers.0.mlp.down_proj", None), GroupWeightOnlyLinear)
 
 
 def test_decode_node_takes_the_static_path(monkeypatch):

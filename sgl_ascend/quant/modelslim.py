@@ -213,6 +213,7 @@ class ModelSlimConfig:
                 raise CheckpointError("the description has no entry for it, so the experts' scheme is unknown; "
                                       "the description does not match this model.", file=self.source, tensor=name)
             kinds[proj] = self.types[name]
+        self._check_experts_alike(prefix, kinds)
         if kinds["gate_proj"] != kinds["up_proj"]:
             raise CheckpointError(f"gate_proj is {kinds['gate_proj']} but up_proj is {kinds['up_proj']}; they are "
                                   "fused into one grouped matmul and need one scheme.", file=self.source,
@@ -220,6 +221,20 @@ class ModelSlimConfig:
         clip_pattern = re.compile(re.escape(prefix) + r"\.experts\.\d+\.(gate_proj|up_proj|down_proj)\.(bias|alpha)$")
         clip = any(clip_pattern.match(name) for name in self.types)
         return (self._key(EXPERTS, kinds["gate_proj"], clip=clip), self._key(EXPERTS, kinds["down_proj"], clip=clip))
+
+    def _check_experts_alike(self, prefix: str, first: Dict[str, str]) -> None:
+        """Every expert of the block carries expert 0's scheme per projection. Partial quantization (a FLOAT
+        expert left by disable_names / exclude, as DeepSeek MTP / NextN layers come out) is refused here,
+        naming the odd expert: one grouped matmul serves all experts of a block in one weight layout."""
+        pattern = re.compile(re.escape(prefix) + r"\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+        for name, kind in self.types.items():
+            match = pattern.match(name)
+            if match and kind != first[match.group(2)]:
+                raise CheckpointError(
+                    f"expert {match.group(1)} is {kind} while expert 0's {match.group(2)} is {first[match.group(2)]}: "
+                    "the block mixes schemes across experts (partial quantization), and one grouped matmul serves "
+                    "all experts of a block in one weight layout, so sgl-ascend does not serve it. Quantize every "
+                    "expert of the block alike (or leave the whole block FLOAT).", file=self.source, tensor=name)
 
     def kv_cache_key(self) -> Optional[SchemeKey]:
         """KV-cache / attention quantization (kv_cache_type C8, fa_quant_type), None when absent."""

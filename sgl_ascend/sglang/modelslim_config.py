@@ -6,6 +6,7 @@ weights and int4 per-token activations); it refuses checkpoints of another schem
 """
 
 import logging
+import os
 from typing import Any, Dict, List, Optional
 
 import torch
@@ -13,7 +14,7 @@ import torch
 from sgl_ascend.layers.moe import moe_method_for_modelslim
 from sgl_ascend.layers.registry import check_served, linear_scheme, served_by
 from sgl_ascend.models.norm_bias import enable_norm_bias, needs_norm_bias
-from sgl_ascend.quant.modelslim import DESCRIPTION_FILE, ModelSlimConfig, parse_description
+from sgl_ascend.quant.modelslim import DESCRIPTION_FILE, ModelSlimConfig, group_wise_layers, parse_description
 from sgl_ascend.sglang.config_base import AscendQuantConfigBase
 
 # the one msModelSlim type SGLang's `--quantization w4a4_int4` flag stands for: the flag's meaning, not
@@ -33,7 +34,9 @@ class AscendModelSlimConfig(AscendQuantConfigBase):
         super().__init__()
         raw = {k: v for k, v in description.items() if k not in ("quant_method", "packed_modules_mapping",
                                                                     "hf_config")}
-        self.modelslim = check_served(ModelSlimConfig(parse_description(raw), DESCRIPTION_FILE))
+        model_dir = _model_dir(description)
+        self.modelslim = check_served(ModelSlimConfig(parse_description(raw), DESCRIPTION_FILE,
+                                                      group_wise_layers(model_dir) if model_dir else None))
         if needs_norm_bias(self.modelslim.types):
             enable_norm_bias()
         description = self.modelslim.description
@@ -112,3 +115,11 @@ def _decode_node() -> bool:
         return get_disagg().disaggregation_mode == "decode"
     except ValueError:  # not published: a model built outside a server (tests, tools) is not a decode node
         return False
+
+
+def _model_dir(description: Dict[str, Any]) -> Optional[str]:
+    """The checkpoint folder, whose safetensors headers tell per-group layers from per-channel ones (the
+    description cannot): SGLang hands its hf_config along (a local folder: SGLang found the description
+    there)."""
+    path = getattr(description.get("hf_config"), "_name_or_path", None)
+    return path if path and os.path.isdir(path) else None
