@@ -119,7 +119,14 @@ def _decode_node() -> bool:
 
 def _model_dir(description: Dict[str, Any]) -> Optional[str]:
     """The checkpoint folder, whose safetensors headers tell per-group layers from per-channel ones (the
-    description cannot): SGLang hands its hf_config along (a local folder: SGLang found the description
-    there)."""
+    description cannot): the hf_config SGLang hands along when the description came through config.json,
+    else the server's model path (SGLang read the description file from that local folder)."""
     path = getattr(description.get("hf_config"), "_name_or_path", None)
+    if not (path and os.path.isdir(path)):
+        from sglang.srt.runtime_context import get_server_args
+
+        try:
+            path = get_server_args().model_path
+        except ValueError:  # not published: a config built outside a server (tests, tools)
+            path = None
     return path if path and os.path.isdir(path) else None
