@@ -164,3 +164,11 @@ def test_description_without_group_size_is_refused(recipe, tmp_path):
     prefix, kwargs, _ = layer_spec("o_proj")
     with pytest.raises(CheckpointError, match="group_size is 0"):
         ParallelLinear(scheme=linear_scheme(config, prefix), prefix=prefix, params_dtype=torch.bfloat16, **kwargs)
+
+
+def test_scheme_listing_shows_the_per_group_variants(capsys):
+    assert main(["schemes"]) == EXIT_OK
+    out = capsys.readouterr().out
+    for name in ("W8A16", "W8A8_DYNAMIC", "W4A4_DYNAMIC"):
+        assert any(line.split()[:5] == ["msmodelslim", "linear", name, "group_wise", "GroupWeightOnlyLinear"]
+                   for line in out.splitlines()), name

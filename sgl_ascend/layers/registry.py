@@ -59,6 +59,15 @@ def served_table() -> List[Tuple[str, str, str, str]]:
     return sorted(rows, key=lambda r: (FORMATS.index(r[0]), KINDS.index(r[1]), r[2]))
 
 
+def served_variants() -> List[Tuple[str, str, str, str, str]]:
+    """(format, kind, name, key param, class name): the classes a registered class hands the keys carrying
+    that param to (its `variants`, e.g. msModelSlim W8A16 with group_wise -> GroupWeightOnlyLinear)."""
+    load_builtin_schemes()
+    rows = [(f, k, name, param, variant.__name__) for (k, f, name), cls in _REGISTRY.items()
+            for param, variant in vars(cls).get("variants", {}).items()]  # declared, not inherited
+    return sorted(rows, key=lambda r: (FORMATS.index(r[0]), KINDS.index(r[1]), r[2], r[3]))
+
+
 def served_by(keys) -> str:
     """"W8A8_DYNAMIC linear -> W8A8DynamicLinear, ..." for the distinct served keys among `keys`: what the
     SGLang configs log, so the log says which class serves each scheme of the checkpoint."""

@@ -25,9 +25,11 @@ from sgl_ascend.quant.scheme_key import LINEAR, MSMODELSLIM
 
 @register_scheme(LINEAR, MSMODELSLIM, "W4A4_DYNAMIC")
 class W4A4DynamicLinear(LinearScheme):
+    # per-group scales (the key's group_wise, from the headers): no kernel of this class takes them
+    variants = {"group_wise": GroupWeightOnlyLinear}
+
     @classmethod
     def from_key(cls, key, **context):
-        # per-group scales (known from the headers): no int4 kernel takes them, see group_weight_only.py
         return GroupWeightOnlyLinear.from_key(key) if key.param("group_wise") else cls()
 
     def create_weights(self, layer, input_size_per_partition: int, output_partition_sizes: List[int],

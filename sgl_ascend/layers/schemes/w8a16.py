@@ -24,9 +24,12 @@ from sgl_ascend.quant.scheme_key import LINEAR, MSMODELSLIM
 
 @register_scheme(LINEAR, MSMODELSLIM, "W8A16")
 class W8A16Linear(LinearScheme):
+    # per-group scales (the key's group_wise, from the headers): no kernel of this class takes them
+    variants = {"group_wise": GroupWeightOnlyLinear}
+
     @classmethod
     def from_key(cls, key, **context):
-        return GroupWeightOnlyLinear.from_key(key) if key.param("group_wise") else cls()  # per-group scales
+        return GroupWeightOnlyLinear.from_key(key) if key.param("group_wise") else cls()
 
     def create_weights(self, layer, input_size_per_partition: int, output_partition_sizes: List[int],
                        input_size: int, output_size: int, params_dtype: torch.dtype, **_):

@@ -22,9 +22,11 @@ from sgl_ascend.quant.scheme_key import LINEAR, MSMODELSLIM
 
 @register_scheme(LINEAR, MSMODELSLIM, "W8A8_DYNAMIC")
 class W8A8DynamicLinear(LinearScheme):
+    # per-group scales (the key's group_wise, from the headers): no kernel of this class takes them
+    variants = {"group_wise": GroupWeightOnlyLinear}
+
     @classmethod
     def from_key(cls, key, **context):
-        # per-group scales (known from the headers): no int8 kernel takes them, see group_weight_only.py
         return GroupWeightOnlyLinear.from_key(key) if key.param("group_wise") else cls()
 
     def __init__(self, with_offset: bool = True):
