@@ -39,12 +39,15 @@ def dequantize_modelslim(checkpoint, prefix: str, kind: str, legacy: bool = Fals
     # W8A8_MIX carries weight_scale / weight_offset beside its static tensors: the same weight either way
     if kind not in ("W8A8", "W8A8_DYNAMIC", "W8A8_MIX", "W8A16", "W4A4_DYNAMIC", "W4A8_DYNAMIC"):
         raise CheckpointError(f"verify cannot dequantize scheme {kind}", tensor=f"{prefix}.weight")
-    scale = get("weight_scale").float().reshape(weight.shape[0], -1)
-    offset = get("weight_offset").float().reshape(scale.shape) if has("weight_offset") else torch.zeros_like(scale)
-    if scale.shape[1] > 1:  # per group (W8A16 / W8A8_DYNAMIC / W4A4_DYNAMIC): [N, K / g], g input channels each
-        group = weight.shape[1] // scale.shape[1]
-        scale, offset = scale.repeat_interleave(group, dim=1), offset.repeat_interleave(group, dim=1)
-    return (weight.float() - offset) * scale
+    values = weight.float()  # in place from here: verify dequantizes layers of hundreds of MiB
+    # [N, 1] per channel, or [N, K / g] per group (W8A16 / W8A8_DYNAMIC / W4A4_DYNAMIC): as [N, G, 1] against
+    # the weight viewed [N, G, K / G], so both are one broadcast, in place
+    scale = get("weight_scale").float().reshape(values.shape[0], -1, 1)
+    grouped = values.view(values.shape[0], scale.shape[1], -1)
+    if has("weight_offset"):
+        grouped -= get("weight_offset").float().reshape(scale.shape)
+    grouped.mul_(scale)
+    return values
 
 
 def dequantize_compressed_tensors(checkpoint, prefix: str, args) -> torch.Tensor:
