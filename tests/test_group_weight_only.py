@@ -172,3 +172,11 @@ def test_scheme_listing_shows_the_per_group_variants(capsys):
     for name in ("W8A16", "W8A8_DYNAMIC", "W4A4_DYNAMIC"):
         assert any(line.split()[:5] == ["msmodelslim", "linear", name, "group_wise", "GroupWeightOnlyLinear"]
                    for line in out.splitlines()), name
+
+
+def test_a8_a4_layers_say_they_run_weight_only(recipe, caplog):
+    name, path = recipe
+    with caplog.at_level("DEBUG", logger="sgl_ascend.layers.schemes.group_weight_only"):
+        _layer(path, "o_proj")
+    said = [r.getMessage() for r in caplog.records if "runs weight-only per group" in r.getMessage()]
+    assert bool(said) == (RECIPES[name] != "W8A16")

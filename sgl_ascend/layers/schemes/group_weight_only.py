@@ -20,6 +20,7 @@ A rank holding a single group of K runs it per channel (the kernel's group size 
 sizes must be multiples of 32 (common.weight_only_group_size).
 """
 
+import logging
 from typing import List, Optional
 
 import torch
@@ -31,6 +32,19 @@ from sgl_ascend.layers.schemes.common import (kernel_act_dtype, register_int4_we
                                               weight_only_group_size, weight_only_matmul)
 
 BITS = {"W8A16": 8, "W8A8_DYNAMIC": 8, "W4A4_DYNAMIC": 4}
+
+logger = logging.getLogger(__name__)
+_said = set()
+
+
+def _log_weight_only(layer, name: str) -> None:
+    """Say once per scheme (INFO; later layers DEBUG) that a per-group A8 / A4 layer runs weight-only: a
+    scheme never runs as something else silently."""
+    logger.log(logging.DEBUG if name in _said else logging.INFO,
+               "%s: per-group msModelSlim %s runs weight-only per group on the NPU (npu_weight_quant_batchmatmul: "
+               "no kernel takes quantized activations with per-group weight scales); activations are not quantized",
+               getattr(layer, "prefix", "") or "layer", name)
+    _said.add(name)
 
 
 class GroupWeightOnlyLinear(LinearScheme):
@@ -56,6 +70,8 @@ class GroupWeightOnlyLinear(LinearScheme):
                                   f"of {g} (description group_size); pick a tp size that keeps K per rank a "
                                   "multiple of the group size.")
         self.kernel_group_size = weight_only_group_size(g, k, prefix)
+        if self.name != "W8A16":
+            _log_weight_only(layer, self.name)
         if self.bits == 4:
             register_int4_weight(layer, "weight", n, k)  # range-checked and packed as each shard loads
         else:
