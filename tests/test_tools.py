@@ -193,7 +193,7 @@ def test_inspect_wrong_shape(capsys, tmp_path):
 
 @pytest.mark.parametrize("edit, message", [
     (lambda s: s[:-20], "not valid json"),
-    (lambda s: s.replace('"W8A8_DYNAMIC"', '"W8A8_MIX"', 1), "unknown scheme 'W8A8_MIX'"),
+    (lambda s: s.replace('"W8A8_DYNAMIC"', '"W8A8_MXFP8"', 1), "unknown scheme 'W8A8_MXFP8'"),
     (lambda s: s.replace('"model.layers.1.self_attn.v_proj.weight": "W8A8_DYNAMIC"',
                          '"model.layers.1.self_attn.v_proj.weight": "W8A16"'), "different schemes"),
 ])

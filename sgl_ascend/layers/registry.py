@@ -59,6 +59,15 @@ def served_table() -> List[Tuple[str, str, str, str]]:
     return sorted(rows, key=lambda r: (FORMATS.index(r[0]), KINDS.index(r[1]), r[2]))
 
 
+def served_variants() -> List[Tuple[str, str, str, str, str]]:
+    """(format, kind, name, key param, class name): the classes a registered class hands the keys carrying
+    that param to (its `variants`, e.g. msModelSlim W8A16 with group_wise -> GroupWeightOnlyLinear)."""
+    load_builtin_schemes()
+    rows = [(f, k, name, param, variant.__name__) for (k, f, name), cls in _REGISTRY.items()
+            for param, variant in vars(cls).get("variants", {}).items()]  # declared, not inherited
+    return sorted(rows, key=lambda r: (FORMATS.index(r[0]), KINDS.index(r[1]), r[2], r[3]))
+
+
 def served_by(keys) -> str:
     """"W8A8_DYNAMIC linear -> W8A8DynamicLinear, ..." for the distinct served keys among `keys`: what the
     SGLang configs log, so the log says which class serves each scheme of the checkpoint."""
@@ -133,7 +142,8 @@ def check_served(config):
     return config
 
 
-def linear_scheme(config, prefix: str, layer=None):
-    """The linear scheme of layer `prefix` of a resolved checkpoint config."""
+def linear_scheme(config, prefix: str, layer=None, **context):
+    """The linear scheme of layer `prefix` of a resolved checkpoint config; `context` goes to the class's
+    `from_key` (e.g. `decode_node`, a PD-disaggregated decode server, for W8A8_MIX)."""
     key = config.linear_key(prefix) if layer is None else config.linear_key(prefix, layer)
-    return create(key, file=config.source, tensor=f"{prefix}.weight", what=f"layer {prefix}")
+    return create(key, file=config.source, tensor=f"{prefix}.weight", what=f"layer {prefix}", **context)

@@ -7,11 +7,12 @@ fused_qkv_a_proj_with_mqa) are looked up through their checkpoint shards, which 
 
 import os
 import re
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Dict, FrozenSet, Iterator, List, Optional, Tuple
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from sgl_ascend.errors import CheckpointError
+from sgl_ascend.quant.checkpoint import SafetensorsCheckpoint
 from sgl_ascend.quant.checks import read_json_object
 from sgl_ascend.quant.scheme_key import EXPERTS, KV_CACHE, LINEAR, MSMODELSLIM, SchemeKey
 
@@ -101,17 +102,59 @@ def _refuse_what_is_not_applied(description: ModelSlimDescription, path: str) ->
             "sgl-ascend team which msModelSlim version and recipe wrote it.", file=path, key=f"metadata.{unknown[0]}")
 
 
-class ModelSlimConfig:
-    """Scheme lookup for an msModelSlim checkpoint, independent of SGLang."""
+def group_wise_layers(model_dir: str) -> Optional[FrozenSet[str]]:
+    """Checkpoint prefixes whose weights carry per-group scales, from the safetensors headers only (no
+    data is read); None when the folder has no weights to look at.
 
-    def __init__(self, description: ModelSlimDescription, source: str = DESCRIPTION_FILE):
+    The description cannot say it: its one top-level `group_size` is written by whichever layer was
+    quantized per group, and the tool writes the same type string (W8A8_DYNAMIC, W8A16, W4A4_DYNAMIC) for
+    a per-channel layer (weight_scale [N, 1]) and a per-group one (weight_scale [N, K / group_size]); a
+    Qwen3 W4A8 recipe, for one, writes per-group W4A8 MLPs beside per-channel W8A8_DYNAMIC attention.
+    """
+    try:
+        checkpoint = SafetensorsCheckpoint(model_dir)
+    except CheckpointError:
+        return None
+    grouped = set()
+    for info in checkpoint.infos():
+        prefix, _, suffix = info.name.rpartition(".")
+        if (suffix == "weight_scale" and len(info.shape) == 2 and info.shape[1] > 1) or \
+                suffix == "weight_scale_second":
+            grouped.add(prefix)
+    return frozenset(grouped)
+
+
+class ModelSlimConfig:
+    """Scheme lookup for an msModelSlim checkpoint, independent of SGLang.
+
+    `group_wise`: the checkpoint prefixes with per-group scales (`group_wise_layers`), when the weights'
+    headers were read; their keys carry `group_wise=True`. Without it (None) no key does, and only the
+    schemes that read the description's group_size themselves (W4A8_DYNAMIC) are group-wise.
+    """
+
+    def __init__(self, description: ModelSlimDescription, source: str = DESCRIPTION_FILE,
+                 group_wise: Optional[FrozenSet[str]] = None):
         self.description = description
         self.types = description.tensor_types
         self.source = source
+        self.group_wise = group_wise
 
     @classmethod
     def from_dir(cls, model_dir: str) -> "ModelSlimConfig":
-        return cls(load_description(model_dir), os.path.join(model_dir, DESCRIPTION_FILE))
+        return cls(load_description(model_dir), os.path.join(model_dir, DESCRIPTION_FILE),
+                   group_wise_layers(model_dir))
+
+    def is_group_wise(self, prefix: str) -> bool:
+        """Whether the (possibly fused) layer's weights carry per-group scales; its shards must agree."""
+        if self.group_wise is None:
+            return False
+        shards = {shard: shard in self.group_wise for shard in self.shard_prefixes(prefix)}
+        if len(set(shards.values())) > 1:
+            listing = ", ".join(f"{s} {'per group' if g else 'per channel'}" for s, g in shards.items())
+            raise CheckpointError(
+                f"the shards of fused layer {prefix} are quantized differently ({listing}); one kernel serves "
+                "the fused layer, so re-export them alike.", file=self.source, tensor=f"{prefix}.weight_scale")
+        return any(shards.values())
 
     def shard_prefixes(self, prefix: str) -> List[str]:
         """Checkpoint prefixes a layer is built from: itself, or the shards of a fused layer."""
@@ -153,8 +196,12 @@ class ModelSlimConfig:
         return SchemeKey.make(kind, MSMODELSLIM, name, group_size=d.group_size, legacy=d.is_legacy, **extra)
 
     def linear_key(self, prefix: str) -> SchemeKey:
-        """The key of a (possibly fused) linear layer."""
-        return self._key(LINEAR, self.weight_type(prefix))
+        """The key of a (possibly fused) linear layer; `group_wise` is set where its weights carry per-group
+        scales (known from the headers, see group_wise_layers)."""
+        name = self.weight_type(prefix)
+        if self.is_group_wise(prefix):
+            return self._key(LINEAR, name, group_wise=True)
+        return self._key(LINEAR, name)
 
     def expert_keys(self, prefix: str) -> Tuple[SchemeKey, SchemeKey]:
         """(gate/up, down) keys of the MoE block `prefix` (e.g. model.layers.3.mlp), read from expert 0;
@@ -166,6 +213,7 @@ class ModelSlimConfig:
                 raise CheckpointError("the description has no entry for it, so the experts' scheme is unknown; "
                                       "the description does not match this model.", file=self.source, tensor=name)
             kinds[proj] = self.types[name]
+        self._check_experts_alike(prefix, kinds)
         if kinds["gate_proj"] != kinds["up_proj"]:
             raise CheckpointError(f"gate_proj is {kinds['gate_proj']} but up_proj is {kinds['up_proj']}; they are "
                                   "fused into one grouped matmul and need one scheme.", file=self.source,
@@ -173,6 +221,20 @@ class ModelSlimConfig:
         clip_pattern = re.compile(re.escape(prefix) + r"\.experts\.\d+\.(gate_proj|up_proj|down_proj)\.(bias|alpha)$")
         clip = any(clip_pattern.match(name) for name in self.types)
         return (self._key(EXPERTS, kinds["gate_proj"], clip=clip), self._key(EXPERTS, kinds["down_proj"], clip=clip))
+
+    def _check_experts_alike(self, prefix: str, first: Dict[str, str]) -> None:
+        """Every expert of the block carries expert 0's scheme per projection. Partial quantization (a FLOAT
+        expert left by disable_names / exclude, as DeepSeek MTP / NextN layers come out) is refused here,
+        naming the odd expert: one grouped matmul serves all experts of a block in one weight layout."""
+        pattern = re.compile(re.escape(prefix) + r"\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+        for name, kind in self.types.items():
+            match = pattern.match(name)
+            if match and kind != first[match.group(2)]:
+                raise CheckpointError(
+                    f"expert {match.group(1)} is {kind} while expert 0's {match.group(2)} is {first[match.group(2)]}: "
+                    "the block mixes schemes across experts (partial quantization), and one grouped matmul serves "
+                    "all experts of a block in one weight layout, so sgl-ascend does not serve it. Quantize every "
+                    "expert of the block alike (or leave the whole block FLOAT).", file=self.source, tensor=name)
 
     def kv_cache_key(self) -> Optional[SchemeKey]:
         """KV-cache / attention quantization (kv_cache_type C8, fa_quant_type), None when absent."""

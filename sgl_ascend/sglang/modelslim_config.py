@@ -6,6 +6,7 @@ weights and int4 per-token activations); it refuses checkpoints of another schem
 """
 
 import logging
+import os
 from typing import Any, Dict, List, Optional
 
 import torch
@@ -13,7 +14,7 @@ import torch
 from sgl_ascend.layers.moe import moe_method_for_modelslim
 from sgl_ascend.layers.registry import check_served, linear_scheme, served_by
 from sgl_ascend.models.norm_bias import enable_norm_bias, needs_norm_bias
-from sgl_ascend.quant.modelslim import DESCRIPTION_FILE, ModelSlimConfig, parse_description
+from sgl_ascend.quant.modelslim import DESCRIPTION_FILE, ModelSlimConfig, group_wise_layers, parse_description
 from sgl_ascend.sglang.config_base import AscendQuantConfigBase
 
 # the one msModelSlim type SGLang's `--quantization w4a4_int4` flag stands for: the flag's meaning, not
@@ -33,7 +34,9 @@ class AscendModelSlimConfig(AscendQuantConfigBase):
         super().__init__()
         raw = {k: v for k, v in description.items() if k not in ("quant_method", "packed_modules_mapping",
                                                                     "hf_config")}
-        self.modelslim = check_served(ModelSlimConfig(parse_description(raw), DESCRIPTION_FILE))
+        model_dir = _model_dir(description)
+        self.modelslim = check_served(ModelSlimConfig(parse_description(raw), DESCRIPTION_FILE,
+                                                      group_wise_layers(model_dir) if model_dir else None))
         if needs_norm_bias(self.modelslim.types):
             enable_norm_bias()
         description = self.modelslim.description
@@ -59,7 +62,7 @@ class AscendModelSlimConfig(AscendQuantConfigBase):
         return None
 
     def linear_scheme(self, prefix: str, layer: torch.nn.Module):
-        return linear_scheme(self.modelslim, prefix)
+        return linear_scheme(self.modelslim, prefix, decode_node=_decode_node())
 
     def shard_prefixes(self, prefix: str) -> List[str]:
         return self.modelslim.shard_prefixes(prefix)
@@ -101,3 +104,29 @@ def check_w4a4(description: Dict[str, Any]) -> None:
             f"--quantization w4a4_int4 needs a W4A4_DYNAMIC checkpoint, but {DESCRIPTION_FILE} says "
             f"model_quant_type={model_type!r} with layers {found}. Serve it without --quantization "
             "(sgl-ascend picks the scheme from the description) or with --quantization modelslim.")
+
+
+def _decode_node() -> bool:
+    """A PD-disaggregated decode server (`--disaggregation-mode decode`): W8A8_MIX serves its static path
+    there, as vllm-ascend does on a KV consumer; every other server runs the dynamic one."""
+    from sglang.srt.runtime_context import get_disagg
+
+    try:
+        return get_disagg().disaggregation_mode == "decode"
+    except ValueError:  # not published: a model built outside a server (tests, tools) is not a decode node
+        return False
+
+
+def _model_dir(description: Dict[str, Any]) -> Optional[str]:
+    """The checkpoint folder, whose safetensors headers tell per-group layers from per-channel ones (the
+    description cannot): the hf_config SGLang hands along when the description came through config.json,
+    else the server's model path (SGLang read the description file from that local folder)."""
+    path = getattr(description.get("hf_config"), "_name_or_path", None)
+    if not (path and os.path.isdir(path)):
+        from sglang.srt.runtime_context import get_server_args
+
+        try:
+            path = get_server_args().model_path
+        except ValueError:  # not published: a config built outside a server (tests, tools)
+            path = None
+    return path if path and os.path.isdir(path) else None

@@ -154,14 +154,22 @@ def format_schemes(rows) -> str:
         if not any(r[1] == "kv_cache" for r in rows) else _table(table)
 
 
+def format_variants(rows) -> str:
+    """rows: sgl_ascend.layers.registry.served_variants()."""
+    if not rows:
+        return ""
+    table = [["format", "kind", "scheme", "when the key has", "served by"]] + [list(r) for r in rows]
+    return "\n\nvariants (a layout the format writes under the same name):\n" + _table(table)
+
+
 def cmd_schemes(args) -> int:
-    from sgl_ascend.layers.registry import served_table
+    from sgl_ascend.layers.registry import served_table, served_variants
 
     rows = served_table()
     if args.json:
         print(json.dumps([dict(zip(("format", "kind", "name", "class"), r)) for r in rows], indent=2))
     else:
-        print(format_schemes(rows))
+        print(format_schemes(rows) + format_variants(served_variants()))
     return EXIT_OK
 
 

@@ -36,12 +36,18 @@ def dequantize_modelslim(checkpoint, prefix: str, kind: str, legacy: bool = Fals
         # deq_scale = input_scale * weight_scale (int64 carrying fp32 bits for fp16 models)
         scale = decode_int64_scale(get("deq_scale")).float().reshape(-1, 1) / get("input_scale").float()
         return weight.float() * scale
-    if kind not in ("W8A8", "W8A8_DYNAMIC", "W8A16", "W4A4_DYNAMIC", "W4A8_DYNAMIC"):
+    # W8A8_MIX carries weight_scale / weight_offset beside its static tensors: the same weight either way
+    if kind not in ("W8A8", "W8A8_DYNAMIC", "W8A8_MIX", "W8A16", "W4A4_DYNAMIC", "W4A8_DYNAMIC"):
         raise CheckpointError(f"verify cannot dequantize scheme {kind}", tensor=f"{prefix}.weight")
     values = weight.float()  # in place from here: verify dequantizes layers of hundreds of MiB
+    # [N, 1] per channel, or [N, K / g] per group (W8A16 / W8A8_DYNAMIC / W4A4_DYNAMIC): as [N, G, 1] against
+    # the weight viewed [N, G, K / G], so both are one broadcast, in place
+    scale = get("weight_scale").float().reshape(values.shape[0], -1, 1)
+    grouped = values.view(values.shape[0], scale.shape[1], -1)
     if has("weight_offset"):
-        values -= get("weight_offset").float().reshape(-1, 1)
-    return values.mul_(get("weight_scale").float().reshape(-1, 1))
+        grouped -= get("weight_offset").float().reshape(scale.shape)
+    grouped.mul_(scale)
+    return values
 
 
 def dequantize_compressed_tensors(checkpoint, prefix: str, args) -> torch.Tensor:

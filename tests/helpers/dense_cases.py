@@ -19,6 +19,7 @@ import torch
 from helpers.common import msmodelslim_fixture
 from helpers.ct import FORMATS, SCHEMES, Qwen3LayerLinears, quantize_with_library, write_checkpoint
 from helpers.float_reference import dequantize_modelslim
+from helpers.msmodelslim_run import quantized
 from helpers.linear import (HEAD_DIM, HEADS, HIDDEN, INTER, KV_HEADS, build_layer, layer_spec,
                             synthetic_qwen3_tensors, write_modelslim)
 from sgl_ascend.layers.registry import linear_scheme
@@ -161,6 +162,7 @@ CASES: List[DenseCase] = [
               DYNAMIC),
     DenseCase("ms-W8A8_DYNAMIC-bias", "W8A8DynamicLinear", KINDS, lambda: _synthetic("W8A8_DYNAMIC", True),
               "modelslim", DYNAMIC),
+    DenseCase("ms-W8A8_MIX", "W8A8MixLinear", KINDS, lambda: quantized("w8a8_mix"), "modelslim", DYNAMIC),
     DenseCase("ms-W8A16", "W8A16Linear", KINDS, _fixture("qwen3-tiny-w8a16"), "modelslim", WEIGHT_ONLY),
     DenseCase("ms-W8A16-asym-bias", "W8A16Linear", KINDS, lambda: _synthetic("W8A16", True, True), "modelslim",
               WEIGHT_ONLY),
@@ -196,6 +198,7 @@ EXPECTED_OPS = {
     "W8A8StaticLinear": {"npu_quantize", "npu_quant_matmul"},
     "CTW8A8StaticLinear": {"npu_quantize", "npu_quant_matmul"},
     "W8A8DynamicLinear": {"npu_dynamic_quant", "npu_quant_matmul"},
+    "W8A8MixLinear": {"npu_dynamic_quant", "npu_quant_matmul"},  # the dynamic path: every server but a decode node
     "CTW8A8DynamicTensorLinear": {"npu_dynamic_quant", "npu_quant_matmul"},
     "W4A4DynamicLinear": {"npu_dynamic_quant", "npu_quant_matmul"},
     "W8A16Linear": {"npu_weight_quant_batchmatmul"},

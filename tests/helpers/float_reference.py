@@ -63,8 +63,10 @@ def dequantize_modelslim(model_dir: str, swap_nibbles: bool = False) -> Dict[str
             out[name] = tensor.float()
             continue
         get = lambda s: tensors[f"{prefix}.{s}"].float()  # noqa: E731
-        if kind in ("W8A8_DYNAMIC", "W8A16", "W4A4_DYNAMIC"):
-            out[name] = (tensor.float() - get("weight_offset")) * get("weight_scale")
+        if kind in ("W8A8_DYNAMIC", "W8A8_MIX", "W8A16", "W4A4_DYNAMIC"):
+            scale, offset = get("weight_scale"), get("weight_offset")
+            group = tensor.shape[1] // scale.shape[1]  # per channel: [N, 1]; per group: [N, K / g]
+            out[name] = (tensor.float() - offset.repeat_interleave(group, 1)) * scale.repeat_interleave(group, 1)
         elif kind == "W4A8_DYNAMIC":
             q = tensor.to(torch.int16) if legacy else _unpack_int4_pairs_rows(tensor, swap_nibbles)
             q = q.float() - get("weight_offset")

@@ -121,3 +121,34 @@ def w4a8_clip_copy(src: str, dst: str, int64_scales: bool = False) -> str:
                     d[name.replace(".scale_bias", ".alpha")] = "W4A8_DYNAMIC"
 
     return rewrite_modelslim(src, dst, rewrite, description, extra)
+
+
+W8A8_SCHEME = QuantizationScheme(
+    targets=["re:.*mlp\\.experts\\..*"],
+    weights=QuantizationArgs(num_bits=8, type="int", symmetric=True, strategy="channel"),
+    input_activations=QuantizationArgs(num_bits=8, type="int", symmetric=True, strategy="token", dynamic=True))
+
+
+def ct_w8a8_dynamic_checkpoint(path, gen):
+    """compressed-tensors W8A8 dynamic experts written by the library's int-quantized compressor (bf16
+    weight_scale [N, 1], no zero point). Returns (quantization_config dict, experts [(gate, up, down)] as the
+    library's own decompress gives them, in fp32)."""
+    from compressed_tensors.compressors.naive_quantized.base import IntQuantizationCompressor
+
+    tensors, experts = {}, []
+    for e in range(E):
+        deq = []
+        for proj, (n, k) in (("gate_proj", (I, H)), ("up_proj", (I, H)), ("down_proj", (H, I))):
+            w = (torch.randn(n, k, generator=gen) * 0.05).to(torch.bfloat16)
+            scale, zp = calculate_qparams(*_observe(w, W8A8_SCHEME), W8A8_SCHEME.weights)
+            sd = IntQuantizationCompressor.compress({"weight": w, "weight_scale": scale.to(torch.bfloat16),
+                                                     "weight_zero_point": zp}, W8A8_SCHEME)
+            fp32 = dict(sd, weight_scale=sd["weight_scale"].float())
+            deq.append(IntQuantizationCompressor.decompress(fp32, W8A8_SCHEME)["weight"].float())
+            for key, value in sd.items():
+                tensors[f"{PREFIX}.experts.{e}.{proj}.{key}"] = value
+        experts.append(tuple(deq))
+    qconfig = QuantizationConfig(config_groups={"group_0": W8A8_SCHEME}, format="int-quantized",
+                                 ignore=["lm_head"]).model_dump(exclude_none=True)
+    synthetic.write_ct_folder(str(path), tensors, qconfig)
+    return qconfig, experts

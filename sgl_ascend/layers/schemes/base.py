@@ -25,6 +25,10 @@ class LinearScheme(ABC):
     #: the scheme reads msModelSlim's top-level description group_size (inspect checks it against K)
     reads_group_size = False
 
+    #: key param -> the class `from_key` hands such keys to (a layout the format writes under this
+    #: class's name, e.g. per-group scales); listed by `sgl-ascend schemes`
+    variants: dict = {}
+
     @classmethod
     def from_key(cls, key, **context) -> "LinearScheme":
         """The scheme for a resolved SchemeKey (sgl_ascend.quant.scheme_key); override to read its params."""

@@ -16,6 +16,7 @@ import torch
 from sgl_ascend.layers.parameters import register, replace_data
 from sgl_ascend.layers.registry import register_scheme
 from sgl_ascend.layers.schemes.base import LinearScheme
+from sgl_ascend.layers.schemes.group_weight_only import GroupWeightOnlyLinear
 from sgl_ascend.layers.schemes.common import (flatten_channel_scale, kernel_act_dtype, to_kernel_layout,
                                               weight_only_matmul)
 from sgl_ascend.quant.scheme_key import LINEAR, MSMODELSLIM
@@ -23,6 +24,13 @@ from sgl_ascend.quant.scheme_key import LINEAR, MSMODELSLIM
 
 @register_scheme(LINEAR, MSMODELSLIM, "W8A16")
 class W8A16Linear(LinearScheme):
+    # per-group scales (the key's group_wise, from the headers): no kernel of this class takes them
+    variants = {"group_wise": GroupWeightOnlyLinear}
+
+    @classmethod
+    def from_key(cls, key, **context):
+        return GroupWeightOnlyLinear.from_key(key) if key.param("group_wise") else cls()
+
     def create_weights(self, layer, input_size_per_partition: int, output_partition_sizes: List[int],
                        input_size: int, output_size: int, params_dtype: torch.dtype, **_):
         n, k = sum(output_partition_sizes), input_size_per_partition

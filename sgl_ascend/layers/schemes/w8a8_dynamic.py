@@ -14,6 +14,7 @@ import torch
 from sgl_ascend.layers.parameters import register, replace_data
 from sgl_ascend.layers.registry import register_scheme
 from sgl_ascend.layers.schemes.base import LinearScheme
+from sgl_ascend.layers.schemes.group_weight_only import GroupWeightOnlyLinear
 from sgl_ascend.layers.schemes.common import drop_zero_offset, flatten_channel_scale, kernel_act_dtype, to_kernel_layout
 from sgl_ascend.ops import ops
 from sgl_ascend.quant.scheme_key import LINEAR, MSMODELSLIM
@@ -21,6 +22,13 @@ from sgl_ascend.quant.scheme_key import LINEAR, MSMODELSLIM
 
 @register_scheme(LINEAR, MSMODELSLIM, "W8A8_DYNAMIC")
 class W8A8DynamicLinear(LinearScheme):
+    # per-group scales (the key's group_wise, from the headers): no kernel of this class takes them
+    variants = {"group_wise": GroupWeightOnlyLinear}
+
+    @classmethod
+    def from_key(cls, key, **context):
+        return GroupWeightOnlyLinear.from_key(key) if key.param("group_wise") else cls()
+
     def __init__(self, with_offset: bool = True):
         self.with_offset = with_offset
 
