@@ -54,7 +54,19 @@ FAMILIES = {
                  dict(intermediate_size=256, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64,
                       decoder_sparse_step=1, mlp_only_layers=[], **COMMON), "Qwen3-30B"),
 }
+# DeepSeek-V3 (MLA with q_lora, dense first layer, routed + shared experts), the shape of
+# tests/helpers/deepseek_tiny.py, with the one MTP layer DeepSeek-V3 checkpoints carry.
+FAMILIES["deepseek_v3"] = ("DeepseekV3Config", "DeepseekV3ForCausalLM", dict(
+    vocab_size=512, hidden_size=128, intermediate_size=256, moe_intermediate_size=64, num_hidden_layers=2,
+    num_attention_heads=4, num_key_value_heads=4, q_lora_rank=64, kv_lora_rank=64, qk_nope_head_dim=32,
+    qk_rope_head_dim=16, v_head_dim=32, n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1, n_group=1,
+    topk_group=1, first_k_dense_replace=1, routed_scaling_factor=1.0, norm_topk_prob=True,
+    num_nextn_predict_layers=1, max_position_embeddings=512, tie_word_embeddings=False, bos_token_id=0,
+    eos_token_id=0, pad_token_id=0), "DeepSeek-V3")
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+# where msmodelslim's DeepSeek-V3 adapter reads the MTP layer from (model/deepseek_v3/mtp_quant_module.py):
+# the last shard of the 671B checkpoint, under layer 61's prefix
+DEEPSEEK_MTP_FILE, DEEPSEEK_MTP_PREFIX = "model-00163-of-000163.safetensors", "model.layers.61."
 
 
 def base_recipe(family: str, dtype: str) -> dict:
@@ -71,10 +83,47 @@ def _build_base(recipe_json: str, out: str) -> None:
     recipe = json.loads(recipe_json)
     torch.manual_seed(recipe["seed"])
     config = getattr(transformers, recipe["config_class"])(**recipe["config"])
-    model = getattr(transformers, recipe["model_class"])(config).to(getattr(torch, recipe["dtype"]))
-    model.save_pretrained(out)
+    if recipe["family"] == "deepseek_v3":
+        _build_deepseek(config, getattr(torch, recipe["dtype"]), out)
+    else:
+        model = getattr(transformers, recipe["model_class"])(config).to(getattr(torch, recipe["dtype"]))
+        model.save_pretrained(out)
     for name in TOKENIZER_FILES:
         shutil.copy(os.path.join(TOKENIZER_DIR, name), out)
+
+
+def _build_deepseek(config, dtype, out: str) -> None:
+    """DeepSeek-V3 as published: layers 0..n-1, then the MTP layer n (a decoder layer plus enorm, hnorm,
+    eh_proj, embed_tokens, shared_head), sharded with an index; the MTP extras also where msmodelslim's
+    adapter looks for them."""
+    import torch
+    import transformers
+    from safetensors.torch import save_file
+
+    n = config.num_hidden_layers
+    config.num_hidden_layers = n + 1
+    model = transformers.DeepseekV3ForCausalLM(config).to(dtype)
+    config.num_hidden_layers = n
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    h, std = config.hidden_size, config.initializer_range
+    mtp = {"enorm.weight": torch.ones(h, dtype=dtype), "hnorm.weight": torch.ones(h, dtype=dtype),
+           "eh_proj.weight": (torch.randn(h, 2 * h) * std).to(dtype),
+           "embed_tokens.weight": state["model.embed_tokens.weight"].clone(),
+           "shared_head.norm.weight": torch.ones(h, dtype=dtype),
+           "shared_head.head.weight": state["lm_head.weight"].clone()}
+    state.update({f"model.layers.{n}.{k}": v for k, v in mtp.items()})
+    last = {k: v for k, v in state.items() if k.startswith(f"model.layers.{n}.")}
+    last.update({DEEPSEEK_MTP_PREFIX + k: v.clone() for k, v in mtp.items()})
+    first = {k: v for k, v in state.items() if not k.startswith(f"model.layers.{n}.")}
+    os.makedirs(out, exist_ok=True)
+    first_file = "model-00001-of-000163.safetensors"
+    save_file(first, os.path.join(out, first_file), metadata={"format": "pt"})
+    save_file(last, os.path.join(out, DEEPSEEK_MTP_FILE), metadata={"format": "pt"})
+    weight_map = {**{k: first_file for k in first}, **{k: DEEPSEEK_MTP_FILE for k in last}}
+    with open(os.path.join(out, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {}, "weight_map": weight_map}, f, indent=1)
+    config.torch_dtype = dtype
+    config.save_pretrained(out)
 
 
 # -- recipes ----------------------------------------------------------------------------------------
@@ -162,20 +211,28 @@ class Entry:
 
 
 CI = ("ci", "full")
+SMOOTH_QUANT_W8A8 = v1("smooth-quant-w8a8", '    - type: "smooth_quant"\n      alpha: 0.5\n      include: ["*"]\n'
+                       + linear(W8A8_STATIC))
+DEFAULT_W8A8 = v1("default-w8a8", '    - type: "iter_smooth"\n      include: ["*"]\n' + linear(W8A8_DYN))
+CPU_NORM_DTYPE = "expected m1 and m2 to have the same dtype, but got: float != c10::BFloat16"
+CPU_NORM_REASON = ("msmodelslim: smooth_quant / iter_smooth swap the norms for its ir.RMSNorm, whose forward "
+                   "returns float32; the next bf16 linear fails on CPU. The same recipe on an fp32 base is served")
 
 ENTRIES: List[Entry] = [
     # -- Qwen3 dense: each algorithm alone ------------------------------------------------------------
     Entry("qwen3-bf16-none-w8a8-dynamic", "qwen3", "bf16",
           v1("none-w8a8-dynamic", linear(W8A8_DYN)),
           "no algorithm: min-max W8A8_DYNAMIC on every linear"),
-    Entry("qwen3-bf16-smooth-quant-w8a8", "qwen3", "bf16",
-          v1("smooth-quant-w8a8", '    - type: "smooth_quant"\n      alpha: 0.5\n      include: ["*"]\n'
-             + linear(W8A8_STATIC)),
+    Entry("qwen3-fp32-smooth-quant-w8a8", "qwen3", "fp32", SMOOTH_QUANT_W8A8,
           "smooth_quant (norm-linear, alpha 0.5), then W8A8 static"),
-    Entry("qwen3-bf16-default-w8a8", "qwen3", "bf16",
-          v1("default-w8a8", '    - type: "iter_smooth"\n      include: ["*"]\n' + linear(W8A8_DYN)),
+    Entry("qwen3-bf16-smooth-quant-w8a8", "qwen3", "bf16", SMOOTH_QUANT_W8A8,
+          "smooth_quant on a bf16 model", expect=NOT_WRITTEN, message=CPU_NORM_DTYPE, reason=CPU_NORM_REASON),
+    Entry("qwen3-fp32-default-w8a8", "qwen3", "fp32", DEFAULT_W8A8,
           "iter_smooth alone: lab_practice/default/default-w8a8.yaml as shipped (iter_smooth + W8A8_DYNAMIC)",
           subsets=CI, serve=True),
+    Entry("qwen3-bf16-default-w8a8", "qwen3", "bf16", DEFAULT_W8A8,
+          "lab_practice/default/default-w8a8.yaml on a bf16 model", expect=NOT_WRITTEN, message=CPU_NORM_DTYPE,
+          reason=CPU_NORM_REASON),
     Entry("qwen3-bf16-flex-smooth-w8a8-dynamic", "qwen3", "bf16",
           v1("flex-smooth-w8a8-dynamic", '    - type: "flex_smooth_quant"\n      include: ["*"]\n'
              + linear(W8A8_DYN)),
@@ -259,7 +316,7 @@ spec:
 """,
           "lab_practice/qwen3/qwen3-32b-dense-w4a4.yaml (offline adapt_rotation 2 steps, autoround 2 iterations; "
           "W8A8_DYNAMIC layer list cut to layer 1)"),
-    Entry("qwen3-bf16-preset-qwen3-32b-dense-w8a8c8", "qwen3", "bf16",
+    Entry("qwen3-fp32-preset-qwen3-32b-dense-w8a8c8", "qwen3", "fp32",
           v1("qwen3-32b-dense-w8a8c8", """    - type: "iter_smooth"
       alpha: 0.5
       scale_min: 1e-5
@@ -274,7 +331,7 @@ spec:
       include: ["*"]
 """),
           "lab_practice/qwen3/qwen3-32b-dense-w8a8c8.yaml (iter_smooth, pd_mix W8A8, int8 KV cache; excluded "
-          "down_proj list cut to layer 1)"),
+          "down_proj list cut to layer 1; fp32 base: iter_smooth fails on bf16 on CPU)"),
     Entry("qwen3-bf16-preset-qwen3-8b-w8a8s", "qwen3", "bf16",
           v0("qwen3-8b-w8a8s", """  anti_cfg:
     anti_method: m6
@@ -364,6 +421,26 @@ spec:
     Entry("qwen3moe-bf16-ct-w8a8-dynamic", "qwen3moe", "bf16",
           v1("moe-ct-w8a8-dynamic", linear(W8A8_DYN, exclude='["*mlp.gate"]'), save="compressed_tensors"),
           "compressed-tensors writer, W8A8 dynamic attention and experts"),
+    # -- DeepSeek-V3 ---------------------------------------------------------------------------------
+    Entry("deepseek-bf16-preset-deepseek-w4a8-per-channel", "deepseek_v3", "bf16",
+          v1("deepseek-w4a8-per-channel", """    - type: "flex_smooth_quant"
+      enable_subgraph_type: ['norm-linear', 'ov']
+      include: ["*"]
+    - type: "group"
+      configs:
+""" + linear(W8A8_DYN, '["*self_attn*"]', '["*kv_b_proj"]', indent=8)
+             + linear(W8A8_DYN, '["*mlp*"]', '["*gate", "*mlp.experts.*"]', indent=8)
+             + linear(W8A8_DYN, '["model.layers.2.mlp.experts*"]', indent=8)
+             + linear(W4A8_DYN, '["*mlp.experts*"]', '["model.layers.2.*"]', indent=8)),
+          "lab_practice/deepseek_v3/deepseek_w4a8_per_channel.yaml (flex smooth, W8A8_DYNAMIC attention and "
+          "shared experts, W4A8 routed experts; the MTP layer 61 becomes layer 2)",
+          expect=NOT_WRITTEN, message='Missing key(s) in state_dict: "mlp.gate.e_score_correction_bias"',
+          reason="msmodelslim's DeepSeek-V3 adapter loads each decoder layer's parameters only, and transformers "
+                 "4.51's DeepseekV3 keeps the router's e_score_correction_bias as a buffer: layer 1 fails to load "
+                 "(the tool asks for transformers 4.48.2, which has no DeepseekV3, i.e. the checkpoint's own "
+                 "modeling code). Past that, its MTP step moves lm_head to 'npu' unconditionally "
+                 "(DeepSeekV3ModelAdapter.mtp_preprocess): no DeepSeek-V3 is quantized on CPU. SGLang serving "
+                 "of DeepSeek-V3 is tested on tests/helpers/deepseek_tiny.py's checkpoint"),
 ]
 BY_NAME: Dict[str, Entry] = {e.name: e for e in ENTRIES}
 
@@ -506,10 +583,13 @@ def build_all(entries: List[Entry], log=print) -> List[Built]:
     return built
 
 
+FAMILY_NAMES = {"qwen3": "Qwen3", "qwen3moe": "Qwen3-MoE", "deepseek_v3": "DeepSeek-V3"}
+
+
 def markdown_table(entries: List[Entry]) -> str:
     rows = ["| entry | base | what msmodelslim was asked for | sgl-ascend | why |", "|---|---|---|---|---|"]
     for e in entries:
-        base = f"{'Qwen3-MoE' if e.family == 'qwen3moe' else 'Qwen3'} {e.dtype}"
+        base = f"{FAMILY_NAMES[e.family]} {e.dtype}"
         outcome = e.expect + (" (ci)" if "ci" in e.subsets else "") + (" + SGLang" if e.serve else "")
         rows.append(f"| `{e.name}` | {base} | {e.what} | {outcome} | {e.reason or '-'} |")
     return "\n".join(rows)
