@@ -163,29 +163,30 @@ def _own_float_state_dict(source, checkpoint, layout) -> Dict[str, torch.Tensor]
     return state
 
 
-def _build_own_float_model(path: str, source, checkpoint, layout):
-    """transformers' model from config.json, holding the checkpoint's own float weights. Norm biases
-    (anti-outlier smoothing) are added after their norms, as the served model does."""
+def _build_own_float_model(path: str, source, checkpoint, layout, dtype: torch.dtype):
+    """transformers' model from config.json, in the served dtype (its layers' inputs feed the served layers),
+    holding the checkpoint's own float weights. Norm biases (anti-outlier smoothing) are added after their
+    norms, as the served model does."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     hf_config = AutoConfig.from_pretrained(path)
     if hasattr(hf_config, "quantization_config"):
         del hf_config.quantization_config
-    model = AutoModelForCausalLM.from_config(hf_config, dtype=torch.bfloat16, attn_implementation="eager")
+    model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype, attn_implementation="eager")
     state = _own_float_state_dict(source, checkpoint, layout)
     for name, tensor in state.items():
         module_name, _, attr = name.rpartition(".")
         module = model.get_submodule(module_name)
         if attr == "bias" and getattr(module, "bias", None) is None:
             # anti-outlier smoothing leaves a bias on projections that had none
-            module.bias = torch.nn.Parameter(torch.empty(tensor.shape[0], dtype=torch.bfloat16), requires_grad=False)
-    missing, unexpected = model.load_state_dict({k: v.to(torch.bfloat16) for k, v in state.items()}, strict=False)
+            module.bias = torch.nn.Parameter(torch.empty(tensor.shape[0], dtype=dtype), requires_grad=False)
+    missing, unexpected = model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=False)
     missing = [m for m in missing if not m.endswith("lm_head.weight") or not hf_config.tie_word_embeddings]
     if missing or unexpected:
         raise CheckpointError(f"the float model does not match the checkpoint: missing {missing[:5]}, "
                               f"unexpected {unexpected[:5]}", file=path)
     for name in source.extra_float_tensors():
-        bias = checkpoint.get(name).to(torch.bfloat16)
+        bias = checkpoint.get(name).to(dtype)
         model.get_submodule(name.rpartition(".")[0]).register_forward_hook(
             lambda _m, _args, out, bias=bias: out + bias)
     return model.eval()
@@ -253,7 +254,7 @@ def verify_checkpoint(path: str, reference: Optional[str] = None, prompts=DEFAUL
     # on the inputs that float model feeds it (smoothed checkpoints calibrate their activation scales
     # for those, not for the original model's); the logits are judged against the --reference model, or
     # the same float model before the swap.
-    model = _build_own_float_model(path, source, checkpoint, layout)
+    model = _build_own_float_model(path, source, checkpoint, layout, config.params_dtype)
     captured: Dict[str, list] = {prefix: [] for prefix in served}
     hooks = []
     for spec in layout.linears:
