@@ -39,6 +39,14 @@ TOKENIZER_DIR = os.path.join(ROOT, "tests", "fixtures", "msmodelslim", "qwen3-ti
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json")
 CALIBRATION = ["The quick brown fox jumps over the lazy dog.", "Hello world, this is a tiny calibration sentence.",
                "Quantization maps floating point weights to integers.", "What is the capital of France? Paris."]
+# More text for recipes whose calibration needs every expert to see tokens (V0's per-expert statistics fail
+# on an expert no calibration token is routed to).
+MORE_CALIBRATION = CALIBRATION + [
+    "Large language models are served on accelerators with quantized weights.",
+    "The weather today is sunny with a light breeze from the west.",
+    "def add(a, b):\n    return a + b", "Numbers: 3.14159, 2.71828, 1.41421, 42, 1000000.",
+    "Paris, Berlin, Madrid and Rome are capitals of European countries.",
+    "Ascend NPUs run int8 matrix multiplications with per-token activation scales."]
 # Bump when the way an entry is built changes without its recipe text changing.
 BUILD_VERSION = 1
 
@@ -201,6 +209,7 @@ class Entry:
     subsets: tuple = ("full",)
     serve: bool = False              # the SGLang end-to-end test serves this one (one per family)
     sglang_args: List[str] = field(default_factory=list)
+    calibration: List[str] = field(default_factory=lambda: list(CALIBRATION))
 
     @property
     def model_type(self) -> str:
@@ -407,7 +416,8 @@ spec:
       "*.mlp.*": "w8a8_dynamic"
       "*": "w8a8"
 """),
-          "lab_practice/qwen3_moe/qwen3-30b-a3b-w8a8.yaml (V0, m4; router list cut to 2 layers)"),
+          "lab_practice/qwen3_moe/qwen3-30b-a3b-w8a8.yaml (V0, m4; router list cut to 2 layers; 10 calibration "
+          "sentences: V0 fails on an expert no calibration token reaches)", calibration=MORE_CALIBRATION),
     Entry("qwen3moe-bf16-preset-qwen3-coder-480b-w4a8", "qwen3moe", "bf16",
           v1("qwen3-coder-480b-w4a8", """    - type: "quarot"
     - type: "flex_smooth_quant"
@@ -495,7 +505,7 @@ def base_key(entry: Entry) -> str:
 
 
 def entry_key(entry: Entry) -> str:
-    return f"{entry.name}-{_digest([tool_versions(), entry.base(), entry.recipe, CALIBRATION, BUILD_VERSION])}"
+    return f"{entry.name}-{_digest([tool_versions(), entry.base(), entry.recipe, entry.calibration, BUILD_VERSION])}"
 
 
 def _atomic_build(final: str, build) -> None:
@@ -541,7 +551,7 @@ def build_entry(entry: Entry, log=print) -> Built:
         def build(tmp):
             calib = os.path.join(tmp, "calib.jsonl")
             with open(calib, "w") as f:
-                f.writelines(json.dumps({"inputs_pretokenized": s}) + "\n" for s in CALIBRATION)
+                f.writelines(json.dumps({"inputs_pretokenized": s}) + "\n" for s in entry.calibration)
             config = os.path.join(tmp, "recipe.yaml")
             with open(config, "w") as f:
                 f.write(entry.recipe.replace("CALIB_PATH", calib))
