@@ -39,14 +39,9 @@ TOKENIZER_DIR = os.path.join(ROOT, "tests", "fixtures", "msmodelslim", "qwen3-ti
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json")
 CALIBRATION = ["The quick brown fox jumps over the lazy dog.", "Hello world, this is a tiny calibration sentence.",
                "Quantization maps floating point weights to integers.", "What is the capital of France? Paris."]
-# More text for recipes whose calibration needs every expert to see tokens (V0's per-expert statistics fail
-# on an expert no calibration token is routed to).
-MORE_CALIBRATION = CALIBRATION + [
-    "Large language models are served on accelerators with quantized weights.",
-    "The weather today is sunny with a light breeze from the west.",
-    "def add(a, b):\n    return a + b", "Numbers: 3.14159, 2.71828, 1.41421, 42, 1000000.",
-    "Paris, Berlin, Madrid and Rome are capitals of European countries.",
-    "Ascend NPUs run int8 matrix multiplications with per-token activation scales."]
+# Longer samples for recipes whose statistics need every expert to see tokens of every sample (the V0
+# calibration and the fake quantizer of a MoE expert fail on an expert a sample routes nothing to).
+MORE_CALIBRATION = [" ".join(CALIBRATION[i:] + CALIBRATION[:i]) * 3 for i in range(len(CALIBRATION))]
 # Bump when the way an entry is built changes without its recipe text changing.
 BUILD_VERSION = 1
 
@@ -344,7 +339,10 @@ spec:
       include: ["*"]
 """),
           "lab_practice/qwen3/qwen3-32b-dense-w8a8c8.yaml (iter_smooth, pd_mix W8A8, int8 KV cache; excluded "
-          "down_proj list cut to layer 1; fp32 base: iter_smooth fails on bf16 on CPU)"),
+          "down_proj list cut to layer 1; fp32 base: iter_smooth fails on bf16 on CPU)",
+          expect=REFUSED_FOR_NOW, message="KV-cache quantization is not served yet",
+          reason="its int8 KV cache (C8) is being added (branch kv-cache), its pd_mix linears are W8A8_MIX "
+                 "(branch new-schemes)"),
     Entry("qwen3-bf16-preset-qwen3-8b-w8a8s", "qwen3", "bf16",
           v0("qwen3-8b-w8a8s", """  anti_cfg:
     anti_method: m6
@@ -417,8 +415,8 @@ spec:
       "*.mlp.*": "w8a8_dynamic"
       "*": "w8a8"
 """),
-          "lab_practice/qwen3_moe/qwen3-30b-a3b-w8a8.yaml (V0, m4; router list cut to 2 layers; 10 calibration "
-          "sentences: V0 fails on an expert no calibration token reaches)", calibration=MORE_CALIBRATION),
+          "lab_practice/qwen3_moe/qwen3-30b-a3b-w8a8.yaml (V0, m4; router list cut to 2 layers; longer calibration "
+          "samples: V0 fails on an expert a sample routes no token to)", calibration=MORE_CALIBRATION),
     Entry("qwen3moe-bf16-preset-qwen3-coder-480b-w4a8", "qwen3moe", "bf16",
           v1("qwen3-coder-480b-w4a8", """    - type: "quarot"
     - type: "flex_smooth_quant"
@@ -429,7 +427,7 @@ spec:
 """ + linear(W8A8_STATIC, '["*self_attn*"]', indent=8)
              + linear(W4A8_DYN, '["*mlp.experts*"]', '["model.layers.0.*"]', indent=8)),
           "lab_practice/qwen3_moe/qwen3-coder-480b-w4a8.yaml (QuaRot, flex smooth, W8A8 static attention, W4A8 "
-          "experts; the FLOAT expert layers 0-4, 57-61 become layer 0; 10 calibration sentences)",
+          "experts; the FLOAT expert layers 0-4, 57-61 become layer 0; longer calibration samples)",
           calibration=MORE_CALIBRATION),
     # -- Qwen3-MoE: base dtypes and the compressed-tensors writer -------------------------------------
     Entry("qwen3moe-fp16-w8a8-dynamic", "qwen3moe", "fp16",
