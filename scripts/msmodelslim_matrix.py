@@ -439,7 +439,8 @@ spec:
 """ + linear(W8A8_DYN, '["*self_attn*"]', indent=8) + linear(W4A8_DYN, '["*mlp.experts*"]', indent=8)),
           "fp32 base, W8A8_DYNAMIC attention, W4A8_DYNAMIC experts"),
     Entry("qwen3moe-fp32-ct-w8a8-dynamic", "qwen3moe", "fp32", MOE_CT_W8A8_DYN,
-          "compressed-tensors writer, W8A8 dynamic attention and experts"),
+          "compressed-tensors writer, W8A8 dynamic attention and experts (longer calibration samples)",
+          calibration=MORE_CALIBRATION),
     Entry("qwen3moe-bf16-ct-w8a8-dynamic", "qwen3moe", "bf16", MOE_CT_W8A8_DYN,
           "compressed-tensors writer on a bf16 MoE", expect=NOT_WRITTEN, message=CPU_NORM_DTYPE,
           reason="msmodelslim: after its compressed-tensors writer converts layer 0, a float32 activation "
