@@ -440,7 +440,9 @@ spec:
           "fp32 base, W8A8_DYNAMIC attention, W4A8_DYNAMIC experts"),
     Entry("qwen3moe-fp32-ct-w8a8-dynamic", "qwen3moe", "fp32", MOE_CT_W8A8_DYN,
           "compressed-tensors writer, W8A8 dynamic attention and experts (longer calibration samples)",
-          calibration=MORE_CALIBRATION),
+          calibration=MORE_CALIBRATION, expect=REFUSED_FOR_NOW,
+          message="which sgl-ascend does not serve for fused-MoE experts",
+          reason="compressed-tensors W8A8 dynamic experts are being added (branch new-schemes)"),
     Entry("qwen3moe-bf16-ct-w8a8-dynamic", "qwen3moe", "bf16", MOE_CT_W8A8_DYN,
           "compressed-tensors writer on a bf16 MoE", expect=NOT_WRITTEN, message=CPU_NORM_DTYPE,
           reason="msmodelslim: after its compressed-tensors writer converts layer 0, a float32 activation "
