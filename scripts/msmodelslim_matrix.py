@@ -138,6 +138,12 @@ W8A8_STATIC = ('{act: {scope: "per_tensor", dtype: "int8", symmetric: False, met
 W8A16 = '{weight: {scope: "per_channel", dtype: "int8", symmetric: True, method: "minmax"}}'
 W4A8_DYN = ('{act: {scope: "per_token", dtype: "int8", symmetric: True, method: "minmax"}, '
             'weight: {scope: "per_channel", dtype: "int4", symmetric: True, method: "ssz"}}')
+AUTOROUND_W8A8 = ('{weight: {scope: "per_channel", dtype: "int8", symmetric: true, method: "autoround", '
+                  'ext: {scale_dtype: "bfloat16"}}, act: {scope: "per_token", dtype: "int8", symmetric: true, '
+                  'method: "minmax", ext: {scale_dtype: "bfloat16"}}}')
+AUTOROUND_W4A4 = AUTOROUND_W8A8.replace('"int8"', '"int4"')
+PD_MIX_W8A8 = ('{act: {scope: "pd_mix", dtype: "int8", symmetric: False, method: "minmax"}, '
+               'weight: {scope: "per_channel", dtype: "int8", symmetric: True, method: "minmax"}}')
 W4A8_DYN_G64 = ('{act: {scope: "per_token", dtype: "int8", symmetric: True, method: "minmax"}, '
                 'weight: {scope: "per_channel", dtype: "int4", symmetric: True, method: "ssz", ext: {group_size: 64}}}')
 
@@ -206,6 +212,11 @@ class Entry:
     sglang_args: List[str] = field(default_factory=list)
     calibration: List[str] = field(default_factory=lambda: list(CALIBRATION))
 
+    def __post_init__(self):
+        # recipes name the long shared qconfigs by placeholder
+        for name in ("AUTOROUND_W8A8", "AUTOROUND_W4A4", "PD_MIX_W8A8"):
+            self.recipe = self.recipe.replace(f"qconfig: {name}", f"qconfig: {globals()[name]}")
+
     @property
     def model_type(self) -> str:
         return FAMILIES[self.family][3]
@@ -249,7 +260,7 @@ ENTRIES: List[Entry] = [
       iters: 2
       enable_round_tuning: true
       strategies:
-        - qconfig: {weight: {scope: "per_channel", dtype: "int8", symmetric: true, method: "autoround", ext: {scale_dtype: "bfloat16"}}, act: {scope: "per_token", dtype: "int8", symmetric: true, method: "minmax", ext: {scale_dtype: "bfloat16"}}}
+        - qconfig: AUTOROUND_W8A8
           include: ["*"]
 """, runner="auto"),
           "autoround alone (2 iterations), W8A8_DYNAMIC"),
@@ -312,9 +323,9 @@ spec:
       iters: 2
       enable_round_tuning: true
       strategies:
-        - qconfig: {weight: {scope: "per_channel", dtype: "int8", symmetric: true, method: "autoround", ext: {scale_dtype: "bfloat16"}}, act: {scope: "per_token", dtype: "int8", symmetric: true, method: "minmax", ext: {scale_dtype: "bfloat16"}}}
+        - qconfig: AUTOROUND_W8A8
           include: ["*self_attn*", "*.down_proj", "model.layers.1.mlp.up_proj", "model.layers.1.mlp.gate_proj"]
-        - qconfig: {weight: {scope: "per_channel", dtype: "int4", symmetric: true, method: "autoround", ext: {scale_dtype: "bfloat16"}}, act: {scope: "per_token", dtype: "int4", symmetric: true, method: "minmax", ext: {scale_dtype: "bfloat16"}}}
+        - qconfig: AUTOROUND_W4A4
           include: ["*.up_proj", "*.gate_proj"]
           exclude: ["model.layers.1.mlp.up_proj", "model.layers.1.mlp.gate_proj"]
   dataset: CALIB_PATH
@@ -331,7 +342,7 @@ spec:
       enable_subgraph_type: ['norm-linear', 'linear-linear', 'ov', 'up-down']
       include: ["*"]
     - type: "linear_quant"
-      qconfig: {act: {scope: "pd_mix", dtype: "int8", symmetric: False, method: "minmax"}, weight: {scope: "per_channel", dtype: "int8", symmetric: True, method: "minmax"}}
+      qconfig: PD_MIX_W8A8
       include: ["*"]
       exclude: ['model.layers.1.mlp.down_proj']
     - type: "dynamic_cache"
