@@ -582,8 +582,9 @@ def build_entry(entry: Entry, log=print) -> Built:
                    "--device", "cpu", "--model_type", entry.model_type, "--config_path", config,
                    "--trust_remote_code", "False"]
             start = time.monotonic()
+            # cwd: the V0 calibration drops features.npy into the working directory
             proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                  text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+                                  text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, cwd=tmp)
             with open(os.path.join(tmp, "msmodelslim.log"), "w") as f:
                 f.write(proc.stdout)
             written = proc.returncode == 0 and os.path.exists(os.path.join(out, "config.json"))
