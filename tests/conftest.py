@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from helpers import msmodelslim_matrix as matrix_helpers
 from helpers.moe_cases import build_case
 
 
@@ -21,3 +22,12 @@ def cases(tmp_path_factory):
             built[name] = build_case(name, str(tmp_path_factory.mktemp(name)), torch.Generator().manual_seed(1))
         return built[name]
     return get
+
+
+@pytest.fixture(scope="session")
+def msmodelslim_matrix():
+    """name -> Built (scripts/msmodelslim_matrix.py) for the subset under test, from its cache or built by the
+    real msmodelslim (scripts/test.sh builds its venv)."""
+    if not matrix_helpers.matrix.venv_ready():
+        pytest.skip(f"no msmodelslim venv at {matrix_helpers.matrix.venv_dir()} (scripts/env.sh: msmodelslim_venv)")
+    return matrix_helpers.build_subset()

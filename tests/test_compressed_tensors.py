@@ -491,3 +491,16 @@ def test_activation_use_clip_is_read_by_the_linear_and_the_expert_path_alike():
     assert config.clip_groups == {"group_0": True} and config.linear_key("x.q_proj").name == ct.W4A8
     assert all(key.param("clip") is True for key in ct.expert_keys(raw, "model.layers.0.mlp"))
     assert "activation_use_clip" in raw["config_groups"]["group_0"]  # the caller's dict is not changed
+
+
+def test_float_activation_zero_point_is_taken_as_int8_codes():
+    """msmodelslim's compressed-tensors writer stores W8A8 static input_zero_point in the model dtype
+    (the library writes int8; vLLM / SGLang copy either into an int8 parameter): whole numbers in int8's
+    range load as those codes, anything else is refused."""
+    from sgl_ascend.layers.schemes.ct_common import float_zero_point_to_int8
+
+    got = float_zero_point_to_int8(torch.tensor([-3.0, 127.0, -128.0], dtype=torch.bfloat16))
+    assert got.dtype == torch.int8 and got.tolist() == [-3, 127, -128]
+    for bad in ([0.5], [128.0]):
+        with pytest.raises(CheckpointError, match="activation zero point must hold int8 codes"):
+            float_zero_point_to_int8(torch.tensor(bad, dtype=torch.float32))

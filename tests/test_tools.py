@@ -245,6 +245,19 @@ def test_verify_moe(capsys, name, limit):
     assert data["top1_agreement"] >= 0.8
 
 
+def test_inspect_bytes_are_the_loaded_bytes_when_a_float_bias_is_folded(capsys):
+    """Anti-outlier smoothing leaves a FLOAT bias beside W8A8 static q/k/v, which msModelSlim folds into
+    quant_bias: the loaded layer releases it, so inspect must not count it (it did: 512 bytes per qkv)."""
+    name = "qwen3moe-tiny-w8a8-v0"
+    _, plan = inspect_json(capsys, msmodelslim_fixture(name))
+    code, out, _ = run(capsys, "verify", msmodelslim_fixture(name), "--json")
+    loaded = {layer["prefix"]: layer["resident_bytes"] for layer in json.loads(out)["layers"]}
+    assert code == EXIT_OK and loaded
+    assert {layer["prefix"]: layer["resident_bytes"] for layer in plan["layers"]} == loaded
+    qkv = "model.layers.0.self_attn.qkv_proj"
+    assert loaded[qkv] == 256 * (128 + 4 + 4) + 2 * 2  # int8 w, int32 quant_bias, fp32 deq_scale; bf16 scale+offset
+
+
 def test_verify_rejects_a_reference_of_another_model(capsys):
     code, _, err = run(capsys, "verify", msmodelslim_fixture("qwen3moe-tiny-w4a8-dynamic-g64"), "--reference",
                        msmodelslim_fixture("qwen3moe-tiny-bf16"))

@@ -75,8 +75,11 @@ class DecoderConfig(BaseModel):
 
     @property
     def params_dtype(self) -> torch.dtype:
+        """The dtype SGLang serves the model in by default (`--dtype auto`): the config's, except that
+        float32 checkpoints run in float16 (sglang model_config._get_and_verify_dtype; the NPU's quantized
+        kernels have no float32 path either)."""
         name = self.torch_dtype or self.dtype or "bfloat16"
-        return {"float16": torch.float16, "float32": torch.float32}.get(name, torch.bfloat16)
+        return torch.float16 if name in ("float16", "float32") else torch.bfloat16
 
     def is_moe_layer(self, index: int) -> bool:
         if self.is_mla:

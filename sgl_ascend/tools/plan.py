@@ -194,7 +194,8 @@ def build_linear(spec: LinearSpec, source, config: DecoderConfig, *, tp_rank: in
 def layer_theoretical_bytes(layer: ParallelLinear) -> int:
     n = sum(layer.output_partition_sizes)
     total = layer.scheme.theoretical_bytes(layer.input_size_per_partition, n)
-    if layer.bias is not None:
+    # a scheme that folds the float bias (W8A8 static: into quant_bias) releases it after loading
+    if layer.bias is not None and not layer.scheme.folds_float_bias:
         total += layer.bias.numel() * layer.bias.element_size()
     return total
 

@@ -24,6 +24,19 @@ def write_packed_int4(target: torch.Tensor, packed: torch.Tensor) -> None:
         pack_int4_for_kernel(values, out=target.narrow(1, start // 8, values.shape[0] // 8))
 
 
+def float_zero_point_to_int8(values: torch.Tensor) -> torch.Tensor:
+    """An activation zero point stored as a float (msmodelslim's compressed-tensors writer stores its input
+    offset in the model dtype; the library writes int8): the same int8 code when the values are whole numbers
+    in int8's range (vLLM and SGLang copy it into their int8 parameter), an error otherwise."""
+    if values.is_meta:  # header-only loads (inspect) have no values to check
+        return torch.empty_like(values, dtype=torch.int8)
+    codes = values.float().round()
+    if not torch.equal(codes, values.float()) or codes.min() < -128 or codes.max() > 127:
+        raise CheckpointError(f"a {values.dtype} activation zero point must hold int8 codes (whole numbers in "
+                              f"[-128, 127]), got {values.flatten()[:4].tolist()}; re-export the checkpoint.")
+    return codes.to(torch.int8)
+
+
 def expand_per_shard(values: torch.Tensor, output_partition_sizes: List[int]) -> torch.Tensor:
     """One value per fused shard -> one per output channel (a per-tensor scale of each q/k/v part)."""
     sizes = torch.tensor(output_partition_sizes, device=values.device)

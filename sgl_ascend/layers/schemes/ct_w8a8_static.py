@@ -2,7 +2,8 @@
 
 Checkpoint (int-quantized): weight int8 [N, K]; weight_scale [N, 1] (channel) or [1] per shard
 (tensor); input_scale [1] per shard; input_zero_point int8 [1] per shard when the activations are
-asymmetric. compressed-tensors quantizes x_q = sat8(round(x / s_x + z_x)) and dequantizes
+asymmetric (msmodelslim's compressed-tensors writer stores it in the model dtype: whole numbers, taken
+as int8). compressed-tensors quantizes x_q = sat8(round(x / s_x + z_x)) and dequantizes
 (x_q - z_x) * s_x, so with symmetric weights
     y = s_x * s_w[n] * (x_q @ w - z_x * sum_k w[n, k]),
 which is npu_quantize -> npu_quant_matmul with deq_scale = s_x * s_w and the int32 bias
@@ -24,7 +25,7 @@ from sgl_ascend.layers.parameters import register, replace_data
 from sgl_ascend.layers.registry import register_scheme
 from sgl_ascend.layers.schemes.base import LinearScheme
 from sgl_ascend.layers.schemes.common import kernel_act_dtype, to_kernel_layout
-from sgl_ascend.layers.schemes.ct_common import expand_per_shard
+from sgl_ascend.layers.schemes.ct_common import expand_per_shard, float_zero_point_to_int8
 from sgl_ascend.layers.schemes.w8a8_static import install_input_scale_reciprocal
 from sgl_ascend.ops import ops
 from sgl_ascend.ops.scales import encode_fp32_as_int64
@@ -53,7 +54,8 @@ class CTW8A8StaticLinear(LinearScheme):
             register(layer, "weight_scale", torch.empty(shards, dtype=torch.float32), per_shard=True)
         register(layer, "input_scale", torch.empty(shards, dtype=torch.float32), per_shard=True)
         if not self.symmetric_acts:
-            register(layer, "input_zero_point", torch.empty(shards, dtype=torch.int8), per_shard=True)
+            register(layer, "input_zero_point", torch.empty(shards, dtype=torch.int8), per_shard=True,
+                     converters={d: float_zero_point_to_int8 for d in (torch.bfloat16, torch.float16, torch.float32)})
 
     def process_weights_after_loading(self, layer):
         weight = layer.weight.data
