@@ -21,6 +21,7 @@ def register() -> None:
     _register_cli_choices()
     _register_quantization_methods()
     _register_hooks()
+    _register_int8_kv_cache()
 
 
 def _register_cli_choices() -> None:
@@ -68,3 +69,19 @@ def _register_hooks() -> None:
     HookRegistry.register("sglang.srt.layers.layernorm.RMSNorm.__init__", add_norm_bias, HookType.AFTER)
     HookRegistry.register("sglang.srt.models.deepseek_common.deepseek_weight_loader."
                           "DeepseekV2WeightLoaderMixin.post_load_weights", float_kv_b_proj_for_mla, HookType.AROUND)
+
+
+def _register_int8_kv_cache() -> None:
+    """KV-cache quantized checkpoints: page size, int8 pool and our attention backend (sglang/kv_cache.py)."""
+    from sglang.srt.arg_groups.resolution_hooks import _HOOKS, register_resolution_hook
+    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+
+    from sgl_ascend.sglang.kv_cache import RESOLUTION_STEP, int8_kv_attention_backend, int8_kv_cache_dtype, \
+        resolve_int8_kv_page_size
+
+    if resolve_int8_kv_page_size not in _HOOKS.get(RESOLUTION_STEP, ()):  # register() runs more than once
+        register_resolution_hook(RESOLUTION_STEP)(resolve_int8_kv_page_size)
+    runner = "sglang.srt.model_executor.model_runner.ModelRunner"
+    HookRegistry.register(f"{runner}.configure_kv_cache_dtype", int8_kv_cache_dtype, HookType.AFTER)
+    HookRegistry.register("sglang.srt.model_executor.model_runner_components.attention_backend_setup."
+                          "_build_full_attention_backend_from_str", int8_kv_attention_backend, HookType.AROUND)
