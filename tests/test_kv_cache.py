@@ -218,3 +218,17 @@ def test_checkpoint_names_map_to_the_attention_parameters_and_tp_ranks_take_thei
         param = ShardedParameter(torch.empty(local), name="x.k_cache_scale", output_dim=0)
         kv_head_loader(rank, tp)(param, full.to(torch.bfloat16))
         assert torch.equal(param.data, full[head * D: head * D + local])
+
+
+def test_inspect_predicts_kv_bytes_per_token_and_the_tokens_that_fit():
+    from sgl_ascend.tools.plan import plan_checkpoint, tokens_that_fit
+
+    c8 = plan_checkpoint(msmodelslim_fixture("qwen3-tiny-w8a8-dynamic-c8"))
+    bf16_kv = plan_checkpoint(msmodelslim_fixture("qwen3-tiny-w8a8-dynamic"))
+    assert c8.ok, c8.errors
+    # 2 layers x (K + V) x 2 KV heads x head_dim 32 x 1 byte (int8) / 2 bytes (bf16)
+    assert c8.kv_cache["bytes_per_token_per_device"] == 2 * 2 * 2 * 32
+    assert c8.kv_cache["bf16_bytes_per_token_per_device"] == bf16_kv.kv_cache["bytes_per_token_per_device"] == 512
+    assert not [u for u in c8.unused if "kv_cache" in u["tensor"]]  # the scales are the KV cache's, not unused
+    fit = tokens_that_fit(c8, 2 ** 30, 0.5)
+    assert fit["tokens"] == (2 ** 29 - fit["weight_bytes"]) // 256 and fit["tokens"] == 2 * fit["tokens_bf16_kv"]

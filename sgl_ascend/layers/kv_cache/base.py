@@ -19,6 +19,9 @@ class KVCacheScheme(ABC):
     #: dtype of the cache rows this scheme stores
     cache_dtype: torch.dtype
 
+    #: every registered scheme answers it (inspect checks msModelSlim's top-level group_size); KV scales have none
+    reads_group_size = False
+
     @classmethod
     def from_key(cls, key, **context) -> "KVCacheScheme":
         return cls()
