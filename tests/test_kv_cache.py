@@ -232,3 +232,29 @@ def test_inspect_predicts_kv_bytes_per_token_and_the_tokens_that_fit():
     assert not [u for u in c8.unused if "kv_cache" in u["tensor"]]  # the scales are the KV cache's, not unused
     fit = tokens_that_fit(c8, 2 ** 30, 0.5)
     assert fit["tokens"] == (2 ** 29 - fit["weight_bytes"]) // 256 and fit["tokens"] == 2 * fit["tokens_bf16_kv"]
+
+
+def test_the_pool_dtype_hook_sets_int8_and_refuses_mla_and_other_kv_dtypes():
+    from types import SimpleNamespace
+
+    from sgl_ascend.sglang.kv_cache import AscendKVCacheMethod, int8_kv_cache_dtype
+
+    attention = torch.nn.Module()
+    attention.quant_method = AscendKVCacheMethod(StaticInt8KVCache(), "model.layers.0.self_attn.attn")
+    model = torch.nn.Sequential(attention)
+
+    def runner(**over):
+        return SimpleNamespace(**{"model": model, "kv_cache_dtype": torch.bfloat16, "kv_cache_dtype_str": "auto",
+                                  "use_mla_backend": False, **over})
+
+    served = runner()
+    int8_kv_cache_dtype(None, served)
+    assert served.kv_cache_dtype == torch.int8 and served.kv_cache_dtype_str == "int8"
+    with pytest.raises(CheckpointError, match="MLA model") as info:
+        int8_kv_cache_dtype(None, runner(use_mla_backend=True))
+    assert info.value.key == "kv_cache_type"
+    with pytest.raises(ValueError, match="--kv-cache-dtype fp8_e4m3"):
+        int8_kv_cache_dtype(None, runner(kv_cache_dtype_str="fp8_e4m3"))
+    plain = SimpleNamespace(model=torch.nn.Linear(2, 2), kv_cache_dtype=torch.bfloat16)
+    int8_kv_cache_dtype(None, plain)
+    assert plain.kv_cache_dtype == torch.bfloat16

@@ -168,6 +168,12 @@ def int8_kv_cache_dtype(_result, runner, *args, **kwargs):
     scheme = model_kv_scheme(runner.model)
     if scheme is None:
         return None
+    if getattr(runner, "use_mla_backend", False):
+        raise CheckpointError(
+            f"the checkpoint's KV cache is quantized ({type(scheme).__name__}), but this is an MLA model, whose "
+            "cache holds one compressed latent per token; sgl-ascend serves the int8 KV cache for MHA/GQA "
+            "attention only. Quantize without the KV-cache step (C8 / FAQuant) to serve it.",
+            file=DESCRIPTION_FILE, key="kv_cache_type")
     if runner.kv_cache_dtype_str not in ("auto", "int8"):
         raise ValueError(f"the checkpoint's KV cache is quantized ({type(scheme).__name__}, int8) but "
                          f"--kv-cache-dtype {runner.kv_cache_dtype_str} asks for another; drop the flag.")
