@@ -15,13 +15,13 @@ NEW_QUANTIZATION_METHODS = ("w4a4_int4",)
 
 def register() -> None:
     from sgl_ascend.sglang import cpu_compat
-    from sgl_ascend.sglang.resident import log_resident_bytes
 
     # First: everything below imports SGLang modules that import sgl_kernel.
     cpu_compat.activate()
     _register_cli_choices()
     _register_quantization_methods()
     _register_hooks()
+    _register_int8_kv_cache()
 
 
 def _register_cli_choices() -> None:
@@ -76,3 +76,19 @@ def _register_hooks() -> None:
     if cpu_compat.enabled():  # CPU-only hosts: SGLang's multi-process engine on gloo
         for target, hook, kind in cpu_compat.hooks():
             HookRegistry.register(target, hook, HookType[kind])
+
+
+def _register_int8_kv_cache() -> None:
+    """KV-cache quantized checkpoints: page size, int8 pool and our attention backend (sglang/kv_cache.py)."""
+    from sglang.srt.arg_groups.resolution_hooks import _HOOKS, register_resolution_hook
+    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+
+    from sgl_ascend.sglang.kv_cache import RESOLUTION_STEP, int8_kv_attention_backend, int8_kv_cache_dtype, \
+        resolve_int8_kv_page_size
+
+    if resolve_int8_kv_page_size not in _HOOKS.get(RESOLUTION_STEP, ()):  # register() runs more than once
+        register_resolution_hook(RESOLUTION_STEP)(resolve_int8_kv_page_size)
+    runner = "sglang.srt.model_executor.model_runner.ModelRunner"
+    HookRegistry.register(f"{runner}.configure_kv_cache_dtype", int8_kv_cache_dtype, HookType.AFTER)
+    HookRegistry.register("sglang.srt.model_executor.model_runner_components.attention_backend_setup."
+                          "_build_full_attention_backend_from_str", int8_kv_attention_backend, HookType.AROUND)

@@ -194,13 +194,14 @@ def test_malformed_config_and_unknown_group_format():
     with pytest.raises(CheckpointError, match="malformed quantization_config") as info:
         ct.CompressedTensorsConfig.from_dict(bad, source="/ckpt/config.json")
     assert info.value.file == "/ckpt/config.json"
-    # A quantized KV cache resolves to a key; no KV-cache scheme is registered, so the registry refuses it.
+    # An FP8 KV cache resolves to a key no KV-cache scheme serves: refused, saying why and what to do.
     kv = ct.CompressedTensorsConfig.from_dict(_config(INT4_G, None, "pack-quantized",
                                                       kv_cache_scheme={"num_bits": 8, "type": "float"}))
     assert kv.kv_cache_key().kind == "kv_cache" and kv.kv_cache_key().name == "float8"
-    with pytest.raises(CheckpointError, match="KV-cache quantization is not served yet") as info:
+    with pytest.raises(CheckpointError, match="FP8 attention kernels, which Ascend A2/A3 NPUs lack; re-export "
+                                              "with an int8 kv_cache_scheme") as info:
         check_served(kv)
-    assert "kv_cache_scheme" in str(info.value)
+    assert "kv_cache_scheme" in str(info.value) and "served compressed-tensors KV-cache schemes: int8" in str(info.value)
     with pytest.raises(CheckpointError, match="not 'compressed-tensors'"):
         ct.CompressedTensorsConfig.from_dict({**_config(INT4_G), "quant_method": "gptq"})
 

@@ -44,9 +44,20 @@ def test_older_description_without_version(tmp_path):
     assert tight_error(layer(x), layer_reference(folder, "gate_up_proj", x)) <= 1.1
 
 
-def test_attention_quantization_is_refused():
-    with pytest.raises(CheckpointError, match="kv_cache_type=C8"):
-        check_served(ModelSlimConfig(parse_description({"version": "1.0.0", "kv_cache_type": "C8"})))
+def test_mla_fa_quant_is_refused_naming_the_key_and_what_to_do():
+    description = {"version": "1.0.0", "fa_quant_type": "FAKQuant", "kv_cache_type": "C8",
+                   "model.layers.0.self_attn.fa_k.scale": "FAKQuant"}
+    with pytest.raises(CheckpointError, match="quantized as FAQuant \\(fa_quant_type=FAKQuant\\).*quantize without "
+                                              "the FA-quant step") as info:
+        check_served(ModelSlimConfig(parse_description(description)))
+    assert info.value.tensor == "fa_quant_type"
+
+
+def test_kv_cache_tensors_without_kv_cache_type_are_refused():
+    description = {"version": "1.0.0", "model.layers.0.self_attn.k_proj.kv_cache_scale": "C8"}
+    with pytest.raises(CheckpointError, match="no kv_cache_type") as info:
+        check_served(ModelSlimConfig(parse_description(description)))
+    assert info.value.tensor == "model.layers.0.self_attn.k_proj.kv_cache_scale"
 
 
 # -- the V0 fixture --------------------------------------------------------------------------------

@@ -12,7 +12,8 @@ import torch
 
 from sgl_ascend.errors import CheckpointError
 from sgl_ascend.layers.moe import W8A8DynamicExperts, moe_method_for_modelslim
-from sgl_ascend.layers.registry import (check_served, create, linear_scheme, register_scheme, served_names,
+from sgl_ascend.layers.kv_cache import StaticInt8KVCache
+from sgl_ascend.layers.registry import (check_served, create, kv_cache_scheme, linear_scheme, register_scheme, served_names,
                                         served_table, unregister_scheme)
 from sgl_ascend.layers.schemes import LinearScheme, W8A8DynamicLinear
 from sgl_ascend.quant.modelslim import ModelSlimConfig, parse_description
@@ -101,10 +102,20 @@ def test_a_scheme_served_for_linears_only_is_refused_for_experts():
         moe_method_for_modelslim(config, prefix)
 
 
-def test_a_quantized_kv_cache_resolves_to_a_key_the_registry_refuses():
-    config = _config("W8A8_DYNAMIC", kv_cache_type="C8")
-    assert config.kv_cache_key().kind == KV_CACHE and config.kv_cache_key().name == "C8"
-    with pytest.raises(CheckpointError, match="KV-cache quantization is not served yet") as info:
+def test_a_c8_kv_cache_resolves_to_the_int8_kv_scheme():
+    config = check_served(_config("W8A8_DYNAMIC", kv_cache_type="C8", kv_quant_type="C8",
+                                  **{"model.layers.0.self_attn.k_proj.kv_cache_scale": "C8",
+                                     "model.layers.0.self_attn.v_proj.kv_cache_offset": "C8"}))
+    assert config.kv_cache_key() == SchemeKey.make(KV_CACHE, MSMODELSLIM, "C8")
+    assert isinstance(kv_cache_scheme(config), StaticInt8KVCache)
+    assert (MSMODELSLIM, KV_CACHE, "C8", "StaticInt8KVCache") in served_table()
+    assert "kv_quant_type" not in config.types  # a top-level setting, not a tensor
+
+
+def test_an_unserved_kv_cache_scheme_is_refused_naming_the_entry():
+    config = _config("W8A8_DYNAMIC", kv_cache_type="C4")
+    with pytest.raises(CheckpointError, match="quantized as C4, a KV-cache scheme sgl-ascend does not serve "
+                                              "\\(served msmodelslim KV-cache schemes: C8\\)") as info:
         check_served(config)
     assert info.value.file == SOURCE and info.value.tensor == "kv_cache_type"
 

@@ -148,3 +148,19 @@ def test_float_bias_the_model_cannot_hold_is_an_error(registered):
     processed(W8A8StaticLinear())
     with pytest.raises(CheckpointError, match="qkv_proj.bias.*FLOAT bias for this W8A8DynamicLinear"):
         processed(W8A8DynamicLinear())
+
+
+@pytest.mark.parametrize("fixture, page_size, expected", [
+    ("qwen3-tiny-w8a8-dynamic-c8", None, 128),  # int8 KV: a block size the NPU attention op reads
+    ("qwen3-tiny-w8a8-dynamic-c8", 48, 128),    # not 32-aligned
+    ("qwen3-tiny-w8a8-dynamic-c8", 64, 64),     # the user's choice, 32-aligned: kept
+    ("qwen3-tiny-w8a8-dynamic", None, 1),       # bf16 KV: SGLang's CPU default, untouched
+])
+def test_int8_kv_checkpoints_get_a_32_aligned_page_size(registered, fixture, page_size, expected):
+    from sglang.srt.arg_groups.overrides import resolved_view
+    from sglang.srt.server_args import ServerArgs
+
+    args = ServerArgs(model_path=msmodelslim_fixture(fixture), device="cpu", attention_backend="torch_native",
+                      page_size=page_size)
+    args.resolve_once()
+    assert resolved_view(args).page_size == expected

@@ -14,6 +14,7 @@ import torch
 from sgl_ascend.errors import CheckpointError, shape_str
 from sgl_ascend.layers.parameters import ShardedParameter
 from sgl_ascend.layers.schemes.base import LinearScheme
+from sgl_ascend.quant.modelslim import KV_CACHE_SUFFIXES
 
 ShardId = Union[int, str, None]
 
@@ -119,8 +120,8 @@ def load_linear(layer: ParallelLinear, checkpoint, shards: Dict[ShardId, str], p
                 "does not have it; the checkpoint is incomplete or its description is wrong.",
                 file=checkpoint.index_file or checkpoint.path, tensor=f"{prefix}.{suffix}")
         for suffix, info in sorted(present.items()):
-            if suffix in scheme.ignored_suffixes:
-                continue
+            if suffix in scheme.ignored_suffixes or f".{suffix}" in KV_CACHE_SUFFIXES:
+                continue  # KV_CACHE_SUFFIXES: C8 scales the saver stores under k_proj / v_proj, the KV cache's
             param = getattr(layer, suffix, None)
             if not isinstance(param, ShardedParameter):
                 raise CheckpointError(

@@ -15,6 +15,7 @@ configs' "served by" log lines) reads `served_names` / `served_table`.
 from typing import Dict, List, Optional, Tuple
 
 from sgl_ascend.errors import CheckpointError
+from sgl_ascend.quant.modelslim import FA_QUANT
 from sgl_ascend.quant.scheme_key import COMPRESSED_TENSORS, EXPERTS, FORMATS, KINDS, KV_CACHE, LINEAR, SchemeKey
 
 _REGISTRY: Dict[Tuple[str, str, str], type] = {}
@@ -104,13 +105,36 @@ def refusal(key: SchemeKey, what: Optional[str] = None) -> str:
     subject = what or f"the checkpoint's {key.kind.replace('_', ' ')}"
     details = ", ".join(f"{k}={v}" for k, v in key.params if v is not None)
     if key.kind == KV_CACHE:
-        return (f"{subject} is quantized as {key.name}{f' ({details})' if details else ''}: KV-cache "
-                f"quantization is not served yet (served {key.format} KV-cache schemes: "
-                f"{served_text(key.kind, key.format)}); export the checkpoint without it.")
+        return kv_cache_refusal(key, subject, details)
     fmt = "compressed-tensors" if key.format == COMPRESSED_TENSORS else "msModelSlim"
     return (f"{subject} is {key.name}{f' ({details})' if details else ''}, which sgl-ascend does not serve "
             f"for {_WHAT[key.kind]}; served {fmt} schemes for {_WHAT[key.kind]}: "
             f"{served_text(key.kind, key.format)}. Re-export with one of those or file an issue for the scheme.")
+
+
+# What to do instead, for the KV-cache schemes writers produce that sgl-ascend does not serve.
+_KV_ADVICE = {
+    FA_QUANT: "msModelSlim FAQuant (MLA models: DeepSeek-V3/V3.2, GLM-5, Kimi-K2.5) quantizes the attention "
+               "inputs (<attn>.fa_q / fa_k / fa_v scales), which sgl-ascend does not serve yet; quantize without "
+               "the FA-quant step (C8 KV or no KV quantization), or serve the checkpoint with vllm-ascend",
+    "float8": "an FP8 KV cache needs FP8 attention kernels, which Ascend A2/A3 NPUs lack; re-export with an int8 "
+              "kv_cache_scheme (static, symmetric, strategy 'tensor') or without kv_cache_scheme",
+}
+
+
+def kv_cache_refusal(key: SchemeKey, subject: str, details: str) -> str:
+    advice = _KV_ADVICE.get(key.name, "re-export with one of those or without KV-cache quantization")
+    return (f"{subject} is quantized as {key.name}{f' ({details})' if details else ''}, a KV-cache scheme "
+            f"sgl-ascend does not serve (served {key.format} KV-cache schemes: "
+            f"{served_text(key.kind, key.format)}): {advice}.")
+
+
+def kv_cache_scheme(config):
+    """The KV-cache scheme of a resolved checkpoint config, None when its KV cache is not quantized."""
+    key = config.kv_cache_key()
+    if key is None:
+        return None
+    return create(key, file=config.source, what="the checkpoint's KV cache")
 
 
 def create(key: SchemeKey, *, file: Optional[str] = None, tensor: Optional[str] = None,
@@ -121,6 +145,7 @@ def create(key: SchemeKey, *, file: Optional[str] = None, tensor: Optional[str] 
 
 def load_builtin_schemes() -> None:
     """Import every built-in scheme module, so that the registry is complete."""
+    import sgl_ascend.layers.kv_cache  # noqa: F401  (KV-cache schemes)
     import sgl_ascend.layers.moe  # noqa: F401  (expert schemes)
     import sgl_ascend.layers.schemes  # noqa: F401  (linear schemes)
 

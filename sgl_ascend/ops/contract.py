@@ -475,3 +475,130 @@ def check_moe_finalize_routing(expanded_permuted_rows, skip1, skip2, bias, scale
         require(export_for_source_row is not None and export_for_source_row.dtype == torch.int32, op,
                 "bias needs export_for_source_row (int32 expert ids)", f"{DOC}:10614,10617")
 
+
+
+def check_anti_quant(x, scale, offset, dst_dtype, src_dtype):
+    op = "npu_anti_quant"
+    require_dtype(x, (torch.int8,), op, "x (the twin models int8 x; int32 int4-packed x is not modelled)",
+                  f"{DOC}:7210")
+    require(as_dtype(src_dtype) in (None, torch.int8), op, f"src_dtype must be int8 for int8 x, got {src_dtype}",
+            f"{DOC}:7222")
+    require_dtype(scale, (torch.float32, torch.bfloat16), op, "scale", f"{DOC}:7214 (A2: float32, bfloat16)")
+    require(scale.dim() == 1 and scale.shape[0] in (1, x.shape[-1]), op,
+            f"scale must be 1-D with 1 or {x.shape[-1]} (x's last dim) elements, got {tuple(scale.shape)}",
+            f"{DOC}:7214")
+    if offset is not None:
+        require(offset.shape == scale.shape and offset.dtype == scale.dtype, op,
+                "offset must have scale's dtype and shape", f"{DOC}:7217")
+    require(as_dtype(dst_dtype) in (None,) + FLOAT16, op, f"dst_dtype must be float16/bfloat16, got {dst_dtype}",
+            f"{DOC}:7219")
+
+
+FIA = "npu_fused_infer_attention_score"
+# Arguments the real op has and the twin does not compute: a call with one of them fails loudly
+# (a twin limit, not an NPU rule) instead of silently ignoring it.
+FIA_UNMODELLED = ("pse_shift", "dequant_scale1", "quant_scale1", "dequant_scale2", "quant_scale2", "quant_offset2",
+                  "key_antiquant_scale", "key_antiquant_offset", "value_antiquant_scale", "value_antiquant_offset",
+                  "query_padding_size", "kv_padding_size", "key_shared_prefix", "value_shared_prefix",
+                  "actual_shared_prefix_len", "query_rope", "key_rope", "key_rope_antiquant_scale")
+
+
+def fia_dims(query, num_heads, input_layout):
+    """(B, Q_S, N, D) of an FIA query in BSH or BSND, the layouts the twin models."""
+    require(input_layout in ("BSH", "BSND"), FIA, f"the twin models input_layout BSH and BSND, got {input_layout!r}",
+            "sgl_ascend twin scope")
+    require(num_heads > 0, FIA, f"num_heads must be > 0, got {num_heads}", f"{META}:2050-2054")
+    if input_layout == "BSH":
+        require(query.dim() == 3 and query.shape[2] % num_heads == 0, FIA,
+                f"BSH query must be [B, S, num_heads*D], got {tuple(query.shape)} with num_heads={num_heads}",
+                f"{DOC}:8112")
+        return query.shape[0], query.shape[1], num_heads, query.shape[2] // num_heads
+    require(query.dim() == 4 and query.shape[2] == num_heads, FIA,
+            f"BSND query must be [B, S, num_heads, D], got {tuple(query.shape)}", f"{DOC}:8112")
+    return query.shape[0], query.shape[1], num_heads, query.shape[3]
+
+
+def check_fused_infer_attention_score(query, key, value, unmodelled, atten_mask, actual_seq_lengths,
+                                      actual_seq_lengths_kv, antiquant_scale, antiquant_offset, block_table,
+                                      num_heads, input_layout, num_key_value_heads, sparse_mode, block_size,
+                                      antiquant_mode, softmax_lse_flag):
+    op = FIA
+    given = [name for name, t in unmodelled.items() if t is not None]
+    require(not given, op, f"the twin does not model {given}", "sgl_ascend twin scope")
+    require(not softmax_lse_flag, op, "the twin does not model softmax_lse_flag=True", "sgl_ascend twin scope")
+    b, q_s, n, d = fia_dims(query, num_heads, input_layout)
+    kv_n = num_key_value_heads or n
+    require(n % kv_n == 0 and n // kv_n <= 64, op,
+            f"num_heads ({n}) must be a multiple of num_key_value_heads ({kv_n}), at most 64x", f"{DOC}:8116")
+    require_dtype(query, FLOAT16, op, "query (the twin models float16/bfloat16 queries)", f"{DOC}:8065")
+    require(query.is_contiguous() and key.is_contiguous() and value.is_contiguous(), op,
+            "query, key and value must be contiguous", f"{DOC}:8065-8069 (不支持非连续的Tensor)")
+    require(key.dtype == value.dtype and key.shape == value.shape, op,
+            f"key and value must share dtype and shape, got {key.dtype}{tuple(key.shape)} and "
+            f"{value.dtype}{tuple(value.shape)}", f"{DOC}:8221, 8285 (key和value的shape需保证一致)")
+    require(key.dtype in (query.dtype, torch.int8), op,
+            f"key/value must be int8 or the query's dtype {query.dtype}, got {key.dtype}", f"{DOC}:8065-8072")
+    require(d <= 512 and n <= 256, op, f"D must be <= 512 and N <= 256, got D={d}, N={n}", f"{DOC}:8204")
+    require(n * d < 65535, op, f"BSH/BSND need N*D < 65535, got {n * d}", f"{DOC}:8204")
+    int8_kv = key.dtype == torch.int8
+    require(d % (32 if int8_kv else 16) == 0, op,
+            f"D must be {'32' if int8_kv else '16'}-aligned for {key.dtype} key/value, got D={d}", f"{DOC}:8210")
+    require(sparse_mode == 0, op, f"the twin models sparse_mode=0 (explicit or no mask), got {sparse_mode}",
+            "sgl_ascend twin scope")
+    if atten_mask is not None:
+        require_dtype(atten_mask, (torch.bool, torch.int8, torch.uint8), op, "atten_mask", f"{DOC}:8076")
+        require(atten_mask.dim() == 2 or (atten_mask.dim() == 4 and atten_mask.shape[0] == b), op,
+                f"the twin models atten_mask (Q_S, KV_S) or (B, 1, Q_S, KV_S), got {tuple(atten_mask.shape)}",
+                f"{DOC}:8079")
+    if int8_kv:
+        require(antiquant_scale is not None, op, "int8 key/value need antiquant_scale (the twin models "
+                "the combined per-channel antiquant)", f"{DOC}:8089, 8163")
+        require(antiquant_mode == 0, op, f"antiquant_mode must be 0 (per-channel), got {antiquant_mode}; "
+                "per-token scales are not what a static cache holds", f"{DOC}:8131")
+        want = (2, kv_n * d) if input_layout == "BSH" else (2, kv_n, d)
+        require(tuple(antiquant_scale.shape) == want, op,
+                f"per-channel antiquant_scale for {input_layout} must be {want}, got {tuple(antiquant_scale.shape)}",
+                f"{DOC}:8163")
+        require(antiquant_scale.dtype == query.dtype, op,
+                f"antiquant_scale must have the query's dtype {query.dtype}, got {antiquant_scale.dtype}",
+                f"{DOC}:8163 (参数数据类型和query数据类型相同)")
+        require(antiquant_offset is None, op, "the twin models symmetric antiquant only (antiquant_offset=None)",
+                f"{DOC}:8169 (对称量化模式下, antiquant_offset可以为空)")
+        require(q_s == 1 or query.dtype == torch.float16, op,
+                f"antiquant with Q_S={q_s} > 1 needs a float16 query, got {query.dtype}; dequantize the cache "
+                "(npu_anti_quant) for prefill", f"{DOC}:8089, 8216")
+        require(q_s == 1 or block_table is None, op,
+                "with Q_S > 1, page attention does not support antiquant", f"{DOC}:8220")
+    else:
+        require(antiquant_scale is None and antiquant_offset is None, op,
+                "antiquant_scale/offset need int8 key/value", f"{DOC}:8163")
+    if block_table is not None:
+        require(block_table.dtype == torch.int32 and block_table.dim() == 2 and block_table.shape[0] == b, op,
+                f"block_table must be int32 [B={b}, max blocks], got {block_table.dtype}{tuple(block_table.shape)}",
+                f"{DOC}:8091, 8223")
+        require(actual_seq_lengths_kv is not None, op, "page attention needs actual_seq_lengths_kv", f"{DOC}:8222")
+        if q_s == 1:
+            align = 32 if int8_kv else 16
+            require(0 < block_size <= 512 and block_size % align == 0, op,
+                    f"Q_S=1 page attention needs block_size in (0, 512], {align}-aligned for {key.dtype}, "
+                    f"got {block_size}", f"{DOC}:8280")
+        else:
+            require(128 <= block_size <= 512 and block_size % 128 == 0, op,
+                    f"Q_S>1 page attention needs block_size a multiple of 128 in [128, 512], got {block_size}",
+                    f"{DOC}:8219")
+        require(key.dim() == 3 and key.shape[1] == block_size and key.shape[2] == kv_n * d, op,
+                f"a BSH/BSND paged cache is (blocknum, block_size={block_size}, KV_N*D={kv_n * d}), "
+                f"got {tuple(key.shape)}", f"{DOC}:8285")
+        require(kv_n * d <= 65535, op, f"(blocknum, blocksize, H) caches need KV_N*D <= 65535, got {kv_n * d}",
+                f"{DOC}:8287")
+    else:
+        want_dim = 3 if input_layout == "BSH" else 4
+        require(key.dim() == want_dim and key.shape[0] == b, op,
+                f"{input_layout} key/value must be {want_dim}-D with batch {b}, got {tuple(key.shape)}", f"{DOC}:8112")
+        h_kv = key.shape[2] if input_layout == "BSH" else key.shape[2] * key.shape[3]
+        require(h_kv == kv_n * d, op, f"key/value hidden size must be num_key_value_heads*D = {kv_n * d}, got {h_kv}",
+                f"{DOC}:8116")
+    for name, lengths in (("actual_seq_lengths", actual_seq_lengths), ("actual_seq_lengths_kv", actual_seq_lengths_kv)):
+        if lengths is not None:
+            require(len(lengths) == 1 or len(lengths) >= b, op,
+                    f"{name} must have 1 or >= B={b} entries, got {len(lengths)}", f"{DOC}:8211, 8275")

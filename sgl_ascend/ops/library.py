@@ -142,6 +142,25 @@ def _fake_moe_finalize_routing(expanded_permuted_rows, skip1, skip2, bias, scale
     return expanded_permuted_rows.new_empty((rows, expanded_permuted_rows.shape[1]))
 
 
+def _fake_anti_quant(x, scale, *, offset=None, dst_dtype=None, src_dtype=None):
+    c.check_anti_quant(x, scale, offset, dst_dtype, src_dtype)
+    return x.new_empty(x.shape, dtype=c.as_dtype(dst_dtype) or torch.float16)
+
+
+def _fake_fused_infer_attention_score(query, key, value, *, pse_shift=None, atten_mask=None, actual_seq_lengths=None,
+                                      actual_seq_lengths_kv=None, antiquant_scale=None, antiquant_offset=None,
+                                      block_table=None, num_heads=1, input_layout="BSH", num_key_value_heads=0,
+                                      sparse_mode=0, block_size=0, antiquant_mode=0, softmax_lse_flag=False,
+                                      **rest):
+    unmodelled = {name: rest.get(name) for name in c.FIA_UNMODELLED if name in rest}
+    unmodelled["pse_shift"] = pse_shift
+    c.check_fused_infer_attention_score(query, key, value, unmodelled, atten_mask, actual_seq_lengths,
+                                        actual_seq_lengths_kv, antiquant_scale, antiquant_offset, block_table,
+                                        num_heads, input_layout, num_key_value_heads, sparse_mode, block_size,
+                                        antiquant_mode, softmax_lse_flag)
+    return torch.empty_like(query), query.new_empty([0], dtype=torch.float32)
+
+
 FAKES = {
     "npu_dynamic_quant": _fake_dynamic_quant,
     "npu_quantize": _fake_quantize,
@@ -157,6 +176,8 @@ FAKES = {
     "npu_moe_init_routing": _fake_moe_init_routing,
     "npu_moe_compute_expert_tokens": _fake_moe_compute_expert_tokens,
     "npu_moe_finalize_routing": _fake_moe_finalize_routing,
+    "npu_anti_quant": _fake_anti_quant,
+    "npu_fused_infer_attention_score": _fake_fused_infer_attention_score,
 }
 
 

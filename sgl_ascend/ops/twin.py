@@ -462,3 +462,77 @@ def npu_moe_finalize_routing(expanded_permuted_rows: torch.Tensor, skip1: Option
         if skip is not None:
             out = out + skip.float()
     return out.to(expanded_permuted_rows.dtype)
+
+
+def npu_anti_quant(x: torch.Tensor, scale: torch.Tensor, *, offset: Optional[torch.Tensor] = None,
+                   dst_dtype: Optional[int] = None, src_dtype: Optional[int] = None) -> torch.Tensor:
+    """(x + offset) * scale along the last dim, in dst_dtype (float16 by default), as documented."""
+    c.check_anti_quant(x, scale, offset, dst_dtype, src_dtype)
+    xf = x.float()
+    if offset is not None:
+        xf = xf + offset.float()
+    return (xf * scale.float()).to(c.as_dtype(dst_dtype) or torch.float16)
+
+
+def _fia_kv_rows(key: torch.Tensor, b: int, length: int, block_table, block_size: int, kv_n: int, d: int):
+    """Batch b's first `length` key (or value) rows as [length, KV_N, D]: through its blocks when paged."""
+    if block_table is None:
+        return key[b, :length].reshape(length, kv_n, d)
+    blocks = (length + block_size - 1) // block_size
+    rows = key[block_table[b, :blocks].long()].reshape(blocks * block_size, kv_n, d)
+    return rows[:length]
+
+
+def npu_fused_infer_attention_score(
+        query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *, pse_shift=None, atten_mask=None,
+        actual_seq_lengths=None, actual_seq_lengths_kv=None, dequant_scale1=None, quant_scale1=None,
+        dequant_scale2=None, quant_scale2=None, quant_offset2=None, antiquant_scale=None, antiquant_offset=None,
+        key_antiquant_scale=None, key_antiquant_offset=None, value_antiquant_scale=None, value_antiquant_offset=None,
+        block_table=None, query_padding_size=None, kv_padding_size=None, key_shared_prefix=None,
+        value_shared_prefix=None, actual_shared_prefix_len=None, query_rope=None, key_rope=None,
+        key_rope_antiquant_scale=None, num_heads: int = 1, scale: float = 1.0, pre_tokens: int = 2147483647,
+        next_tokens: int = 2147483647, input_layout: str = "BSH", num_key_value_heads: int = 0,
+        sparse_mode: int = 0, inner_precise: int = 0, block_size: int = 0, antiquant_mode: int = 0,
+        key_antiquant_mode: int = 0, value_antiquant_mode: int = 0, softmax_lse_flag: bool = False):
+    """softmax(scale * q k^T + mask) v per batch and head (GQA: query head h reads KV head h // (N / KV_N)),
+    over the first actual_seq_lengths_kv[b] keys; int8 key/value are dequantized with the per-channel
+    antiquant_scale (row 0 keys, row 1 values) first. Masked positions (mask value 1/True) get no weight.
+    Scores and softmax in fp32, output in the query's dtype; query rows past actual_seq_lengths[b] are 0.
+    Returns (attention_out, softmax_lse), softmax_lse empty as the real op returns it without the flag."""
+    unmodelled = dict(pse_shift=pse_shift, dequant_scale1=dequant_scale1, quant_scale1=quant_scale1,
+                      dequant_scale2=dequant_scale2, quant_scale2=quant_scale2, quant_offset2=quant_offset2,
+                      key_antiquant_scale=key_antiquant_scale, key_antiquant_offset=key_antiquant_offset,
+                      value_antiquant_scale=value_antiquant_scale, value_antiquant_offset=value_antiquant_offset,
+                      query_padding_size=query_padding_size, kv_padding_size=kv_padding_size,
+                      key_shared_prefix=key_shared_prefix, value_shared_prefix=value_shared_prefix,
+                      actual_shared_prefix_len=actual_shared_prefix_len, query_rope=query_rope, key_rope=key_rope,
+                      key_rope_antiquant_scale=key_rope_antiquant_scale)
+    c.check_fused_infer_attention_score(query, key, value, unmodelled, atten_mask, actual_seq_lengths,
+                                        actual_seq_lengths_kv, antiquant_scale, antiquant_offset, block_table,
+                                        num_heads, input_layout, num_key_value_heads, sparse_mode, block_size,
+                                        antiquant_mode, softmax_lse_flag)
+    b, q_s, n, d = c.fia_dims(query, num_heads, input_layout)
+    kv_n = num_key_value_heads or n
+    kv_s = key.shape[1] if block_table is None else block_table.shape[1] * block_size
+    q_lens = list(actual_seq_lengths) if actual_seq_lengths is not None else [q_s]
+    kv_lens = list(actual_seq_lengths_kv) if actual_seq_lengths_kv is not None else [kv_s]
+    out = torch.zeros(b, q_s, n, d, dtype=torch.float32)
+    if antiquant_scale is not None:
+        k_scale, v_scale = (s.float().reshape(kv_n, d) for s in antiquant_scale)
+    for i in range(b):
+        q_len = min(int(q_lens[i if len(q_lens) > 1 else 0]), q_s)
+        kv_len = int(kv_lens[i if len(kv_lens) > 1 else 0])
+        k = _fia_kv_rows(key, i, kv_len, block_table, block_size, kv_n, d).float()
+        v = _fia_kv_rows(value, i, kv_len, block_table, block_size, kv_n, d).float()
+        if antiquant_scale is not None:
+            k, v = k * k_scale, v * v_scale
+        q = query[i, :q_len].reshape(q_len, n, d).float()
+        group = n // kv_n
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+        scores = torch.einsum("qhd,khd->hqk", q, k) * scale
+        if atten_mask is not None:
+            mask = atten_mask[i, 0] if atten_mask.dim() == 4 else atten_mask  # (Q_S, KV_S)
+            mask = mask[:q_len, :kv_len]
+            scores = scores.masked_fill(mask.bool().unsqueeze(0), float("-inf"))
+        out[i, :q_len] = torch.einsum("hqk,khd->qhd", scores.softmax(dim=-1), v)
+    return out.to(query.dtype).reshape(query.shape), torch.empty(0, dtype=torch.float32)

@@ -19,6 +19,11 @@ from sgl_ascend.quant.scheme_key import EXPERTS, KV_CACHE, LINEAR, MSMODELSLIM, 
 DESCRIPTION_FILE = "quant_model_description.json"
 
 EXPERT_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+# Per attention layer, the C8 saver writes <attn>.k_proj / v_proj + these (type "C8"); FAQuant writes
+# <attn>.fa_q / fa_k / fa_v .scale / .offset. They belong to the KV-cache scheme, not to a linear layer.
+KV_CACHE_SUFFIXES = (".kv_cache_scale", ".kv_cache_offset")
+_FA_QUANT_TENSOR = re.compile(r"\.fa_[qkv]\.(scale|offset)$")
+FA_QUANT = "FAQuant"
 _EXPERT_TENSOR = re.compile(r"\.experts\.\d+\.")
 
 # Fused layer name -> the checkpoint shards it is built from (SGLang's and vLLM's naming).
@@ -38,6 +43,7 @@ class ModelSlimDescription(BaseModel):
     model_quant_type: Optional[str] = None
     group_size: int = 0
     kv_cache_type: Optional[str] = None
+    kv_quant_type: Optional[str] = None  # msModelSlim 26.1.0 writes it beside kv_cache_type, same value
     fa_quant_type: Optional[str] = None
     metadata: dict = {}
     optional: dict = {}
@@ -237,18 +243,30 @@ class ModelSlimConfig:
                     "expert of the block alike (or leave the whole block FLOAT).", file=self.source, tensor=name)
 
     def kv_cache_key(self) -> Optional[SchemeKey]:
-        """KV-cache / attention quantization (kv_cache_type C8, fa_quant_type), None when absent."""
+        """KV-cache / attention quantization, None when absent: kv_cache_type (C8: static per-channel
+        int8 K and V) or, for MLA models, fa_quant_type (FAQuant: quantized attention, which wins)."""
         d = self.description
-        if not (d.kv_cache_type or d.fa_quant_type):
+        if d.fa_quant_type:
+            return SchemeKey.make(KV_CACHE, MSMODELSLIM, FA_QUANT, fa_quant_type=d.fa_quant_type)
+        if not d.kv_cache_type:
             return None
-        return SchemeKey.make(KV_CACHE, MSMODELSLIM, d.kv_cache_type or d.fa_quant_type,
-                              kv_cache_type=d.kv_cache_type, fa_quant_type=d.fa_quant_type)
+        return SchemeKey.make(KV_CACHE, MSMODELSLIM, d.kv_cache_type)
+
+    @staticmethod
+    def is_kv_cache_tensor(name: str) -> bool:
+        return name.endswith(KV_CACHE_SUFFIXES) or bool(_FA_QUANT_TENSOR.search(name))
 
     def tensor_keys(self) -> Iterator[Tuple[SchemeKey, str]]:
         """(key, description entry) for every typed tensor and the KV cache: what `check_served` checks
         up front, so an unknown type string fails at start-up naming its entry."""
         kv = self.kv_cache_key()
         if kv is not None:
-            yield kv, "kv_cache_type" if self.description.kv_cache_type else "fa_quant_type"
+            yield kv, "fa_quant_type" if self.description.fa_quant_type else "kv_cache_type"
+        kv_tensors = [name for name in self.types if self.is_kv_cache_tensor(name)]
+        if kv_tensors and kv is None:
+            raise CheckpointError("the description types KV-cache tensors but has no kv_cache_type (or "
+                                  "fa_quant_type), so how to serve them is unknown; the description is incomplete.",
+                                  file=self.source, tensor=kv_tensors[0])
         for name, kind in self.types.items():
-            yield self._key(EXPERTS if _EXPERT_TENSOR.search(name) else LINEAR, kind), name
+            if not self.is_kv_cache_tensor(name):
+                yield self._key(EXPERTS if _EXPERT_TENSOR.search(name) else LINEAR, kind), name

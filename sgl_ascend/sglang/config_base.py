@@ -7,16 +7,19 @@ import torch
 from sglang.srt.layers.quantization.base_config import QuantizationConfig
 
 from sgl_ascend.layers.schemes import UnquantizedLinear
+from sgl_ascend.sglang.kv_cache import attach_kv_cache_methods, attention_tensor_name
 from sgl_ascend.sglang.linear_method import AscendLinearMethod
 from sgl_ascend.sglang.moe_method import AscendFusedMoEMethod
 
 
 class AscendQuantConfigBase(QuantizationConfig):
     """Subclasses provide `linear_scheme(prefix, layer)`, `shard_prefixes(prefix)` and
-    `moe_method(block_prefix, layer)`; `has_float_bias(prefix)` where a format can carry one."""
+    `moe_method(block_prefix, layer)`; `has_float_bias(prefix)` where a format can carry one, and set
+    `kv_scheme` (sgl_ascend.layers.kv_cache) where the checkpoint quantizes its KV cache."""
 
     def __init__(self):
         super().__init__()
+        self.kv_scheme = None
         # checkpoint shard prefix -> scheme, filled as SGLang builds the layers; the weight filter
         # uses it to drop tensors a scheme knowingly ignores.
         self.shard_schemes: Dict[str, object] = {}
@@ -61,6 +64,16 @@ class AscendQuantConfigBase(QuantizationConfig):
         prefix, _, suffix = name.rpartition(".")
         scheme = self.shard_schemes.get(prefix)
         return scheme is not None and suffix in scheme.ignored_suffixes
+
+    def prepare_model(self, model: torch.nn.Module) -> None:
+        """Before the weights load: attention layers get the KV-cache scheme's scales."""
+        if self.kv_scheme is not None:
+            attach_kv_cache_methods(model, self.kv_scheme)
+
+    def checkpoint_to_model_name(self, name: str) -> str:
+        """KV-cache scales are stored under k_proj / v_proj or the attention module; the model takes them
+        on its RadixAttention."""
+        return attention_tensor_name(name) if self.kv_scheme is not None else name
 
     def get_scaled_act_names(self) -> List[str]:
         return []

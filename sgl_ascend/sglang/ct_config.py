@@ -10,7 +10,7 @@ from typing import Any, Dict, List, Optional
 import torch
 
 from sgl_ascend.layers.moe import moe_method_for_compressed_tensors
-from sgl_ascend.layers.registry import check_served, linear_scheme, served_by
+from sgl_ascend.layers.registry import check_served, kv_cache_scheme, linear_scheme, served_by
 from sgl_ascend.quant.compressed_tensors import QUANT_METHOD, CompressedTensorsConfig
 from sgl_ascend.sglang.config_base import AscendQuantConfigBase
 
@@ -25,6 +25,7 @@ class AscendCompressedTensorsConfig(AscendQuantConfigBase):
         super().__init__()
         self.raw = {k: v for k, v in raw.items() if k not in _SGLANG_KEYS}
         self.ct = check_served(CompressedTensorsConfig.from_dict(self.raw))
+        self.kv_scheme = kv_cache_scheme(self.ct)
         logger.info("sgl-ascend compressed-tensors config: format %s, config groups %s; served by %s",
                     self.raw.get("format"), ", ".join(sorted(self.ct.groups)), served_by(self.ct.group_keys()))
 

@@ -12,7 +12,7 @@ from typing import Any, Dict, List, Optional
 import torch
 
 from sgl_ascend.layers.moe import moe_method_for_modelslim
-from sgl_ascend.layers.registry import check_served, linear_scheme, served_by
+from sgl_ascend.layers.registry import check_served, kv_cache_scheme, linear_scheme, served_by
 from sgl_ascend.models.norm_bias import enable_norm_bias, needs_norm_bias
 from sgl_ascend.quant.modelslim import DESCRIPTION_FILE, ModelSlimConfig, group_wise_layers, parse_description
 from sgl_ascend.sglang.config_base import AscendQuantConfigBase
@@ -37,6 +37,7 @@ class AscendModelSlimConfig(AscendQuantConfigBase):
         model_dir = _model_dir(description)
         self.modelslim = check_served(ModelSlimConfig(parse_description(raw), DESCRIPTION_FILE,
                                                       group_wise_layers(model_dir) if model_dir else None))
+        self.kv_scheme = kv_cache_scheme(self.modelslim)
         if needs_norm_bias(self.modelslim.types):
             enable_norm_bias()
         description = self.modelslim.description

@@ -1,6 +1,6 @@
 """The `sgl-ascend` console script.
 
-    sgl-ascend inspect PATH [--tp N] [--ep N] [--json]
+    sgl-ascend inspect PATH [--tp N] [--ep N] [--device-memory GIB] [--mem-fraction F] [--json]
     sgl-ascend verify PATH [--reference BF16_PATH] [--tp N] [--ep N] [--threshold X] [--min-top1 F] [--prompts ...]
                       [--json]
     sgl-ascend selftest [--json]
@@ -63,6 +63,15 @@ def format_plan(plan) -> str:
     if mem["resident_over_bf16"] is not None:
         lines.append(f"resident / bf16: {mem['resident_over_bf16']:.3f} whole model, "
                      f"{mem['quantized_layers_resident_over_bf16'] or 1.0:.3f} quantized layers")
+    kv = data["kv_cache"]
+    if kv:
+        lines.append(f"KV cache: {kv['scheme']} ({kv['cache_dtype']}), {kv['bytes_per_token_per_device']} bytes per "
+                     f"token per device (bf16 KV: {kv['bf16_bytes_per_token_per_device']})")
+    if getattr(plan, "fit", None):
+        fit = plan.fit
+        lines.append(f"on a device of {_bytes(fit['device_bytes'])} at mem fraction {fit['mem_fraction']}: weights "
+                     f"{_bytes(fit['weight_bytes'])}, KV budget {_bytes(fit['kv_budget_bytes'])}, tokens "
+                     f"{fit['tokens']} ({kv['cache_dtype']} KV) vs {fit['tokens_bf16_kv']} (bf16 KV)")
     lines += [f"note: {n}" for n in plan.notes]
     lines += _listing("ignored tensors (in the checkpoint, deliberately not loaded)", data["ignored"],
                       lambda i: f"{i['tensor']}: {i['reason']}")
@@ -75,10 +84,13 @@ def format_plan(plan) -> str:
 
 
 def cmd_inspect(args) -> int:
-    from sgl_ascend.tools.plan import plan_checkpoint
+    from sgl_ascend.tools.plan import plan_checkpoint, tokens_that_fit
 
     plan = plan_checkpoint(args.path, tp=args.tp, ep=args.ep)
-    print(json.dumps(plan.to_json(), indent=2) if args.json else format_plan(plan))
+    plan.fit = (tokens_that_fit(plan, int(args.device_memory * 2 ** 30), args.mem_fraction)
+                if args.device_memory else None)
+    data = {**plan.to_json(), "fit": plan.fit}
+    print(json.dumps(data, indent=2) if args.json else format_plan(plan))
     return EXIT_OK if plan.ok else EXIT_CHECKPOINT_ERROR
 
 
@@ -181,6 +193,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel size for the per-device column")
     p.add_argument("--ep", type=int, default=1, help="expert-parallel size (divides --tp)")
+    p.add_argument("--device-memory", type=float, metavar="GIB",
+                   help="predict the KV tokens that fit on a device of this memory (bf16 vs the checkpoint's KV)")
+    p.add_argument("--mem-fraction", type=float, default=0.9,
+                   help="share of the device memory for weights + KV pool (SGLang's --mem-fraction-static)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_inspect)
     v = sub.add_parser("verify", help="load through the serving layers on CPU and measure errors")

@@ -19,7 +19,7 @@ from sgl_ascend.layers.linear import ParallelLinear, QKVSizes, load_linear
 from sgl_ascend.layers.moe import (FusedMoEMethod, UnquantizedExperts, check_moe_checkpoint,
                                    moe_method_for_compressed_tensors, moe_method_for_modelslim)
 from sgl_ascend.layers.parameters import ShardedParameter
-from sgl_ascend.layers.registry import check_served, is_served, linear_scheme, scheme_class
+from sgl_ascend.layers.registry import check_served, is_served, kv_cache_scheme, linear_scheme, scheme_class
 from sgl_ascend.layers.schemes import UnquantizedLinear
 from sgl_ascend.quant.checkpoint import SafetensorsCheckpoint, TensorInfo
 from sgl_ascend.quant.checks import check_int4_in_int8, check_layers_present
@@ -88,6 +88,15 @@ class ModelSlimSource:
         """Norm biases anti-outlier smoothing adds: the model adds them after its norms."""
         return self.config.norm_bias_names()
 
+    def kv_scheme(self):
+        return kv_cache_scheme(self.config)
+
+    def kv_tensor_names(self, attn_prefix: str) -> List[str]:
+        return [f"{attn_prefix}.{p}_proj.kv_cache_{t}" for p in "kv" for t in ("scale", "offset")]
+
+    def is_kv_tensor(self, name: str) -> bool:
+        return ModelSlimConfig.is_kv_cache_tensor(name)
+
     def group_size(self, scheme_name: str, prefix: str, experts: Optional[ExpertsSpec] = None):
         """(group size, file, key) when the layer's scheme reads the description's top-level group_size
         (0: per channel): the scheme class says so (`reads_group_size`, e.g. W4A8_DYNAMIC)."""
@@ -138,6 +147,15 @@ class CompressedTensorsSource:
 
     def extra_float_tensors(self):
         return []
+
+    def kv_scheme(self):
+        return kv_cache_scheme(self.config)
+
+    def kv_tensor_names(self, attn_prefix: str) -> List[str]:
+        return [f"{attn_prefix}.k_scale", f"{attn_prefix}.v_scale"]
+
+    def is_kv_tensor(self, name: str) -> bool:
+        return name.endswith((".self_attn.k_scale", ".self_attn.v_scale"))
 
     def group_size(self, scheme_name: str, prefix: str, experts: Optional[ExpertsSpec] = None):
         args = (self.config.scheme_args(prefix) if experts is None else
@@ -258,6 +276,7 @@ class CheckpointPlan:
     floats_disk_bytes: int = 0
     floats_resident_bytes: int = 0
     floats_resident_bytes_per_device: int = 0
+    kv_cache: dict = field(default_factory=dict)
     ignored: List[dict] = field(default_factory=list)
     missing: List[dict] = field(default_factory=list)
     unused: List[dict] = field(default_factory=list)
@@ -318,7 +337,7 @@ class CheckpointPlan:
                 "float_tensors": {"bf16_bytes": self.floats_bf16_bytes, "disk_bytes": self.floats_disk_bytes,
                                   "resident_bytes": self.floats_resident_bytes,
                                   "resident_bytes_per_device": self.floats_resident_bytes_per_device},
-                "memory": self.memory(), "ignored": self.ignored, "missing": self.missing,
+                "memory": self.memory(), "kv_cache": self.kv_cache, "ignored": self.ignored, "missing": self.missing,
                 "unused": self.unused, "errors": self.errors, "notes": self.notes}
 
 
@@ -360,6 +379,7 @@ def plan_checkpoint(path: str, tp: int = 1, ep: int = 1) -> CheckpointPlan:
     layout.floats += [FloatSpec(name, tuple(checkpoint.info(name).shape), in_bf16_model=False)
                       for name in source.extra_float_tensors() if name in checkpoint]
     _plan_floats(plan, layout, config, checkpoint, claimed)
+    _plan_kv_cache(plan, source, config, checkpoint, claimed)
     for info in checkpoint.infos():
         if info.name not in claimed:
             plan.unused.append({"tensor": info.name, "file": os.path.basename(info.file),
@@ -372,6 +392,8 @@ def _plan_linear(plan, spec: LinearSpec, source, config, checkpoint, claimed) ->
     present = {}
     for shard_prefix in spec.shards.values():
         for suffix, info in checkpoint.with_prefix(shard_prefix).items():
+            if getattr(source, "is_kv_tensor", lambda _: False)(info.name):
+                continue  # the KV-cache scheme's (msModelSlim stores C8 scales under k_proj / v_proj)
             present[info.name] = (suffix, info)
             claimed.add(info.name)
     disk = sum(info.nbytes for _, info in present.values())
@@ -538,6 +560,58 @@ def _plan_floats(plan, layout: ModelLayout, config: DecoderConfig, checkpoint, c
             plan.floats_resident_bytes_per_device += rows * (numel // spec.shape[0]) * elem
         else:
             plan.floats_resident_bytes_per_device += numel * elem
+
+
+def kv_bytes_per_token(config: DecoderConfig, elem_bytes: int, tp: int = 1) -> int:
+    """KV-cache bytes one token takes over all layers on one device: K and V of the rank's KV heads (SGLang
+    replicates KV heads when tp exceeds them); MLA models cache one latent (kv_lora_rank + rope dims)."""
+    extra = config.model_extra or {}
+    if extra.get("kv_lora_rank"):
+        return config.num_hidden_layers * (extra["kv_lora_rank"] + extra.get("qk_rope_head_dim", 0)) * elem_bytes
+    heads = max(1, config.kv_heads // tp)
+    return config.num_hidden_layers * 2 * heads * config.head_size * elem_bytes
+
+
+def _plan_kv_cache(plan, source, config: DecoderConfig, checkpoint, claimed) -> None:
+    scheme = source.kv_scheme() if hasattr(source, "kv_scheme") else None
+    bf16 = kv_bytes_per_token(config, 2, plan.tp)
+    plan.kv_cache = {"scheme": "bf16" if scheme is None else type(scheme).__name__,
+                     "cache_dtype": "bfloat16" if scheme is None else str(scheme.cache_dtype).replace("torch.", ""),
+                     "bytes_per_token_per_device": bf16, "bf16_bytes_per_token_per_device": bf16}
+    if scheme is None:
+        return
+    plan.kv_cache["bytes_per_token_per_device"] = kv_bytes_per_token(
+        config, scheme.cache_dtype.itemsize, plan.tp)
+    channels = config.kv_heads * config.head_size
+    for layer in range(config.num_hidden_layers):
+        for name in source.kv_tensor_names(f"model.layers.{layer}.self_attn"):
+            if name not in checkpoint:
+                if name.endswith("offset"):
+                    continue  # offsets are zero when present; absent is the same
+                plan.missing.append({"tensor": name, "layer": f"model.layers.{layer}.self_attn"})
+                plan.errors.append(str(CheckpointError("the KV-cache scheme needs this scale but the checkpoint "
+                                                       "lacks it", file=checkpoint.path, tensor=name)))
+                continue
+            claimed.add(name)
+            info = checkpoint.info(name)
+            numel = 1
+            for size in info.shape:
+                numel *= size
+            if numel not in (1, channels) or not info.dtype.is_floating_point:
+                plan.errors.append(str(CheckpointError(
+                    f"{info.dtype}{list(info.shape)} where a float [{channels}] (num_kv_heads * head_dim) or [1] "
+                    "scale is expected", file=info.file, tensor=name)))
+
+
+def tokens_that_fit(plan, device_bytes: int, mem_fraction: float) -> dict:
+    """KV tokens a device of `device_bytes` holds after the weights, with SGLang's static fraction, for a
+    bf16 KV cache and for the checkpoint's own (int8 for C8)."""
+    weights = plan.memory()["resident_bytes_per_device"] or 0
+    budget = max(int(device_bytes * mem_fraction) - weights, 0)
+    kv = plan.kv_cache
+    return {"device_bytes": device_bytes, "mem_fraction": mem_fraction, "weight_bytes": weights,
+            "kv_budget_bytes": budget, "tokens_bf16_kv": budget // kv["bf16_bytes_per_token_per_device"],
+            "tokens": budget // kv["bytes_per_token_per_device"]}
 
 
 def _fail(plan, entry: LayerEntry, exc: CheckpointError) -> LayerEntry:

@@ -119,9 +119,47 @@ def norm_biases(tensors: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     return {name: t for name, t in tensors.items() if name.endswith("norm.bias")}
 
 
+KV_CACHE_SUFFIXES = (".kv_cache_scale", ".kv_cache_offset")
+
+
+def split_kv_cache_scales(tensors: Dict[str, torch.Tensor]):
+    """(tensors without msModelSlim C8 KV scales, {layer index: (k scale, v scale)} as fp32 [KV_N*D])."""
+    kept, scales = {}, {}
+    for name, tensor in tensors.items():
+        if not name.endswith(KV_CACHE_SUFFIXES):
+            kept[name] = tensor
+        elif name.endswith(".k_proj.kv_cache_scale") or name.endswith(".v_proj.kv_cache_scale"):
+            layer = int(name.split(".layers.")[1].split(".")[0])
+            pair = scales.setdefault(layer, [None, None])
+            pair[0 if ".k_proj." in name else 1] = tensor.float()
+    return kept, {layer: tuple(pair) for layer, pair in scales.items()}
+
+
+def fake_quant_int8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Symmetric static int8 per channel: round(x / scale) (half to even), saturated, times scale."""
+    return torch.round(x / scale).clamp(-128, 127) * scale
+
+
+def _kv_fake_quant_cache(model, kv_scales):
+    """A transformers cache whose stored K/V (after RoPE, as the KV cache holds them) are int8 fake-quantized
+    with the checkpoint's per-channel scales: every attention reads the quantized values."""
+    from transformers import DynamicCache
+
+    class FakeQuantKVCache(DynamicCache):
+        def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+            k_scale, v_scale = kv_scales[layer_idx]
+            heads, dim = key_states.shape[1], key_states.shape[-1]
+            key_states = fake_quant_int8(key_states, k_scale.reshape(heads, 1, dim))
+            value_states = fake_quant_int8(value_states, v_scale.reshape(heads, 1, dim))
+            return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
+    return FakeQuantKVCache(config=model.config)
+
+
 def teacher_forced_logprobs(model_dir: str, prompt_ids: Sequence[int], output_ids: Sequence[int],
-                            norm_bias: Dict[str, torch.Tensor] = None):
-    """Per output step: (log p(output token), argmax token, log p(argmax)) under the float model."""
+                            norm_bias: Dict[str, torch.Tensor] = None, kv_scales=None):
+    """Per output step: (log p(output token), argmax token, log p(argmax)) under the float model;
+    kv_scales ({layer: (k, v)}): its KV cache quantized to int8 as the served int8 KV cache is."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
@@ -130,8 +168,9 @@ def teacher_forced_logprobs(model_dir: str, prompt_ids: Sequence[int], output_id
         norm = model.get_submodule(name[: -len(".bias")])
         norm.register_forward_hook(lambda _m, _a, out, b=bias: out + b.to(out.dtype))
     ids = torch.tensor([list(prompt_ids) + list(output_ids)])
+    extra = {"past_key_values": _kv_fake_quant_cache(model, kv_scales), "use_cache": True} if kv_scales else {}
     with torch.no_grad():
-        logits = model(ids).logits[0, len(prompt_ids) - 1: -1].float()
+        logits = model(ids, **extra).logits[0, len(prompt_ids) - 1: -1].float()
     logprobs = torch.log_softmax(logits, dim=-1)
     chosen = logprobs.gather(1, torch.tensor(output_ids)[:, None])[:, 0]
     best = logprobs.max(dim=-1)

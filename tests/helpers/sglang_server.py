@@ -45,6 +45,19 @@ class Server:
                 "text": choice["text"]}
 
 
+    def metrics(self) -> Dict[str, float]:
+        """SGLang's Prometheus gauges (server started with --enable-metrics), e.g.
+        sglang:max_total_num_tokens, sglang:kv_cache_memory_usage_gb, sglang:weight_memory_usage_gb."""
+        with urllib.request.urlopen(f"{self.url}/metrics", timeout=REQUEST_TIMEOUT_S) as response:
+            text = response.read().decode()
+        values = {}
+        for line in text.splitlines():
+            if line.startswith("sglang:") and " " in line:
+                name, _, value = line.rpartition(" ")
+                values.setdefault(name.split("{")[0], float(value))
+        return values
+
+
 @contextlib.contextmanager
 def launch(model_path: str, extra_args: Sequence[str] = (), env: Dict[str, str] = None,
            start_timeout: int = START_TIMEOUT_S):

@@ -1,0 +1,54 @@
+"""The protocol of a KV-cache scheme, independent of SGLang.
+
+`create_weights(layer, ...)` registers the layer's checkpoint tensors (scales) as ShardedParameters,
+`process_weights_after_loading(layer)` turns them into what the NPU ops take, and the three apply
+steps compute through `sgl_ascend.ops.ops`:
+  write   K, V of new tokens -> the cache rows at their slots (quantize-on-write);
+  decode  one query token per request against its paged cache (npu_fused_infer_attention_score);
+  extend  the new tokens of one request against its whole sequence (prefix from the cache + new).
+The attention backend (sgl_ascend.sglang.attention) owns batching and the page table.
+"""
+
+from abc import ABC, abstractmethod
+from typing import Sequence
+
+import torch
+
+
+class KVCacheScheme(ABC):
+    #: dtype of the cache rows this scheme stores
+    cache_dtype: torch.dtype
+
+    #: every registered scheme answers it (inspect checks msModelSlim's top-level group_size); KV scales have none
+    reads_group_size = False
+
+    @classmethod
+    def from_key(cls, key, **context) -> "KVCacheScheme":
+        return cls()
+
+    @abstractmethod
+    def create_weights(self, layer: torch.nn.Module, num_kv_heads: int, head_dim: int) -> None: ...
+
+    @abstractmethod
+    def process_weights_after_loading(self, layer: torch.nn.Module, model_dtype: torch.dtype) -> None: ...
+
+    @abstractmethod
+    def write(self, layer, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+              loc: torch.Tensor) -> None:
+        """k, v [T, KV_N, D] in the model dtype -> rows `loc` of k_cache / v_cache [slots, KV_N, D]."""
+
+    @abstractmethod
+    def decode(self, layer, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+               block_table: torch.Tensor, seq_lens: Sequence[int], block_size: int, num_heads: int,
+               num_kv_heads: int, scale: float) -> torch.Tensor:
+        """q [B, N*D] -> [B, N*D] over each request's first seq_lens[b] cached tokens."""
+
+    @abstractmethod
+    def extend(self, layer, q: torch.Tensor, k_rows: torch.Tensor, v_rows: torch.Tensor, num_heads: int,
+               num_kv_heads: int, scale: float) -> torch.Tensor:
+        """One request: q [S_new, N*D] (the last S_new of its S tokens), k_rows / v_rows [S, KV_N, D] as the
+        cache holds them -> causal attention [S_new, N*D]."""
+
+    @abstractmethod
+    def bytes_per_token(self, num_kv_heads: int, head_dim: int) -> int:
+        """Cache bytes one token takes in one layer (K and V), for memory plans and checks."""

@@ -1,0 +1,79 @@
+"""`AscendInt8KVBackend`: SGLang attention over an int8 paged KV cache, through the layer's KV-cache scheme.
+
+SGLang keeps, per request, the cache slot of every token (`req_to_token`) and, with page size P, puts
+a request's tokens in whole pages: page `slot // P`, row `slot % P`. Viewed as [pages, P, KV_N*D]
+the pool is the (blocknum, block_size, H) cache npu_fused_infer_attention_score reads, and the page
+ids of a request's tokens (every P-th slot // P) are its block_table row.
+
+Per forward:
+  write    every layer quantizes its new K/V into their slots (scheme.write);
+  decode   one op call for the batch: the int8 pages, block_table, each request's length;
+  extend   per request (as SGLang's torch_native backend): its tokens' cache rows, dequantized, with
+           its new queries under a causal mask, so prefill and decode read the same int8 values.
+"""
+
+from typing import List
+
+import torch
+from sglang.srt.layers.attention.torch_native_backend import TorchNativeAttnBackend
+
+from sgl_ascend.sglang.kv_cache import INT8_KV_BLOCK_ALIGN
+
+
+class AscendInt8KVBackend(TorchNativeAttnBackend):
+    def __init__(self, model_runner):
+        super().__init__(model_runner)
+        self.page_size = model_runner.page_size
+        if self.page_size % INT8_KV_BLOCK_ALIGN:
+            raise ValueError(f"the int8 KV cache is read in blocks of a multiple of {INT8_KV_BLOCK_ALIGN} tokens "
+                             f"(npu_fused_infer_attention_score), but --page-size is {self.page_size}; serve with "
+                             "--page-size 128 (SGLang's NPU default) or leave it unset.")
+        self.block_table = None
+        self.seq_lens: List[int] = []
+
+    def init_forward_metadata(self, forward_batch):
+        super().init_forward_metadata(forward_batch)
+        # Host lengths: the op takes actual_seq_lengths_kv as a list (SymInt[]), as SGLang's NPU backend passes.
+        self.seq_lens = forward_batch.seq_lens_cpu.tolist()
+        if forward_batch.forward_mode.is_decode_or_idle() and self.seq_lens:
+            pages = -(-max(self.seq_lens) // self.page_size)
+            slots = self.req_to_token_pool.req_to_token[forward_batch.req_pool_indices,
+                                                        : pages * self.page_size: self.page_size]
+            self.block_table = torch.div(slots, self.page_size, rounding_mode="floor").to(torch.int32)
+
+    def _caches(self, layer):
+        k_cache = self.token_to_kv_pool.get_key_buffer(layer.layer_id)
+        v_cache = self.token_to_kv_pool.get_value_buffer(layer.layer_id)
+        rows = k_cache.shape[0] // self.page_size * self.page_size
+        return k_cache[:rows], v_cache[:rows]
+
+    def _write(self, k, v, layer, forward_batch, save_kv_cache):
+        if not save_kv_cache:
+            raise NotImplementedError("the int8 KV backend reads every token from the cache; a forward that "
+                                      "does not save K/V (cross-layer KV sharing) is not served")
+        k_cache, v_cache = self._caches(layer)
+        n, d = layer.tp_k_head_num, layer.head_dim
+        layer.kv_scheme.write(layer, k.reshape(-1, n, d), v.reshape(-1, n, d), k_cache, v_cache,
+                              forward_batch.out_cache_loc)
+        return k_cache, v_cache
+
+    def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True):
+        k_cache, v_cache = self._write(k, v, layer, forward_batch, save_kv_cache)
+        b = len(self.seq_lens)
+        out = layer.kv_scheme.decode(layer, q.reshape(b, -1), k_cache, v_cache, self.block_table, self.seq_lens,
+                                     self.page_size, layer.tp_q_head_num, layer.tp_k_head_num, layer.scaling)
+        return out.reshape(q.shape[0], -1)
+
+    def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True):
+        k_cache, v_cache = self._write(k, v, layer, forward_batch, save_kv_cache)
+        q = q.reshape(-1, layer.tp_q_head_num * layer.head_dim)
+        out = torch.empty_like(q)
+        req_to_token = self.req_to_token_pool.req_to_token
+        start = 0
+        for i, (new, total) in enumerate(zip(forward_batch.extend_seq_lens_cpu, self.seq_lens)):
+            tokens = req_to_token[forward_batch.req_pool_indices[i], :total]
+            out[start:start + new] = layer.kv_scheme.extend(
+                layer, q[start:start + new], k_cache[tokens], v_cache[tokens], layer.tp_q_head_num,
+                layer.tp_k_head_num, layer.scaling)
+            start += new
+        return out

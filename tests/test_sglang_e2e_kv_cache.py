@@ -1,0 +1,60 @@
+"""End to end: msModelSlim C8 checkpoints (int8 KV cache) in the real `sglang.launch_server` on CPU.
+
+The checkpoints are written by the real msmodelslim 26.1.0 (`dynamic_cache` step, scripts/make_c8_fixtures.sh).
+The served tokens are compared with transformers running the same weights dequantized, in float32,
+with the KV cache fake-quantized to int8 by the checkpoint's per-channel scales (every attention reads
+the quantized K/V, as the served path does). A reference without the KV quantization is reported too:
+it is further from the server than the tolerance, so the comparison sees the KV quantization.
+"""
+
+import pytest
+
+from helpers.common import msmodelslim_fixture
+from helpers.float_reference import (compare, dequantize_modelslim, drop_zero_biases, split_kv_cache_scales,
+                                     teacher_forced_logprobs, write_float_checkpoint)
+from helpers.sglang_server import launch
+
+pytestmark = pytest.mark.sglang
+
+PROMPT = list(range(10, 26))
+MAX_TOKENS = 8
+# nats, served vs the float model with the same int8 KV: measured 0.009 (W8A8_DYNAMIC + C8); without the
+# KV quantization in the reference the difference is 0.06 and a token flips by 0.05.
+TOLERANCE = 0.03
+# The CPU flags' default static fraction (0.05) leaves no room when the shared host's free memory drops
+# while the weights load; the KV pool stays capped by --max-total-tokens.
+MEM_ARGS = ["--mem-fraction-static", "0.2"]
+
+
+@pytest.mark.parametrize("fixture", ["qwen3-tiny-w8a8-dynamic-c8", "qwen3-tiny-w8a8-c8"])
+def test_serves_c8_checkpoint_with_an_int8_kv_cache(tmp_path, fixture):
+    model_dir = msmodelslim_fixture(fixture)
+    with launch(model_dir, MEM_ARGS) as server:
+        served = server.complete(PROMPT, MAX_TOKENS)
+        log = server.log_tail(400)
+    assert "KV Cache is allocated. dtype: torch.int8" in log, log[-3000:]
+    assert "attention backend AscendInt8KVBackend (int8 KV cache, page size 128)" in log, log[-3000:]
+    tensors, kv_scales = split_kv_cache_scales(dequantize_modelslim(model_dir))
+    assert sorted(kv_scales) == [0, 1]
+    reference_dir = write_float_checkpoint(model_dir, drop_zero_biases(tensors), str(tmp_path / "float"))
+    result = compare(served, teacher_forced_logprobs(reference_dir, PROMPT, served["token_ids"],
+                                                     kv_scales=kv_scales), TOLERANCE)
+    plain = compare(served, teacher_forced_logprobs(reference_dir, PROMPT, served["token_ids"]), TOLERANCE)
+    print(f"\n[e2e] {fixture}: vs float with int8 KV {result}; vs float with float KV {plain}")
+    assert len(served["token_ids"]) == MAX_TOKENS
+    assert result["ok"], result
+
+
+def test_int8_kv_pool_holds_twice_the_tokens_of_bf16_per_byte():
+    """SGLang's own numbers: max_total_num_tokens over the KV pool's bytes (kv_cache_memory_usage_gb), for the
+    same model with a bf16 cache (W8A8_DYNAMIC) and with the C8 int8 cache."""
+    args = ["--enable-metrics", "--page-size", "128", *MEM_ARGS]
+    per_gb = {}
+    for fixture in ("qwen3-tiny-w8a8-dynamic", "qwen3-tiny-w8a8-dynamic-c8"):
+        with launch(msmodelslim_fixture(fixture), args) as server:
+            metrics = server.metrics()
+        per_gb[fixture] = metrics["sglang:max_total_num_tokens"] / metrics["sglang:kv_cache_memory_usage_gb"]
+    ratio = per_gb["qwen3-tiny-w8a8-dynamic-c8"] / per_gb["qwen3-tiny-w8a8-dynamic"]
+    print(f"\n[e2e] tokens per KV GiB: bf16 {per_gb['qwen3-tiny-w8a8-dynamic']:.0f}, "
+          f"int8 {per_gb['qwen3-tiny-w8a8-dynamic-c8']:.0f}, ratio {ratio:.3f}")
+    assert abs(ratio - 2.0) <= 0.1, ratio
