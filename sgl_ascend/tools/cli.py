@@ -1,7 +1,8 @@
 """The `sgl-ascend` console script.
 
     sgl-ascend inspect PATH [--tp N] [--ep N] [--json]
-    sgl-ascend verify PATH [--reference BF16_PATH] [--threshold X] [--min-top1 F] [--prompts ...] [--json]
+    sgl-ascend verify PATH [--reference BF16_PATH] [--threshold X] [--min-top1 F] [--prompts ...] [--perplexity]
+                      [--json]
     sgl-ascend selftest [--json]
     sgl-ascend schemes [--json]
 
@@ -98,6 +99,10 @@ def format_verify(report, threshold: float, min_top1: float) -> str:
         lines.append(f"prompt {p['prompt'][:40]!r}: top-1 {p['top1_agree']}/{p['tokens']}, "
                      f"logit rel. error {p['logit_rel_error']:.4f}")
     lines += [f"note: {n}" for n in report.notes]
+    if report.quality:
+        from sgl_ascend.tools.quality import format_quality
+
+        lines += [""] + format_quality(report.quality) + [""]
     ref = report.worst_ref_output_error
     lines.append(f"worst layer error {report.worst_layer_error:.4f}"
                  + f" (threshold {threshold}), top-1 agreement {report.top1_agreement:.3f} (minimum {min_top1})"
@@ -109,7 +114,7 @@ def cmd_verify(args) -> int:
     from sgl_ascend.tools.verify import DEFAULT_PROMPTS, verify_checkpoint
 
     report = verify_checkpoint(args.path, args.reference, args.prompts or DEFAULT_PROMPTS,
-                               progress=False if args.json else None)
+                               progress=False if args.json else None, quality=args.perplexity)
     passed = report.worst_layer_error <= args.threshold and report.top1_agreement >= args.min_top1
     if args.json:
         print(json.dumps({**report.to_json(), "threshold": args.threshold, "min_top1": args.min_top1,
@@ -173,6 +178,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "~0.2")
     v.add_argument("--min-top1", type=float, default=0.8, help="smallest top-1 token agreement accepted")
     v.add_argument("--prompts", nargs="+", help="prompts for the logit comparison")
+    v.add_argument("--perplexity", action="store_true",
+                   help="also report perplexity on a built-in English passage, greedy agreement, outlier channels "
+                        "and the weight vs activation split of the loss, with msmodelslim advice (needs a tokenizer)")
     v.add_argument("--json", action="store_true")
     v.set_defaults(func=cmd_verify)
     s = sub.add_parser("selftest", help="every NPU op and scheme layer on this device vs the CPU twin (on a CPU "

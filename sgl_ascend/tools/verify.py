@@ -32,6 +32,7 @@ from sgl_ascend.tools.dequant import dequantize_compressed_tensors, dequantize_m
 from sgl_ascend.tools.model_layout import LinearSpec, layout_from_config, load_config
 from sgl_ascend.tools.plan import (MSMODELSLIM, UNQUANTIZED, build_linear, layer_theoretical_bytes,
                                    plan_checkpoint, resident_bytes, scheme_source)
+from sgl_ascend.tools.quality import PassageProbe, QualityReport
 
 DEFAULT_PROMPTS = ("The capital of France is", "def fibonacci(n):\n    return",
                    "Quantization stores each weight in eight bits, so")
@@ -57,6 +58,7 @@ class VerifyReport:
     layers: List[LayerError] = field(default_factory=list)
     prompts: List[dict] = field(default_factory=list)
     notes: List[str] = field(default_factory=list)
+    quality: Optional[QualityReport] = None  # verify(..., quality=True): perplexity and why (quality.py)
 
     @property
     def worst_layer_error(self) -> float:
@@ -82,7 +84,7 @@ class VerifyReport:
                 "worst_layer_error": self.worst_layer_error,
                 "worst_ref_output_error": self.worst_ref_output_error, "prompts": self.prompts,
                 "top1_agreement": self.top1_agreement, "logit_rel_error": self.logit_rel_error,
-                "notes": self.notes}
+                "notes": self.notes, "quality": self.quality.to_json() if self.quality else None}
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -220,7 +222,7 @@ def _prompt_ids(path: str, prompts) -> List[torch.Tensor]:
 
 
 def verify_checkpoint(path: str, reference: Optional[str] = None, prompts=DEFAULT_PROMPTS,
-                      progress: Optional[bool] = None) -> VerifyReport:
+                      progress: Optional[bool] = None, quality: bool = False) -> VerifyReport:
     plan = plan_checkpoint(path)
     if plan.errors:
         raise CheckpointError(f"{len(plan.errors)} problem(s), first: {plan.errors[0]}")
@@ -268,6 +270,9 @@ def verify_checkpoint(path: str, reference: Optional[str] = None, prompts=DEFAUL
         own_logits = [model(input_ids=t).logits[0].float() for t in tqdm(ids, desc="float model", disable=disable)]
     for h in hooks:
         h.remove()
+    probe = PassageProbe(path) if quality else None
+    if probe:
+        probe.run("weight_only", model, {spec.prefix: next(iter(spec.shards.values())) for spec in layout.linears})
     ref_logits, ref_outputs, hooks = own_logits, {}, []
     if reference is not None:
         from transformers import AutoModelForCausalLM
@@ -287,6 +292,8 @@ def verify_checkpoint(path: str, reference: Optional[str] = None, prompts=DEFAUL
                           for t in tqdm(ids, desc="reference model", disable=disable)]
         for h in hooks:
             h.remove()
+        if probe:
+            probe.run("reference", ref_model)
         del ref_model
 
     for spec in tqdm(layout.linears, desc="layer errors", disable=disable):
@@ -335,6 +342,9 @@ def verify_checkpoint(path: str, reference: Optional[str] = None, prompts=DEFAUL
             report.prompts.append({"prompt": text, "tokens": int(t.shape[1]),
                                    "top1_agree": int((logits.argmax(-1) == ref.argmax(-1)).sum()),
                                    "logit_rel_error": _rel(logits, ref)})
+    if probe:
+        probe.run("served", model)
+        report.quality = probe.report({e.prefix: e.scheme for e in report.layers}, reference is not None)
     return report
 
 
