@@ -70,9 +70,8 @@ RECIPES = {
     "w8a16": [_linear(None, W8)],
     "w8a8_dynamic": [_linear(A8_TOKEN, W8)],
     "w8a8": [_linear(A8_TENSOR, W8)],
-    "w8a8_smooth": [{"type": "iter_smooth", "alpha": 0.9, "scale_min": 1e-5, "symmetric": True,
-                     "enable_subgraph_type": ["norm-linear", "linear-linear", "ov", "up-down"]},
-                    _linear(A8_TENSOR, W8)],
+    # msmodelslim's default W8A8 preset (lab_practice/default) smooths with iter_smooth first
+    "w8a8_smooth": [{"type": "iter_smooth", "include": ["*"]}, _linear(A8_TENSOR, W8)],
     # attention int8, MLP int4 weights (int8 per-token activations), as msmodelslim's W4A8 presets do
     "w4a8_dynamic": [{"type": "group", "configs": [_linear(A8_TOKEN, W8, ["*self_attn*"]),
                                                    _linear(A8_TOKEN, W4, ["*mlp*"])]}],
@@ -153,29 +152,34 @@ def _gguf_field(reader, name):
 def convert(gguf_dir: str, out: str) -> None:
     import gguf
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, GPT2TokenizerFast
 
     model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=GGUF_NAME, torch_dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=GGUF_NAME)
+    converted = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=GGUF_NAME)
     reader = gguf.GGUFReader(os.path.join(gguf_dir, GGUF_NAME))
     tokens = reader.fields["tokenizer.ggml.tokens"]
     vocab = [bytes(tokens.parts[i]).decode() for i in tokens.data]
     eos = vocab[_gguf_field(reader, "tokenizer.ggml.eos_token_id")]
     bos = vocab[_gguf_field(reader, "tokenizer.ggml.bos_token_id")]
-    add_bos = bool(_gguf_field(reader, "tokenizer.ggml.add_bos_token"))
-    # transformers 4.51's converter: add_bos_token true and the wrong eos; the GGUF's own values win
-    tokenizer.add_bos_token = add_bos
-    tokenizer.eos_token, tokenizer.bos_token = eos, bos
-    tokenizer.pad_token = tokenizer.pad_token or eos
-    if _gguf_field(reader, "tokenizer.chat_template"):
-        tokenizer.chat_template = _gguf_field(reader, "tokenizer.chat_template")
+    # transformers 4.51's converter: add_bos_token true and the wrong eos; the GGUF's own values win.
+    # Setting add_bos_token rewrites the fast tokenizer's post-processor.
+    converted.add_bos_token = bool(_gguf_field(reader, "tokenizer.ggml.add_bos_token"))
+    # It also names the slow class LlamaTokenizer (sentencepiece), which has no model file here and
+    # which msmodelslim loads (use_fast=False): save the byte-level BPE as the GPT-2 pair instead, as
+    # SmolLM2 itself ships it, with vocab.json + merges.txt for the slow class.
+    with tempfile.TemporaryDirectory() as tmp:
+        converted.save_pretrained(tmp)
+        converted._tokenizer.model.save(out)
+        tokenizer = GPT2TokenizerFast(vocab_file=os.path.join(out, "vocab.json"),
+                                      merges_file=os.path.join(out, "merges.txt"),
+                                      tokenizer_file=os.path.join(tmp, "tokenizer.json"), bos_token=bos,
+                                      eos_token=eos, unk_token=converted.unk_token, pad_token=eos)
+    tokenizer.chat_template = _gguf_field(reader, "tokenizer.chat_template")
     ids = tokenizer("The capital of France is")["input_ids"]
-    if add_bos != (ids[0] == tokenizer.convert_tokens_to_ids(bos)):
-        raise RuntimeError(f"tokenizer fix did not take: ids {ids[:4]}, add_bos_token {add_bos}")
-    model.config.eos_token_id = tokenizer.convert_tokens_to_ids(eos)
-    model.config.bos_token_id = tokenizer.convert_tokens_to_ids(bos)
-    model.generation_config = GenerationConfig(bos_token_id=model.config.bos_token_id,
-                                               eos_token_id=model.config.eos_token_id)
+    if converted.add_bos_token != (ids[0] == tokenizer.bos_token_id):
+        raise RuntimeError(f"tokenizer fix did not take: ids {ids[:4]}, add_bos_token {converted.add_bos_token}")
+    model.config.eos_token_id, model.config.bos_token_id = tokenizer.eos_token_id, tokenizer.bos_token_id
+    model.generation_config = GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
     model.to(torch.bfloat16).save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
 

@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # Installs what the tests need (first run: ~8 min, mostly sglang) and runs the whole suite:
 # unit tests on torch 2.13.0, then the SGLang tests (real sglang.launch_server on CPU) on 2.14.1.
+# .venv-msmodelslim builds the real model the tests serve (scripts/real_model.py, cached).
 # Extra arguments go to pytest, e.g. `bash scripts/test.sh -k w8a8`.
 # The fast loop without SGLang: .venv-core/bin/python -m pytest -m "not sglang"
 source "$(dirname "$0")/env.sh"
 cd "$ROOT"
 core_venv
 sglang_venv
+msmodelslim_venv
 "$CORE_VENV/bin/python" -m pytest -m "not sglang" -q "$@"
 "$SGLANG_VENV/bin/python" -m pytest -m "sglang" -q "$@"

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from helpers.moe_cases import build_case
+from helpers.real_model import real_model_paths
 
 
 @pytest.fixture
@@ -21,3 +22,10 @@ def cases(tmp_path_factory):
             built[name] = build_case(name, str(tmp_path_factory.mktemp(name)), torch.Generator().manual_seed(1))
         return built[name]
     return get
+
+
+@pytest.fixture(scope="session")
+def real_model():
+    """scheme -> folder of the real SmolLM2-135M-Instruct (bf16 and W8A8_DYNAMIC), built once and cached
+    under ~/.cache/sgl-ascend/smollm2 by scripts/real_model.py (cold: a few minutes)."""
+    return real_model_paths()
