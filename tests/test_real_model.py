@@ -9,8 +9,9 @@ import pytest
 
 from sgl_ascend.tools.verify import verify_checkpoint
 
-# Measured on this model (CPU twin, verify --perplexity): worst layer error vs the checkpoint's own
-# dequantized layer 0.0XX, worst weight error vs bf16 0.0XX, perplexity +2.X%, top-1 0.9X.
+# Measured on this model (CPU twin, verify --perplexity): perplexity 19.89 -> 20.29 (+2.05%; weight error
+# +0.8%, activation error +1.3%), top-1 0.915, greedy " Paris.\n\nThe ..." for both; the layer numbers are
+# printed by the test.
 LAYER_TOL = 0.1          # served vs own dequantized layer (activation quantization + op error)
 WEIGHT_TOL = 0.02        # int8 per-channel weights vs the bf16 weights they came from
 PPL_BOUND = 0.05         # W8A8_DYNAMIC perplexity at most 5% above bf16
@@ -26,8 +27,10 @@ def test_quantized_layers_match_the_bf16_model(report):
     assert len(report.layers) == 30 * 4  # qkv, o, gate_up, down per layer, all W8A8_DYNAMIC
     assert {e.scheme for e in report.layers} == {"W8A8_DYNAMIC"}
     worst = max(report.layers, key=lambda e: e.rel_error)
-    assert worst.rel_error <= LAYER_TOL, worst
     worst_w = max(report.layers, key=lambda e: e.weight_rel_error)
+    print(f"\n[real model] worst layer error {worst.rel_error:.4f} ({worst.prefix}), worst weight error "
+          f"{worst_w.weight_rel_error:.4f} ({worst_w.prefix})")
+    assert worst.rel_error <= LAYER_TOL, worst
     assert worst_w.weight_rel_error <= WEIGHT_TOL, worst_w
     assert all(e.resident_bytes == e.theoretical_bytes for e in report.layers)
 
