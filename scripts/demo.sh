@@ -12,6 +12,8 @@ if [ $# -eq 0 ] || [[ "$1" == -* ]]; then
   msmodelslim_venv
   MODEL=$("$MSMODELSLIM_VENV/bin/python" "$ROOT/scripts/real_model.py" --schemes w8a8_dynamic \
     | awk -F'\t' '$1 == "w8a8_dynamic" {print $2}')
-  set -- "$MODEL" "$@"
+  # the KV budget on CPU is host memory measured around the weight load; a larger fraction keeps other
+  # processes' allocations meanwhile from eating it (--max-total-tokens still caps the pool)
+  set -- "$MODEL" --mem-fraction-static 0.5 "$@"
 fi
 PYTHON="$SGLANG_VENV/bin/python" exec bash "$ROOT/scripts/cpu_demo.sh" "$@"
