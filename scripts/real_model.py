@@ -64,14 +64,13 @@ A8_TOKEN = {"scope": "per_token", "dtype": "int8", "symmetric": True, "method": 
 A4_TOKEN = {"scope": "per_token", "dtype": "int4", "symmetric": True, "method": "minmax"}
 A8_TENSOR = {"scope": "per_tensor", "dtype": "int8", "symmetric": False, "method": "minmax"}
 
-# scheme -> msmodelslim (modelslim_v1) process list. All without smoothing except w8a8_smooth, which
-# shows what smoothing does to the static W8A8 loss.
+# scheme -> msmodelslim (modelslim_v1) process list, all without smoothing. (iter_smooth, as msmodelslim's
+# default W8A8 preset uses it, stops on this bf16 Llama on CPU in 26.1.0: "expected m1 and m2 to have the
+# same dtype, float != BFloat16" inside its calibration forward.)
 RECIPES = {
     "w8a16": [_linear(None, W8)],
     "w8a8_dynamic": [_linear(A8_TOKEN, W8)],
     "w8a8": [_linear(A8_TENSOR, W8)],
-    # msmodelslim's default W8A8 preset (lab_practice/default) smooths with iter_smooth first
-    "w8a8_smooth": [{"type": "iter_smooth", "include": ["*"]}, _linear(A8_TENSOR, W8)],
     # attention int8, MLP int4 weights (int8 per-token activations), as msmodelslim's W4A8 presets do
     "w4a8_dynamic": [{"type": "group", "configs": [_linear(A8_TOKEN, W8, ["*self_attn*"]),
                                                    _linear(A8_TOKEN, W4, ["*mlp*"])]}],

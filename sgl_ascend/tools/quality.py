@@ -20,6 +20,8 @@ from typing import Dict, List, Optional
 import torch
 import torch.nn.functional as F
 
+from sgl_ascend.errors import CheckpointError
+
 # An English passage written for this check (not in any calibration set); ~440 tokens for a
 # Llama/SmolLM2 tokenizer.
 PASSAGE = (
@@ -91,7 +93,12 @@ class PassageProbe:
     def __init__(self, tokenizer_path: str):
         from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+        except Exception as exc:  # noqa: BLE001 - any failure means the same thing to the user
+            raise CheckpointError(f"--perplexity needs the model's tokenizer, which does not load ({exc}); copy the "
+                                  "original model's tokenizer files into the checkpoint folder.",
+                                  file=tokenizer_path) from exc
         self.tokenizer = tokenizer
         self.ids = torch.tensor([tokenizer(PASSAGE)["input_ids"]], dtype=torch.long)
         self.prompt_ids = tokenizer(GREEDY_PROMPT)["input_ids"]
