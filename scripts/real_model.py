@@ -74,7 +74,10 @@ RECIPES = {
     # attention int8, MLP int4 weights (int8 per-token activations), as msmodelslim's W4A8 presets do
     "w4a8_dynamic": [{"type": "group", "configs": [_linear(A8_TOKEN, W8, ["*self_attn*"]),
                                                    _linear(A8_TOKEN, W4, ["*mlp*"])]}],
-    "w4a4_dynamic": [_linear(A4_TOKEN, W4)],
+    # msmodelslim has no minmax int4 per-token activation quantizer; autoround is its W4A4 path
+    "w4a4_dynamic": [{"type": "autoround_quant", "iters": 2, "enable_round_tuning": True, "strategies": [
+        {"qconfig": {"weight": {**W4, "method": "autoround", "ext": {"scale_dtype": "bfloat16"}},
+                     "act": {**A4_TOKEN, "ext": {"scale_dtype": "bfloat16"}}}, "include": ["*"]}]}],
 }
 
 
