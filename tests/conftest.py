@@ -5,6 +5,7 @@ import torch
 
 from helpers import msmodelslim_matrix as matrix_helpers
 from helpers.moe_cases import build_case
+from helpers.real_model import real_model_paths
 
 
 @pytest.fixture
@@ -31,3 +32,10 @@ def msmodelslim_matrix():
     if not matrix_helpers.matrix.venv_ready():
         pytest.skip(f"no msmodelslim venv at {matrix_helpers.matrix.venv_dir()} (scripts/env.sh: msmodelslim_venv)")
     return matrix_helpers.build_subset()
+
+
+@pytest.fixture(scope="session")
+def real_model():
+    """scheme -> folder of the real SmolLM2-135M-Instruct (bf16 and W8A8_DYNAMIC), built once and cached
+    under ~/.cache/sgl-ascend/smollm2 by scripts/real_model.py (cold: a few minutes)."""
+    return real_model_paths()

@@ -2,7 +2,7 @@
 
     sgl-ascend inspect PATH [--tp N] [--ep N] [--device-memory GIB] [--mem-fraction F] [--json]
     sgl-ascend verify PATH [--reference BF16_PATH] [--tp N] [--ep N] [--threshold X] [--min-top1 F] [--prompts ...]
-                      [--json]
+                      [--perplexity] [--json]
     sgl-ascend selftest [--json]
     sgl-ascend schemes [--json]
 
@@ -113,6 +113,10 @@ def format_verify(report, threshold: float, min_top1: float) -> str:
         lines.append(f"prompt {p['prompt'][:40]!r}: top-1 {p['top1_agree']}/{p['tokens']}, "
                      f"logit rel. error {p['logit_rel_error']:.4f}")
     lines += [f"note: {n}" for n in report.notes]
+    if report.quality:
+        from sgl_ascend.tools.quality import format_quality
+
+        lines += [""] + format_quality(report.quality) + [""]
     ref = report.worst_ref_output_error
     lines.append(f"worst layer error {report.worst_layer_error:.4f}"
                  + f" (threshold {threshold}), top-1 agreement {report.top1_agreement:.3f} (minimum {min_top1})"
@@ -133,7 +137,8 @@ def cmd_verify(args) -> int:
     from sgl_ascend.tools.verify import DEFAULT_PROMPTS, verify_checkpoint
 
     report = verify_checkpoint(args.path, args.reference, args.prompts or DEFAULT_PROMPTS,
-                               progress=False if args.json else None, tp=args.tp, ep=args.ep)
+                               progress=False if args.json else None, tp=args.tp, ep=args.ep,
+                               quality=args.perplexity)
     passed = verify_passed(report, args.threshold, args.min_top1)
     if args.json:
         print(json.dumps({**report.to_json(), "threshold": args.threshold, "min_top1": args.min_top1,
@@ -212,6 +217,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "~0.2")
     v.add_argument("--min-top1", type=float, default=0.8, help="smallest top-1 token agreement accepted")
     v.add_argument("--prompts", nargs="+", help="prompts for the logit comparison")
+    v.add_argument("--perplexity", action="store_true",
+                   help="also report perplexity on a built-in English passage, greedy agreement, outlier channels "
+                        "and the weight vs activation split of the loss, with msmodelslim advice (needs a tokenizer)")
     v.add_argument("--json", action="store_true")
     v.set_defaults(func=cmd_verify)
     s = sub.add_parser("selftest", help="every NPU op and scheme layer on this device vs the CPU twin (on a CPU "

@@ -27,6 +27,7 @@ smoothed checkpoint is judged against the original model.
 import copy
 import os
 from dataclasses import asdict, dataclass, field
+from types import SimpleNamespace
 from typing import Dict, List, Optional
 
 import torch
@@ -41,6 +42,7 @@ from sgl_ascend.tools.dequant import dequantize_compressed_tensors, dequantize_m
 from sgl_ascend.tools.model_layout import LinearSpec, ModelLayout, layer_index, layout_from_config, load_config
 from sgl_ascend.tools.plan import (MSMODELSLIM, UNQUANTIZED, UnquantizedSource, build_linear,
                                    layer_theoretical_bytes, plan_checkpoint, resident_bytes, scheme_source)
+from sgl_ascend.tools.quality import PassageProbe, QualityReport
 
 DEFAULT_PROMPTS = ("The capital of France is", "def fibonacci(n):\n    return",
                    "Quantization stores each weight in eight bits, so")
@@ -70,6 +72,7 @@ class VerifyReport:
     notes: List[str] = field(default_factory=list)
     tp: int = 1
     ep: int = 1
+    quality: Optional[QualityReport] = None  # verify(..., quality=True): perplexity and why (quality.py)
 
     @property
     def worst_layer_error(self) -> float:
@@ -100,7 +103,8 @@ class VerifyReport:
                 "worst_layer_error": self.worst_layer_error,
                 "worst_ref_output_error": self.worst_ref_output_error, "worst_tp_error": self.worst_tp_error,
                 "prompts": self.prompts, "top1_agreement": self.top1_agreement,
-                "logit_rel_error": self.logit_rel_error, "notes": self.notes}
+                "logit_rel_error": self.logit_rel_error, "notes": self.notes,
+                "quality": self.quality.to_json() if self.quality else None}
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -309,7 +313,10 @@ def _tp_experts_output(spec, source, config, checkpoint, args, tp: int, ep: int)
 
 
 def verify_checkpoint(path: str, reference: Optional[str] = None, prompts=DEFAULT_PROMPTS,
-                      progress: Optional[bool] = None, tp: int = 1, ep: int = 1) -> VerifyReport:
+                      progress: Optional[bool] = None, tp: int = 1, ep: int = 1,
+                      quality: bool = False) -> VerifyReport:
+    """quality: also the passage report of quality.py, on whole models made of the layers the stream
+    keeps for it (so that mode holds the model three times over: own float, served, reference)."""
     plan = plan_checkpoint(path, tp=tp, ep=ep)
     if plan.errors:
         raise CheckpointError(f"{len(plan.errors)} problem(s), first: {plan.errors[0]}")
@@ -335,12 +342,17 @@ def verify_checkpoint(path: str, reference: Optional[str] = None, prompts=DEFAUL
     served = own
     ref = model.embed(ref_checkpoint, ids) if reference else None
     norm_biases = source.extra_float_tensors()
+    kept = {"reference": [], "weight_only": [], "served": []} if quality else None
     for index, part in enumerate(tqdm(_layer_parts(layout), desc="layers", disable=disable)):
         ref_outputs: Dict[tuple, list] = {}
         if reference:
             layer = model.layer(index, _layer_state(part, index, UnquantizedSource(), ref_checkpoint, dtype))
-            _hook_outputs(layer, part, index, ref_outputs)
+            hooks = _hook_outputs(layer, part, index, ref_outputs)
             ref = model.run(layer, ref, contexts)
+            for h in hooks:
+                h.remove()
+            if kept is not None:
+                kept["reference"].append(layer)
             del layer
         layer = model.layer(index, _layer_state(part, index, source, checkpoint, dtype))
         strip = len(f"model.layers.{index}.")
@@ -354,6 +366,8 @@ def verify_checkpoint(path: str, reference: Optional[str] = None, prompts=DEFAUL
         own = model.run(layer, own, contexts)
         for h in hooks:
             h.remove()
+        if kept is not None:
+            kept["weight_only"].append(copy.deepcopy(layer))
         for spec in part.linears:
             served_layer = build_linear(spec, source, config)
             load_linear(served_layer, checkpoint, spec.shards)
@@ -368,6 +382,8 @@ def verify_checkpoint(path: str, reference: Optional[str] = None, prompts=DEFAUL
                                                 ref_outputs, plan, tp, ep))
             _set_module(layer, spec.prefix[strip:], _ServedExperts(moe))
         served = model.run(layer, served, contexts)
+        if kept is not None:
+            kept["served"].append(layer)
         del layer
 
     ref_logits = model.logits(ref_checkpoint, ref) if reference else model.logits(checkpoint, own)
@@ -375,7 +391,38 @@ def verify_checkpoint(path: str, reference: Optional[str] = None, prompts=DEFAUL
         report.prompts.append({"prompt": text, "tokens": int(t.shape[1]),
                                "top1_agree": int((logits.argmax(-1) == expected.argmax(-1)).sum()),
                                "logit_rel_error": _rel(logits, expected)})
+    if kept is not None:
+        report.quality = _passage_quality(path, model, checkpoint, ref_checkpoint, kept, layout, report)
     return report
+
+
+class _Stack(torch.nn.Module):
+    """A whole causal LM over kept decoder layers, named as transformers names them (model.layers.N....),
+    with the embeddings, final norm and head of `checkpoint`: what quality.py's probe runs."""
+
+    def __init__(self, float_model: "_FloatModel", checkpoint, layers: List[torch.nn.Module]):
+        super().__init__()
+        self.float_model, self.checkpoint = float_model, checkpoint
+        self.model = torch.nn.Module()
+        self.model.layers = torch.nn.ModuleList(layers)
+
+    def forward(self, input_ids: torch.Tensor):
+        hidden = self.float_model.embed(self.checkpoint, [input_ids])
+        context = [self.float_model.context(input_ids.shape[1])]
+        for layer in self.model.layers:
+            hidden = self.float_model.run(layer, hidden, context)
+        return SimpleNamespace(logits=self.float_model.logits(self.checkpoint, hidden)[0][None])
+
+
+def _passage_quality(path: str, model: "_FloatModel", checkpoint, ref_checkpoint, kept: Dict[str, list],
+                     layout: ModelLayout, report: VerifyReport) -> QualityReport:
+    probe = PassageProbe(path)
+    probe.run("weight_only", _Stack(model, checkpoint, kept["weight_only"]),
+              {spec.prefix: next(iter(spec.shards.values())) for spec in layout.linears})
+    if ref_checkpoint is not None:
+        probe.run("reference", _Stack(model, ref_checkpoint, kept["reference"]))
+    probe.run("served", _Stack(model, checkpoint, kept["served"]))
+    return probe.report({e.prefix: e.scheme for e in report.layers}, ref_checkpoint is not None)
 
 
 def _hook_inputs(layer, part: ModelLayout, index: int, captured: Dict[str, list]) -> list:
@@ -393,17 +440,19 @@ def _hook_inputs(layer, part: ModelLayout, index: int, captured: Dict[str, list]
     return hooks
 
 
-def _hook_outputs(layer, part: ModelLayout, index: int, outputs: Dict[tuple, list]) -> None:
+def _hook_outputs(layer, part: ModelLayout, index: int, outputs: Dict[tuple, list]) -> list:
     """Record each linear shard's and experts block's output (the reference layer's)."""
     strip = len(f"model.layers.{index}.")
+    hooks = []
     for spec in part.linears:
         for shard in spec.shards.values():
-            layer.get_submodule(shard[strip:]).register_forward_hook(
+            hooks.append(layer.get_submodule(shard[strip:]).register_forward_hook(
                 lambda _m, _args, out, key=(spec.prefix, shard): outputs.setdefault(key, []).append(
-                    out.detach().reshape(-1, out.shape[-1])))
+                    out.detach().reshape(-1, out.shape[-1]))))
     for spec in part.experts:
-        layer.get_submodule(spec.prefix[strip:]).register_forward_hook(
-            lambda _m, _args, out, key=(spec.prefix, None): outputs.setdefault(key, []).append(out))
+        hooks.append(layer.get_submodule(spec.prefix[strip:]).register_forward_hook(
+            lambda _m, _args, out, key=(spec.prefix, None): outputs.setdefault(key, []).append(out)))
+    return hooks
 
 
 def _linear_error(spec: LinearSpec, layer: ParallelLinear, x: torch.Tensor, source, config, checkpoint,
