@@ -22,12 +22,12 @@ from sgl_ascend.quant.checkpoint import SafetensorsCheckpoint
 TOLERANCE = 1e-2
 
 
-def _run(qconfig, ckpt, x, w, ids, tp, ep):
+def _run(qconfig, ckpt, x, w, ids, tp, ep, dtype=torch.bfloat16):
     total = None
     for rank in range(max(tp, ep)):
-        layer = build_moe(moe_method_for_compressed_tensors(qconfig, PREFIX), ckpt, PREFIX, num_experts=E,
+        layer = build_moe(moe_method_for_compressed_tensors(qconfig, PREFIX, dtype), ckpt, PREFIX, num_experts=E,
                           hidden_size=H, intermediate_size=I, tp_rank=rank if tp > 1 else 0, tp_size=tp,
-                          ep_rank=rank if ep > 1 else 0, ep_size=ep)
+                          ep_rank=rank if ep > 1 else 0, ep_size=ep, params_dtype=dtype)
         out = layer(x, w, ids).float()
         total = out if total is None else total + out
     return total, layer
@@ -47,6 +47,18 @@ def test_ct_w8a8_dynamic_experts_match_the_library(tmp_path, gen):
         assert layer.resident_bytes() == layer.moe_method.theoretical_bytes(layer.num_local_experts, H, I // tp)
         assert {name for name, _ in layer.named_parameters()} == {"w13_weight", "w13_weight_scale", "w2_weight",
                                                                   "w2_weight_scale"}
+
+
+def test_fp16_model_holds_an_fp32_scale(tmp_path, gen):
+    # the per-token grouped matmul takes an fp32 scale for fp16 output (bf16 scale: bf16 output only)
+    qconfig, experts = ct_w8a8_dynamic_checkpoint(tmp_path, gen)
+    x = torch.randn(16, H, generator=gen).to(torch.float16)
+    w, ids = routing(16, E, 2, gen)
+    out, layer = _run(qconfig, SafetensorsCheckpoint(str(tmp_path)), x, w, ids, 1, 1, torch.float16)
+    assert layer.w13_weight_scale.dtype == torch.float32 and layer.w2_weight_scale.dtype == torch.float32
+    ref = moe_reference(x, w, ids, experts, dtype=torch.float16)
+    assert rel_err(out, ref) <= TOLERANCE, rel_err(out, ref)
+    assert layer.resident_bytes() == layer.moe_method.theoretical_bytes(layer.num_local_experts, H, I)
 
 
 def test_per_tensor_weights_are_refused(tmp_path, gen):

@@ -15,7 +15,7 @@ from sgl_ascend.layers.moe import W8A8DynamicExperts, moe_method_for_modelslim
 from sgl_ascend.layers.kv_cache import StaticInt8KVCache
 from sgl_ascend.layers.registry import (check_served, create, kv_cache_scheme, linear_scheme, register_scheme, served_names,
                                         served_table, unregister_scheme)
-from sgl_ascend.layers.schemes import LinearScheme, W8A8DynamicLinear
+from sgl_ascend.layers.schemes import LinearScheme, UnquantizedLinear, W8A8DynamicLinear
 from sgl_ascend.quant.modelslim import ModelSlimConfig, parse_description
 from sgl_ascend.quant.scheme_key import EXPERTS, KV_CACHE, LINEAR, MSMODELSLIM, SchemeKey
 from sgl_ascend.tools.cli import main
@@ -88,6 +88,14 @@ def test_built_in_schemes_come_from_the_registry():
     assert served_names(EXPERTS, MSMODELSLIM) == ["FLOAT", "W4A4_DYNAMIC", "W4A8_DYNAMIC", "W8A8_DYNAMIC"]
     expert = create(SchemeKey(EXPERTS, MSMODELSLIM, "W8A8_DYNAMIC"), role="w13", params_dtype=torch.float16)
     assert isinstance(expert, W8A8DynamicExperts)
+
+
+def test_float_sparse_w16a16s_is_served_as_float():
+    # msModelSlim's float_sparse writes the float weight with zeros for a sparse kernel: dense, it is FLOAT
+    config = ModelSlimConfig(parse_description({"version": "1.0.0", "model_quant_type": "W16A16S",
+                                                f"{P}.weight": "W16A16S"}), SOURCE)
+    assert config.linear_key(P).name == "FLOAT"
+    assert isinstance(linear_scheme(check_served(config), P), UnquantizedLinear)
 
 
 def test_a_scheme_served_for_linears_only_is_refused_for_experts():

@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from sgl_ascend.errors import CheckpointError
 from sgl_ascend.quant.checkpoint import SafetensorsCheckpoint
 from sgl_ascend.quant.checks import read_json_object
-from sgl_ascend.quant.scheme_key import EXPERTS, KV_CACHE, LINEAR, MSMODELSLIM, SchemeKey
+from sgl_ascend.quant.scheme_key import EXPERTS, KV_CACHE, LINEAR, MSMODELSLIM, UNQUANTIZED, SchemeKey
 
 DESCRIPTION_FILE = "quant_model_description.json"
 
@@ -25,6 +25,10 @@ KV_CACHE_SUFFIXES = (".kv_cache_scale", ".kv_cache_offset")
 _FA_QUANT_TENSOR = re.compile(r"\.fa_[qkv]\.(scale|offset)$")
 FA_QUANT = "FAQuant"
 _EXPERT_TENSOR = re.compile(r"\.experts\.\d+\.")
+
+# Type strings served as another scheme. W16A16S (float_sparse) is the float weight with some of its values
+# zeroed for a sparse kernel SGLang 0.5.23 has no NPU method for; run densely it is FLOAT, exactly.
+TYPE_ALIASES = {"W16A16S": UNQUANTIZED}
 
 # Fused layer name -> the checkpoint shards it is built from (SGLang's and vLLM's naming).
 PACKED_MODULES: Dict[str, List[str]] = {
@@ -141,7 +145,7 @@ class ModelSlimConfig:
     def __init__(self, description: ModelSlimDescription, source: str = DESCRIPTION_FILE,
                  group_wise: Optional[FrozenSet[str]] = None):
         self.description = description
-        self.types = description.tensor_types
+        self.types = {name: TYPE_ALIASES.get(kind, kind) for name, kind in description.tensor_types.items()}
         self.source = source
         self.group_wise = group_wise
 

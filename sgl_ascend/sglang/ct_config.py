@@ -51,4 +51,4 @@ class AscendCompressedTensorsConfig(AscendQuantConfigBase):
         return self.ct.shard_prefixes(prefix)
 
     def moe_method(self, block_prefix: str, layer: torch.nn.Module):
-        return moe_method_for_compressed_tensors(self.raw, block_prefix)
+        return moe_method_for_compressed_tensors(self.raw, block_prefix, layer.params_dtype)

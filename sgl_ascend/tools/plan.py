@@ -143,7 +143,7 @@ class CompressedTensorsSource:
         return self._name(self.config.moe_scheme_args(spec.prefix, spec.num_experts, spec.projections))
 
     def moe_method(self, mlp_prefix: str, params_dtype: torch.dtype):
-        return moe_method_for_compressed_tensors(self.raw, mlp_prefix)
+        return moe_method_for_compressed_tensors(self.raw, mlp_prefix, params_dtype)
 
     def extra_float_tensors(self):
         return []

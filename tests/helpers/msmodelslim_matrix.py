@@ -10,7 +10,7 @@ of entry names).
 
 import importlib.util
 import os
-from typing import Dict
+from typing import Dict, Optional
 
 from sgl_ascend.tools.plan import plan_checkpoint
 from sgl_ascend.tools.verify import verify_checkpoint
@@ -49,8 +49,9 @@ def build_subset() -> Dict[str, "matrix.Built"]:
     return {b.entry.name: b for b in matrix.build_all(selected(), log=lambda *a: None)}
 
 
-def inspect_and_verify(path: str, reference: str):
-    """(plan, verify report) of one output; verify loads every layer through the serving loaders."""
+def inspect_and_verify(path: str, reference: Optional[str]):
+    """(plan, verify report) of one output; verify loads every layer through the serving loaders and compares
+    with `reference` (None: the checkpoint's own float weights)."""
     plan = plan_checkpoint(path)
     return plan, verify_checkpoint(path, reference, progress=False)
 

@@ -21,12 +21,14 @@ def moe_method_for_modelslim(config, prefix: str, params_dtype: torch.dtype = to
                role="w2", params_dtype=params_dtype))
 
 
-def moe_method_for_compressed_tensors(quantization_config: dict, prefix: str) -> FusedMoEMethod:
+def moe_method_for_compressed_tensors(quantization_config: dict, prefix: str,
+                                      params_dtype: torch.dtype = torch.bfloat16) -> FusedMoEMethod:
     """compressed-tensors experts (W4A8: int4 symmetric weights per channel or group, pack-quantized, with
-    dynamic per-token int8 activations; or unquantized)."""
+    dynamic per-token int8 activations; W8A8 dynamic; or unquantized) in a model of `params_dtype`."""
     keys = ct.expert_keys(quantization_config, prefix)
     schemes = []
     for role, proj, key in (("w13", "gate_proj", keys[0]), ("w2", "down_proj", keys[1])):
         module = f"{prefix}.experts.0.{proj}"
-        schemes.append(create(key, tensor=module, what=f"experts {module}", role=role, module=module))
+        schemes.append(create(key, tensor=module, what=f"experts {module}", role=role, module=module,
+                              params_dtype=params_dtype))
     return FusedMoEMethod(*schemes)
