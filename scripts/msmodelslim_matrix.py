@@ -350,10 +350,7 @@ spec:
       include: ["*"]
 """),
           "lab_practice/qwen3/qwen3-32b-dense-w8a8c8.yaml (iter_smooth, pd_mix W8A8, int8 KV cache; excluded "
-          "down_proj list cut to layer 1; fp32 base: iter_smooth fails on bf16 on CPU)",
-          expect=REFUSED_FOR_NOW, message="KV-cache quantization is not served yet",
-          reason="its pd_mix linears are W8A8_MIX, which is served; its int8 KV cache (C8) is being added "
-                 "(branch kv-cache)"),
+          "down_proj list cut to layer 1; fp32 base: iter_smooth fails on bf16 on CPU)"),
     Entry("qwen3-bf16-preset-qwen3-8b-w8a8s", "qwen3", "bf16",
           v0("qwen3-8b-w8a8s", """  anti_cfg:
     anti_method: m6
