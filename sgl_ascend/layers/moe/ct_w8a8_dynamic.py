@@ -14,7 +14,7 @@ from typing import Dict
 import torch
 
 from sgl_ascend.errors import CheckpointError
-from sgl_ascend.layers.moe.base import TensorSpec, register_expert, transposed_write
+from sgl_ascend.layers.moe.base import TensorSpec
 from sgl_ascend.layers.moe.w8a8_dynamic import W8A8DynamicExperts
 from sgl_ascend.layers.registry import register_scheme
 from sgl_ascend.quant import compressed_tensors as ct
@@ -37,9 +37,3 @@ class CTW8A8DynamicExperts(W8A8DynamicExperts):
         del specs["weight_offset"]  # symmetric: the library writes no zero point
         return specs
 
-    def create_weights(self, layer, num_experts, n, k, tp_size, **attrs):
-        specs = self.checkpoint_tensors(*self.full_sizes(n, k, tp_size), tp_size)
-        register_expert(layer, self.a("weight"), torch.empty(num_experts, k, n, dtype=torch.int8),
-                        specs["weight"], n_dim=1, write=transposed_write, **attrs)
-        register_expert(layer, self.a("weight_scale"), torch.empty(num_experts, n, dtype=self.scale_dtype),
-                        specs["weight_scale"], **attrs)

@@ -46,8 +46,9 @@ class W8A8DynamicExperts(ExpertScheme):
                         specs["weight"], n_dim=1, write=transposed_write, **attrs)
         register_expert(layer, self.a("weight_scale"), torch.empty(num_experts, n, dtype=self.scale_dtype),
                         specs["weight_scale"], **attrs)
-        register_expert(layer, self.a("weight_offset"), CHECK_ONLY(), specs["weight_offset"],
-                        write=write_zero_check, **attrs)
+        if "weight_offset" in specs:  # msModelSlim writes a zero offset (checked, not kept); symmetric CT none
+            register_expert(layer, self.a("weight_offset"), CHECK_ONLY(), specs["weight_offset"],
+                            write=write_zero_check, **attrs)
 
     def process_weights_after_loading(self, layer):
         weight = getattr(layer, self.a("weight")).data
