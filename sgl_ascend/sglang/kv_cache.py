@@ -22,8 +22,11 @@ import torch
 
 from sgl_ascend.errors import CheckpointError
 from sgl_ascend.layers.kv_cache import KVCacheScheme
+from sgl_ascend.layers.kv_cache.int8_dynamic import ONLINE_INT8
+from sgl_ascend.layers.registry import create
 from sgl_ascend.layers.parameters import ShardedParameter, check_dtype
 from sgl_ascend.quant.modelslim import DESCRIPTION_FILE
+from sgl_ascend.quant.scheme_key import KV_CACHE, ONLINE, SchemeKey
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +69,7 @@ def resolve_int8_kv_page_size(server_args, previous) -> None:
 def int8_kv_page_size(view) -> dict:
     """Post-process pass: a page size the int8 paged attention can read."""
     page_size = view.page_size
-    if not checkpoint_kv_quantized(view.model_path):
+    if not (checkpoint_kv_quantized(view.model_path) or view.kv_cache_dtype == ONLINE_INT8):
         return {}
     if page_size is None or page_size % INT8_KV_BLOCK_ALIGN:
         logger.info("sgl-ascend: int8 KV cache, page size %s -> %d (npu_fused_infer_attention_score reads int8 "
@@ -163,9 +166,43 @@ def model_kv_scheme(model: torch.nn.Module) -> Optional[KVCacheScheme]:
     return None
 
 
+def add_int8_kv_cache_dtype_choice(_result, parser, *args, **kwargs) -> None:
+    """AFTER hook of ServerArgs.add_cli_args: `--kv-cache-dtype int8` (the online int8 KV cache)."""
+    for action in parser._actions:
+        if "--kv-cache-dtype" in action.option_strings and ONLINE_INT8 not in action.choices:
+            action.choices = [*action.choices, ONLINE_INT8]
+            action.help += f' "{ONLINE_INT8}" (sgl-ascend): int8 KV cache quantized per token as written.'
+
+
+def online_kv_cache_dtype(original, *args, server_args_kv_cache_dtype: str, **kwargs):
+    """AROUND hook of sglang's kv_cache_dtype.configure_kv_cache_dtype: SGLang has no int8 KV dtype, so
+    `int8` resolves as the model dtype first; `int8_kv_cache_dtype` then stores int8."""
+    if server_args_kv_cache_dtype != ONLINE_INT8:
+        return original(*args, server_args_kv_cache_dtype=server_args_kv_cache_dtype, **kwargs)
+    _resolved, dtype = original(*args, server_args_kv_cache_dtype="auto", **kwargs)
+    return ONLINE_INT8, dtype
+
+
+def attach_online_kv_cache(model: torch.nn.Module) -> KVCacheScheme:
+    """`--kv-cache-dtype int8` on a checkpoint without KV scales: every RadixAttention quantizes its K/V
+    per token as written (DynamicInt8KVCache); it has no weights, so it attaches after loading."""
+    scheme = create(SchemeKey.make(KV_CACHE, ONLINE, ONLINE_INT8), what="--kv-cache-dtype int8")
+    attach_kv_cache_methods(model, scheme)
+    for module in model.modules():
+        method = getattr(module, "quant_method", None)
+        if isinstance(method, AscendKVCacheMethod):
+            method.process_weights_after_loading(module)
+    return scheme
+
+
 def int8_kv_cache_dtype(_result, runner, *args, **kwargs):
     """AFTER hook of ModelRunner.configure_kv_cache_dtype."""
     scheme = model_kv_scheme(runner.model)
+    if scheme is None and getattr(runner, "kv_cache_dtype_str", None) == ONLINE_INT8:
+        if getattr(runner, "use_mla_backend", False):
+            raise ValueError("--kv-cache-dtype int8: sgl-ascend serves the int8 KV cache for MHA/GQA attention "
+                             "only; this is an MLA model. Drop the flag.")
+        scheme = attach_online_kv_cache(runner.model)
     if scheme is None:
         return None
     if getattr(runner, "use_mla_backend", False):

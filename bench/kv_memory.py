@@ -1,0 +1,106 @@
+"""Weight memory and KV pool of the real SGLang server on CPU vs `sgl-ascend inspect --device-memory`'s
+prediction, for bf16, W8A8 and W8A8 + C8 (int8 KV cache).
+
+    /path/to/sglang-venv/bin/python bench/kv_memory.py            # ~3 minutes on 2 cores
+
+Writes synthetic checkpoints with Qwen3-1.7B layer proportions (sgl_ascend/testing/synthetic.py, 4
+decoder layers by default; C8: msModelSlim's per-layer kv_cache_scale/offset and description keys),
+starts `python -m sglang.launch_server` on each (CPU engine flags of sgl_ascend/testing/sglang_server.py,
+but the pool sized by SGLang from memory: --mem-fraction-static F and no token cap), reads SGLang's own
+log lines and stops the server once the pool is allocated (nothing is served):
+  - "Load weight begin. avail mem=A GB": the memory SGLang sees before the weights; the prediction
+    takes it as the device memory (`inspect --device-memory A --mem-fraction F`);
+  - "Load weight end. ... mem usage=W GB": the weights' memory, vs inspect's resident bytes;
+  - "KV Cache is allocated. #tokens: T, K size: K GB, V size: V GB": the pool, vs inspect's
+    tokens that fit and bytes per token.
+On a CPU host SGLang measures memory as the host's available memory (psutil), which other jobs move:
+the weight and token ratios carry that noise (the load average is printed); KV bytes per token does not.
+"""
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from sgl_ascend.testing import sglang_server, synthetic  # noqa: E402
+
+# name -> (msModelSlim kind, C8 KV scales)
+CHECKPOINTS = {"bf16": ("FLOAT", False), "W8A8": ("W8A8", False), "W8A8 + C8": ("W8A8", True)}
+GB = 2 ** 30
+BEGIN = re.compile(r"Load weight begin\. avail mem=([\d.]+) GB")
+END = re.compile(r"Load weight end\..*mem usage=([\d.]+) GB")
+POOL = re.compile(r"KV Cache is allocated\. dtype: ([\w.]+), #tokens: (\d+), K size: ([\d.]+) GB, V size: ([\d.]+) GB")
+
+
+def server_pool(model: str, mem_fraction: float, timeout: float) -> dict:
+    """Start the server, wait for the pool's log line, return SGLang's numbers."""
+    with tempfile.NamedTemporaryFile("w+", prefix="kv-memory-", suffix=".log", delete=False) as log:
+        env = {"PYTHONPATH": os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)}
+        # later flags win: the pool sized from memory (no 4096-token cap)
+        extra = ["--skip-tokenizer-init", "--mem-fraction-static", str(mem_fraction), "--max-total-tokens", str(10 ** 9)]
+        process = sglang_server.start(model, sglang_server.free_port(), log, extra, env)
+        try:
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                with open(log.name, errors="replace") as f:
+                    text = f.read()
+                pool = POOL.search(text)
+                if pool:
+                    return {"avail_gb": float(BEGIN.search(text).group(1)),
+                            "weights_gb": float(END.search(text).group(1)), "dtype": pool.group(1),
+                            "tokens": int(pool.group(2)), "kv_gb": float(pool.group(3)) + float(pool.group(4))}
+                if process.poll() is not None:
+                    break
+                time.sleep(0.2)
+            raise RuntimeError(f"no 'KV Cache is allocated' from the server ({model}):\n" + text[-3000:])
+        finally:
+            sglang_server.stop(process)
+            os.unlink(log.name)
+
+
+def inspect(model: str, device_gib: float, mem_fraction: float) -> dict:
+    out = subprocess.run([sys.executable, "-m", "sgl_ascend.tools.cli", "inspect", model, "--device-memory",
+                          str(device_gib), "--mem-fraction", str(mem_fraction), "--json"],
+                         capture_output=True, text=True, check=True, env={**os.environ, "PYTHONPATH": ROOT})
+    return json.loads(out.stdout)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--mem-fraction", type=float, default=0.08)
+    parser.add_argument("--timeout", type=float, default=600, help="seconds per server start")
+    args = parser.parse_args()
+    print(f"SGLang server on CPU, synthetic Qwen3-1.7B proportions, {args.layers} layers, "
+          f"--mem-fraction-static {args.mem_fraction}")
+    print("checkpoint | weights GB server | predicted | ratio | KV dtype | tokens server | predicted | ratio | "
+          "KV bytes/token server | predicted | tokens per KV GiB / bf16 | load avg")
+    print("---|---|---|---|---|---|---|---|---|---|---|---")
+    base = None
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, (kind, c8) in CHECKPOINTS.items():
+            path = synthetic.write_modelslim(os.path.join(tmp, kind + ("_C8" if c8 else "")), kind, c8=c8,
+                                             num_hidden_layers=args.layers)
+            s = server_pool(path, args.mem_fraction, args.timeout)
+            p = inspect(path, s["avail_gb"], args.mem_fraction)
+            fit, kv = p["fit"], p["kv_cache"]
+            weights = fit["weight_bytes"] / GB
+            per_token = s["kv_gb"] * GB / s["tokens"]  # from 2-decimal GB: +-0.005 GB
+            density = s["tokens"] / s["kv_gb"]
+            base = base or density
+            print(f"{name} | {s['weights_gb']:.2f} | {weights:.2f} | {s['weights_gb'] / weights:.3f} | {s['dtype']} | "
+                  f"{s['tokens']} | {fit['tokens']} | {s['tokens'] / fit['tokens']:.3f} | {per_token:.0f} | "
+                  f"{kv['bytes_per_token_per_device']} | {density / base:.3f} | {os.getloadavg()[0]:.1f}", flush=True)
+            for f in os.listdir(path):
+                os.remove(os.path.join(path, f))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,125 @@
+"""Online int8 KV cache (`--kv-cache-dtype int8`): per-token scales, quantize-on-write, the FIA op's
+per-token antiquant mode, and the plugin's flag plumbing. Tolerances: bf16 outputs vs a float64
+reference on the same quantized K/V, 2e-2 absolute (bf16 rounding of O(1) values)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sgl_ascend.layers.kv_cache.int8_dynamic import DynamicInt8KVCache, position_scales
+from sgl_ascend.layers.registry import create
+from sgl_ascend.ops import NpuContractError, ops
+from sgl_ascend.quant.scheme_key import KV_CACHE, ONLINE, SchemeKey
+
+N, KV_N, D, PAGE = 4, 2, 32, 32
+H = KV_N * D
+BF16_TOL = 2e-2
+
+
+def _reference(q, k, v, causal_offset=None):
+    """q [S_q, N, D], k/v [S, KV_N, D] float -> [S_q, N, D] float64 (GQA by repeating KV heads)."""
+    k, v = (t.double().repeat_interleave(N // KV_N, dim=1).transpose(0, 1) for t in (k, v))
+    q = q.double().transpose(0, 1)
+    mask = None
+    if causal_offset is not None:
+        rows = torch.arange(q.shape[1]).unsqueeze(1) + causal_offset
+        mask = torch.arange(k.shape[1]).unsqueeze(0) <= rows
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=D ** -0.5).transpose(0, 1)
+
+
+def _per_token_fake_quant(x):
+    """x [S, KV_N, D]: each token's row (all heads) rounded to int8 with scale max|row| / 127."""
+    rows = x.float().reshape(x.shape[0], -1)
+    scale = rows.abs().amax(1, keepdim=True) / 127
+    return (torch.round(rows / scale).clamp(-128, 127) * scale).reshape(x.shape)
+
+
+def test_the_registry_creates_the_online_scheme():
+    scheme = create(SchemeKey.make(KV_CACHE, ONLINE, "int8"))
+    assert isinstance(scheme, DynamicInt8KVCache) and scheme.token_scales and scheme.cache_dtype == torch.int8
+    # int8 K and V rows plus one fp32 scale each
+    assert scheme.bytes_per_token(8, 128) == 2 * 8 * 128 + 8
+
+
+def test_per_token_antiquant_twin_scales_each_key_position():
+    g = torch.Generator().manual_seed(1)
+    table, lengths = torch.tensor([[2, 0], [1, 3]], dtype=torch.int32), [40, 50]
+    k_cache, v_cache = (torch.randint(-127, 128, (4, PAGE, H), dtype=torch.int8, generator=g) for _ in range(2))
+    scales = torch.rand(2, 2, 2 * PAGE, generator=g) * 0.02 + 0.005
+    q = torch.randn(2, 1, N * D, generator=g).to(torch.bfloat16)
+    out, _ = ops.npu_fused_infer_attention_score(
+        q, k_cache, v_cache, block_table=table, actual_seq_lengths_kv=lengths, antiquant_scale=scales,
+        antiquant_mode=1, num_heads=N, num_key_value_heads=KV_N, scale=D ** -0.5, input_layout="BSH",
+        block_size=PAGE)
+    for b, length in enumerate(lengths):
+        rows = lambda cache: cache[table[b].long()].reshape(-1, KV_N, D)[:length].float()  # noqa: E731
+        k = rows(k_cache) * scales[0, b, :length].reshape(-1, 1, 1)
+        v = rows(v_cache) * scales[1, b, :length].reshape(-1, 1, 1)
+        assert (out[b].reshape(1, N, D).double() - _reference(q[b].reshape(1, N, D), k, v)).abs().max() < BF16_TOL
+
+
+@pytest.mark.parametrize("scale, rule", [
+    (torch.ones(2, 2, 2 * PAGE, dtype=torch.bfloat16), ":8165"),  # per-token scales are float32
+    (torch.ones(2, 2, PAGE), ":8165"),  # (2, B, KV_S), KV_S = blocks * block_size
+])
+def test_the_contract_refuses_per_token_scales_the_op_refuses(scale, rule):
+    k = torch.zeros(4, PAGE, H, dtype=torch.int8)
+    with pytest.raises(NpuContractError, match=rule):
+        ops.npu_fused_infer_attention_score(
+            torch.zeros(2, 1, N * D, dtype=torch.bfloat16), k, k.clone(),
+            block_table=torch.tensor([[2, 0], [1, 3]], dtype=torch.int32), actual_seq_lengths_kv=[40, 50],
+            antiquant_scale=scale, antiquant_mode=1, num_heads=N, num_key_value_heads=KV_N, input_layout="BSH",
+            block_size=PAGE)
+
+
+def test_position_scales_follow_the_block_table():
+    scales = torch.arange(2 * 4 * PAGE, dtype=torch.float32).reshape(2, 4 * PAGE)
+    table = torch.tensor([[2, 0]], dtype=torch.int32)
+    got = position_scales(scales, table, PAGE)
+    assert got.shape == (2, 1, 2 * PAGE)
+    assert torch.equal(got[:, 0, :PAGE], scales[:, 2 * PAGE:3 * PAGE])
+    assert torch.equal(got[:, 0, PAGE:], scales[:, :PAGE])
+
+
+def test_write_quantizes_per_token_and_decode_extend_read_it_back():
+    scheme = DynamicInt8KVCache()
+    layer = torch.nn.Module()
+    scheme.create_weights(layer, KV_N, D)
+    scheme.process_weights_after_loading(layer, torch.bfloat16)
+    g = torch.Generator().manual_seed(4)
+    s = 70
+    k, v = (torch.randn(s, KV_N, D, generator=g).to(torch.bfloat16) for _ in range(2))
+    k_cache, v_cache = (torch.zeros(3 * PAGE, KV_N, D, dtype=torch.int8) for _ in range(2))
+    scales = torch.ones(2, 3 * PAGE)
+    slots = torch.cat([torch.arange(2 * PAGE, 3 * PAGE), torch.arange(0, PAGE), torch.arange(PAGE, 2 * PAGE)])[:s]
+    scheme.write(layer, k, v, k_cache, v_cache, slots, scales=scales)
+    # the cache holds round(row / (max|row| / 127)), the scale buffer max|row| / 127, per token
+    row_scale = k.float().reshape(s, -1).abs().amax(1) / 127
+    assert torch.allclose(scales[0, slots], row_scale, rtol=1e-6)
+    assert (k_cache[slots].float() - k.float() / row_scale.reshape(s, 1, 1)).abs().max() <= 0.5 + 1e-3
+
+    kq, vq = _per_token_fake_quant(k), _per_token_fake_quant(v)
+    q = torch.randn(1, N * D, generator=g).to(torch.bfloat16)
+    table = torch.tensor([[2, 0, 1]], dtype=torch.int32)
+    out = scheme.decode(layer, q, k_cache, v_cache, table, [s], PAGE, N, KV_N, D ** -0.5, scales=scales)
+    assert (out.reshape(1, N, D).double() - _reference(q.reshape(1, N, D), kq, vq)).abs().max() < BF16_TOL
+
+    s_new = 6
+    q_new = torch.randn(s_new, N * D, generator=g).to(torch.bfloat16)
+    out = scheme.extend(layer, q_new, k_cache[slots], v_cache[slots], N, KV_N, D ** -0.5,
+                        row_scales=scales[:, slots])
+    expected = _reference(q_new.reshape(s_new, N, D), kq, vq, causal_offset=s - s_new)
+    assert (out.reshape(s_new, N, D).double() - expected).abs().max() < BF16_TOL
+
+
+def test_online_decode_is_graph_safe():
+    scheme, layer = DynamicInt8KVCache(), torch.nn.Module()
+    k_cache, v_cache = (torch.randint(-127, 128, (2 * PAGE, KV_N, D), dtype=torch.int8) for _ in range(2))
+    scales = torch.rand(2, 2 * PAGE) * 0.01 + 0.001
+    table = torch.tensor([[1, 0]], dtype=torch.int32)
+    q = torch.randn(1, N * D).to(torch.bfloat16)
+
+    def decode(q):
+        return scheme.decode(layer, q, k_cache, v_cache, table, [40], PAGE, N, KV_N, D ** -0.5, scales=scales)
+
+    assert torch.equal(torch.compile(decode, fullgraph=True)(q), decode(q))
