@@ -31,20 +31,22 @@ sys.path.insert(0, ROOT)
 
 from sgl_ascend.testing import sglang_server, synthetic  # noqa: E402
 
-# name -> (msModelSlim kind, C8 KV scales)
-CHECKPOINTS = {"bf16": ("FLOAT", False), "W8A8": ("W8A8", False), "W8A8 + C8": ("W8A8", True)}
+# name -> (msModelSlim kind, C8 KV scales, extra server flags)
+CHECKPOINTS = {"bf16": ("FLOAT", False, []), "W8A8": ("W8A8", False, []), "W8A8 + C8": ("W8A8", True, []),
+               "W8A8 + online int8 KV": ("W8A8", False, ["--kv-cache-dtype", "int8"])}
 GB = 2 ** 30
 BEGIN = re.compile(r"Load weight begin\. avail mem=([\d.]+) GB")
 END = re.compile(r"Load weight end\..*mem usage=([\d.]+) GB")
+RESIDENT = re.compile(r"sgl-ascend resident bytes: .*: (\d+)")
 POOL = re.compile(r"KV Cache is allocated\. dtype: ([\w.]+), #tokens: (\d+), K size: ([\d.]+) GB, V size: ([\d.]+) GB")
 
 
-def server_pool(model: str, mem_fraction: float, timeout: float) -> dict:
+def server_pool(model: str, flags, mem_fraction: float, timeout: float) -> dict:
     """Start the server, wait for the pool's log line, return SGLang's numbers."""
     with tempfile.NamedTemporaryFile("w+", prefix="kv-memory-", suffix=".log", delete=False) as log:
         env = {"PYTHONPATH": os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)}
         # later flags win: the pool sized from memory (no 4096-token cap)
-        extra = ["--skip-tokenizer-init", "--mem-fraction-static", str(mem_fraction), "--max-total-tokens", str(10 ** 9)]
+        extra = ["--skip-tokenizer-init", "--mem-fraction-static", str(mem_fraction), "--max-total-tokens", str(10 ** 9), *flags]
         process = sglang_server.start(model, sglang_server.free_port(), log, extra, env)
         try:
             deadline = time.monotonic() + timeout
@@ -55,6 +57,7 @@ def server_pool(model: str, mem_fraction: float, timeout: float) -> dict:
                 if pool:
                     return {"avail_gb": float(BEGIN.search(text).group(1)),
                             "weights_gb": float(END.search(text).group(1)), "dtype": pool.group(1),
+                            "resident": int(RESIDENT.search(text).group(1)),
                             "tokens": int(pool.group(2)), "kv_gb": float(pool.group(3)) + float(pool.group(4))}
                 if process.poll() is not None:
                     break
@@ -80,24 +83,32 @@ def main():
     args = parser.parse_args()
     print(f"SGLang server on CPU, synthetic Qwen3-1.7B proportions, {args.layers} layers, "
           f"--mem-fraction-static {args.mem_fraction}")
-    print("checkpoint | weights GB server | predicted | ratio | KV dtype | tokens server | predicted | ratio | "
-          "KV bytes/token server | predicted | tokens per KV GiB / bf16 | load avg")
-    print("---|---|---|---|---|---|---|---|---|---|---|---")
+    print("checkpoint | KV dtype | weights in server MiB | predicted | ratio | SGLang 'mem usage' GiB | "
+          "KV bytes/token in pool | predicted | tokens | predicted | ratio | tokens per pool GiB / bf16 | load avg")
+    print("---|---|---|---|---|---|---|---|---|---|---|---|---")
     base = None
     with tempfile.TemporaryDirectory() as tmp:
-        for name, (kind, c8) in CHECKPOINTS.items():
+        for name, (kind, c8, flags) in CHECKPOINTS.items():
             path = synthetic.write_modelslim(os.path.join(tmp, kind + ("_C8" if c8 else "")), kind, c8=c8,
                                              num_hidden_layers=args.layers)
-            s = server_pool(path, args.mem_fraction, args.timeout)
+            s = server_pool(path, flags, args.mem_fraction, args.timeout)
             p = inspect(path, s["avail_gb"], args.mem_fraction)
             fit, kv = p["fit"], p["kv_cache"]
-            weights = fit["weight_bytes"] / GB
-            per_token = s["kv_gb"] * GB / s["tokens"]  # from 2-decimal GB: +-0.005 GB
+            pool_bpt = s["kv_gb"] * GB / s["tokens"]  # from 2-decimal GiB: +-0.005 GiB
+            # inspect's int8 KV bytes (half of bf16) for the online mode, which the checkpoint does not name;
+            # the online scheme's per-token fp32 scales (8 bytes per token per layer) live beside SGLang's pool
+            predicted_bpt = (kv["bf16_bytes_per_token_per_device"] // 2 if flags else
+                             kv["bytes_per_token_per_device"])
+            # SGLang's budget: the memory it saw before the weights x fraction, less what it measured the
+            # weights took (on CPU: the drop of the host's available memory)
+            budget = s["avail_gb"] * GB * args.mem_fraction - s["weights_gb"] * GB
+            tokens = int(budget // predicted_bpt)
             density = s["tokens"] / s["kv_gb"]
             base = base or density
-            print(f"{name} | {s['weights_gb']:.2f} | {weights:.2f} | {s['weights_gb'] / weights:.3f} | {s['dtype']} | "
-                  f"{s['tokens']} | {fit['tokens']} | {s['tokens'] / fit['tokens']:.3f} | {per_token:.0f} | "
-                  f"{kv['bytes_per_token_per_device']} | {density / base:.3f} | {os.getloadavg()[0]:.1f}", flush=True)
+            print(f"{name} | {s['dtype'].replace('torch.', '')} | {s['resident'] / 2**20:.1f} | "
+                  f"{fit['weight_bytes'] / 2**20:.1f} | {s['resident'] / fit['weight_bytes']:.3f} | "
+                  f"{s['weights_gb']:.2f} | {pool_bpt:.0f} | {predicted_bpt} | {s['tokens']} | {tokens} | "
+                  f"{s['tokens'] / tokens:.3f} | {density / base:.3f} | {os.getloadavg()[0]:.1f}", flush=True)
             for f in os.listdir(path):
                 os.remove(os.path.join(path, f))
 

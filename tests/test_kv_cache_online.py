@@ -123,3 +123,56 @@ def test_online_decode_is_graph_safe():
         return scheme.decode(layer, q, k_cache, v_cache, table, [40], PAGE, N, KV_N, D ** -0.5, scales=scales)
 
     assert torch.equal(torch.compile(decode, fullgraph=True)(q), decode(q))
+
+
+# -- the layer selector (--kv-cache-skip-layers) ----------------------------------------------------------
+
+def test_skip_layers_counts_negative_indices_from_the_end_and_refuses_unknown_layers():
+    from sgl_ascend.sglang.kv_cache import skip_layers
+
+    assert skip_layers("0,1,-1", 28) == {0, 1, 27}
+    assert skip_layers(None, 28) == set() and skip_layers("", 28) == set()
+    with pytest.raises(ValueError, match="layer 28 does not exist"):
+        skip_layers("28", 28)
+    with pytest.raises(ValueError, match="'x' is not a layer index"):
+        skip_layers("0,x", 28)
+
+
+def test_the_server_arguments_add_int8_and_the_skip_selector_to_the_parser(monkeypatch):
+    import argparse
+
+    from sgl_ascend.sglang.kv_cache import SKIP_LAYERS_ENV, add_kv_cache_server_args
+
+    monkeypatch.setenv(SKIP_LAYERS_ENV, "")  # the parser writes it; monkeypatch restores it afterwards
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--kv-cache-dtype", choices=["auto", "bf16"], default="auto", help="dtype.")
+    add_kv_cache_server_args(None, parser)
+    add_kv_cache_server_args(None, parser)  # SGLang builds the parser more than once: idempotent
+    args = parser.parse_args(["--kv-cache-dtype", "int8", "--kv-cache-skip-layers", "0,-1"])
+    assert args.kv_cache_dtype == "int8"
+    # the scheduler processes read it from the environment they inherit
+    import os
+    assert os.environ[SKIP_LAYERS_ENV] == "0,-1"
+    assert "--kv-cache-skip-layers" in parser.format_help()
+
+
+def test_a_skipped_layer_stores_float_kv_and_reads_it_without_antiquant():
+    from sgl_ascend.layers.kv_cache.float_kv import FloatKVCache
+
+    scheme, layer = FloatKVCache(), torch.nn.Module()
+    scheme.create_weights(layer, KV_N, D)
+    g = torch.Generator().manual_seed(6)
+    s = 40
+    k, v = (torch.randn(s, KV_N, D, generator=g).to(torch.bfloat16) for _ in range(2))
+    k_cache, v_cache = (torch.zeros(2 * PAGE, KV_N, D, dtype=torch.bfloat16) for _ in range(2))
+    slots = torch.cat([torch.arange(PAGE, 2 * PAGE), torch.arange(0, PAGE)])[:s]
+    scheme.write(layer, k, v, k_cache, v_cache, slots)
+    assert torch.equal(k_cache[slots], k)
+    q = torch.randn(1, N * D, generator=g).to(torch.bfloat16)
+    table = torch.tensor([[1, 0]], dtype=torch.int32)
+    out = scheme.decode(layer, q, k_cache, v_cache, table, [s], PAGE, N, KV_N, D ** -0.5)
+    assert (out.reshape(1, N, D).double() - _reference(q.reshape(1, N, D), k, v)).abs().max() < BF16_TOL
+    q_new = torch.randn(5, N * D, generator=g).to(torch.bfloat16)
+    out = scheme.extend(layer, q_new, k_cache[slots], v_cache[slots], N, KV_N, D ** -0.5)
+    expected = _reference(q_new.reshape(5, N, D), k, v, causal_offset=s - 5)
+    assert (out.reshape(5, N, D).double() - expected).abs().max() < BF16_TOL

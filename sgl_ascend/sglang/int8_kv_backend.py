@@ -32,6 +32,8 @@ class AscendInt8KVBackend(TorchNativeAttnBackend):
         self.seq_lens: List[int] = []
         # per-token schemes (online int8): one [2, slots] fp32 scale buffer per layer, beside SGLang's pool
         self.token_scales = {}
+        # layers kept in float KV (--kv-cache-skip-layers): their K/V buffers, beside SGLang's int8 pool
+        self.float_caches = {}
 
     def init_forward_metadata(self, forward_batch):
         super().init_forward_metadata(forward_batch)
@@ -47,6 +49,12 @@ class AscendInt8KVBackend(TorchNativeAttnBackend):
         k_cache = self.token_to_kv_pool.get_key_buffer(layer.layer_id)
         v_cache = self.token_to_kv_pool.get_value_buffer(layer.layer_id)
         rows = k_cache.shape[0] // self.page_size * self.page_size
+        if layer.kv_scheme.cache_dtype is None:  # a layer kept in float KV: buffers of its own, same slots
+            if layer.layer_id not in self.float_caches:
+                self.float_caches[layer.layer_id] = tuple(
+                    torch.zeros(rows, *k_cache.shape[1:], dtype=layer.kv_model_dtype, device=k_cache.device)
+                    for _ in range(2))
+            return self.float_caches[layer.layer_id]
         return k_cache[:rows], v_cache[:rows]
 
     def _scales(self, layer, slots: int):
