@@ -176,3 +176,18 @@ def test_a_skipped_layer_stores_float_kv_and_reads_it_without_antiquant():
     out = scheme.extend(layer, q_new, k_cache[slots], v_cache[slots], N, KV_N, D ** -0.5)
     expected = _reference(q_new.reshape(5, N, D), k, v, causal_offset=s - 5)
     assert (out.reshape(5, N, D).double() - expected).abs().max() < BF16_TOL
+
+
+def test_the_synthetic_c8_writer_is_read_as_c8_and_inspect_predicts_half_the_kv_bytes(tmp_path):
+    from sgl_ascend.testing import synthetic
+    from sgl_ascend.tools.plan import plan_checkpoint, tokens_that_fit
+
+    shape = dict(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2,
+                 head_dim=64, num_hidden_layers=2, vocab_size=512)
+    plan = plan_checkpoint(synthetic.write_modelslim(str(tmp_path / "c8"), "W8A8", c8=True, **shape))
+    assert plan.ok, plan.errors
+    # K and V, 2 KV heads of 64, 2 layers: 512 bytes per token in int8, 1024 in bf16
+    assert plan.kv_cache == {"scheme": "StaticInt8KVCache", "cache_dtype": "int8", "bytes_per_token_per_device": 512,
+                             "bf16_bytes_per_token_per_device": 1024}
+    fit = tokens_that_fit(plan, 2 ** 30, 0.5)
+    assert fit["tokens"] == (2 ** 29 - fit["weight_bytes"]) // 512 and fit["tokens_bf16_kv"] == fit["tokens"] // 2
