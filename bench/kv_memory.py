@@ -1,7 +1,8 @@
 """Weight memory and KV pool of the real SGLang server on CPU vs `sgl-ascend inspect --device-memory`'s
-prediction, for bf16, W8A8 and W8A8 + C8 (int8 KV cache).
+prediction, for bf16, W8A8, W8A8 + C8 (int8 KV cache) and W8A8 with the online int8 KV cache
+(`--kv-cache-dtype int8`).
 
-    /path/to/sglang-venv/bin/python bench/kv_memory.py            # ~3 minutes on 2 cores
+    /path/to/sglang-venv/bin/python bench/kv_memory.py            # ~7 minutes on 2 cores
 
 Writes synthetic checkpoints with Qwen3-1.7B layer proportions (sgl_ascend/testing/synthetic.py, 4
 decoder layers by default; C8: msModelSlim's per-layer kv_cache_scale/offset and description keys),
@@ -10,7 +11,8 @@ but the pool sized by SGLang from memory: --mem-fraction-static F and no token c
 log lines and stops the server once the pool is allocated (nothing is served):
   - "Load weight begin. avail mem=A GB": the memory SGLang sees before the weights; the prediction
     takes it as the device memory (`inspect --device-memory A --mem-fraction F`);
-  - "Load weight end. ... mem usage=W GB": the weights' memory, vs inspect's resident bytes;
+  - "sgl-ascend resident bytes: ... N" (the plugin's count of the served parameters) vs inspect's
+    resident bytes; "Load weight end. ... mem usage=W GB": SGLang's own figure (GB = GiB in its logs);
   - "KV Cache is allocated. #tokens: T, K size: K GB, V size: V GB": the pool, vs inspect's
     tokens that fit and bytes per token.
 On a CPU host SGLang measures memory as the host's available memory (psutil), which other jobs move:
@@ -46,8 +48,10 @@ def server_pool(model: str, flags, mem_fraction: float, timeout: float) -> dict:
     with tempfile.NamedTemporaryFile("w+", prefix="kv-memory-", suffix=".log", delete=False) as log:
         env = {"PYTHONPATH": os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)}
         # later flags win: the pool sized from memory (no 4096-token cap)
-        extra = ["--skip-tokenizer-init", "--mem-fraction-static", str(mem_fraction), "--max-total-tokens", str(10 ** 9), *flags]
+        extra = ["--skip-tokenizer-init", "--mem-fraction-static", str(mem_fraction),
+                 "--max-total-tokens", str(10 ** 9), *flags]
         process = sglang_server.start(model, sglang_server.free_port(), log, extra, env)
+        text = ""
         try:
             deadline = time.monotonic() + timeout
             while time.monotonic() < deadline:
