@@ -13,8 +13,8 @@ log lines and stops the server once the pool is allocated (nothing is served):
     takes it as the device memory (`inspect --device-memory A --mem-fraction F`);
   - "sgl-ascend resident bytes: ... N" (the plugin's count of the served parameters) vs inspect's
     resident bytes; "Load weight end. ... mem usage=W GB": SGLang's own figure (GB = GiB in its logs);
-  - "KV Cache is allocated. #tokens: T, K size: K GB, V size: V GB": the pool, vs inspect's
-    tokens that fit and bytes per token.
+  - "KV Cache is allocated. #tokens: T, K size: K GB, V size: V GB": the pool's bytes per token vs
+    inspect's, and T vs inspect's bytes per token into SGLang's budget (A x F less SGLang's weight figure).
 On a CPU host SGLang measures memory as the host's available memory (psutil), which other jobs move:
 the weight and token ratios carry that noise (the load average is printed); KV bytes per token does not.
 """
