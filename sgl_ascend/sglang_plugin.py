@@ -79,16 +79,22 @@ def _register_hooks() -> None:
 
 
 def _register_int8_kv_cache() -> None:
-    """KV-cache quantized checkpoints: page size, int8 pool and our attention backend (sglang/kv_cache.py)."""
+    """KV-cache quantized checkpoints and `--kv-cache-dtype int8`: page size, int8 pool and our attention backend
+    (sglang/kv_cache.py)."""
     from sglang.srt.arg_groups.resolution_hooks import _HOOKS, register_resolution_hook
     from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
-    from sgl_ascend.sglang.kv_cache import RESOLUTION_STEP, int8_kv_attention_backend, int8_kv_cache_dtype, \
-        resolve_int8_kv_page_size
+    from sgl_ascend.sglang.kv_cache import RESOLUTION_STEP, add_kv_cache_server_args, \
+        int8_kv_attention_backend, int8_kv_cache_dtype, online_kv_cache_dtype, resolve_int8_kv_page_size
+
 
     if resolve_int8_kv_page_size not in _HOOKS.get(RESOLUTION_STEP, ()):  # register() runs more than once
         register_resolution_hook(RESOLUTION_STEP)(resolve_int8_kv_page_size)
     runner = "sglang.srt.model_executor.model_runner.ModelRunner"
+    HookRegistry.register("sglang.srt.server_args.ServerArgs.add_cli_args", add_kv_cache_server_args,
+                          HookType.AFTER)
+    HookRegistry.register("sglang.srt.mem_cache.kv_cache_dtype.configure_kv_cache_dtype", online_kv_cache_dtype,
+                          HookType.AROUND)
     HookRegistry.register(f"{runner}.configure_kv_cache_dtype", int8_kv_cache_dtype, HookType.AFTER)
     HookRegistry.register("sglang.srt.model_executor.model_runner_components.attention_backend_setup."
                           "_build_full_attention_backend_from_str", int8_kv_attention_backend, HookType.AROUND)

@@ -553,15 +553,21 @@ def check_fused_infer_attention_score(query, key, value, unmodelled, atten_mask,
     if int8_kv:
         require(antiquant_scale is not None, op, "int8 key/value need antiquant_scale (the twin models "
                 "the combined per-channel antiquant)", f"{DOC}:8089, 8163")
-        require(antiquant_mode == 0, op, f"antiquant_mode must be 0 (per-channel), got {antiquant_mode}; "
-                "per-token scales are not what a static cache holds", f"{DOC}:8131")
-        want = (2, kv_n * d) if input_layout == "BSH" else (2, kv_n, d)
-        require(tuple(antiquant_scale.shape) == want, op,
-                f"per-channel antiquant_scale for {input_layout} must be {want}, got {tuple(antiquant_scale.shape)}",
-                f"{DOC}:8163")
-        require(antiquant_scale.dtype == query.dtype, op,
-                f"antiquant_scale must have the query's dtype {query.dtype}, got {antiquant_scale.dtype}",
-                f"{DOC}:8163 (参数数据类型和query数据类型相同)")
+        require(antiquant_mode in (0, 1), op, f"antiquant_mode must be 0 (per-channel) or 1 (per-token), got "
+                f"{antiquant_mode}", f"{DOC}:8131")
+        if antiquant_mode == 0:
+            want = (2, kv_n * d) if input_layout == "BSH" else (2, kv_n, d)
+            require(tuple(antiquant_scale.shape) == want, op, f"per-channel antiquant_scale for {input_layout} "
+                    f"must be {want}, got {tuple(antiquant_scale.shape)}", f"{DOC}:8163")
+            require(antiquant_scale.dtype == query.dtype, op,
+                    f"antiquant_scale must have the query's dtype {query.dtype}, got {antiquant_scale.dtype}",
+                    f"{DOC}:8163 (参数数据类型和query数据类型相同)")
+        else:
+            kv_s = key.shape[1] if block_table is None else block_table.shape[1] * block_size
+            require(tuple(antiquant_scale.shape) == (2, b, kv_s), op, f"per-token antiquant_scale must be "
+                    f"(2, B={b}, KV_S={kv_s}), got {tuple(antiquant_scale.shape)}", f"{DOC}:8165")
+            require_dtype(antiquant_scale, (torch.float32,), op, "per-token antiquant_scale (float32)",
+                          f"{DOC}:8165 (数据类型固定为float32, antiquant_mode置1)")
         require(antiquant_offset is None, op, "the twin models symmetric antiquant only (antiquant_offset=None)",
                 f"{DOC}:8169 (对称量化模式下, antiquant_offset可以为空)")
         require(q_s == 1 or query.dtype == torch.float16, op,

@@ -496,7 +496,7 @@ def npu_fused_infer_attention_score(
         key_antiquant_mode: int = 0, value_antiquant_mode: int = 0, softmax_lse_flag: bool = False):
     """softmax(scale * q k^T + mask) v per batch and head (GQA: query head h reads KV head h // (N / KV_N)),
     over the first actual_seq_lengths_kv[b] keys; int8 key/value are dequantized with the per-channel
-    antiquant_scale (row 0 keys, row 1 values) first. Masked positions (mask value 1/True) get no weight.
+    antiquant_scale (row 0 keys, row 1 values; antiquant_mode 1: [2, B, KV_S] per token) first. Masked positions (mask value 1/True) get no weight.
     Scores and softmax in fp32, output in the query's dtype; query rows past actual_seq_lengths[b] are 0.
     Returns (attention_out, softmax_lse), softmax_lse empty as the real op returns it without the flag."""
     unmodelled = dict(pse_shift=pse_shift, dequant_scale1=dequant_scale1, quant_scale1=quant_scale1,
@@ -517,13 +517,15 @@ def npu_fused_infer_attention_score(
     q_lens = list(actual_seq_lengths) if actual_seq_lengths is not None else [q_s]
     kv_lens = list(actual_seq_lengths_kv) if actual_seq_lengths_kv is not None else [kv_s]
     out = torch.zeros(b, q_s, n, d, dtype=torch.float32)
-    if antiquant_scale is not None:
+    if antiquant_scale is not None and antiquant_mode == 0:
         k_scale, v_scale = (s.float().reshape(kv_n, d) for s in antiquant_scale)
     for i in range(b):
         q_len = min(int(q_lens[i if len(q_lens) > 1 else 0]), q_s)
         kv_len = int(kv_lens[i if len(kv_lens) > 1 else 0])
         k = _fia_kv_rows(key, i, kv_len, block_table, block_size, kv_n, d).float()
         v = _fia_kv_rows(value, i, kv_len, block_table, block_size, kv_n, d).float()
+        if antiquant_scale is not None and antiquant_mode == 1:  # per token: one scale per key position
+            k_scale, v_scale = (s[i, :kv_len].float().reshape(kv_len, 1, 1) for s in antiquant_scale)
         if antiquant_scale is not None:
             k, v = k * k_scale, v * v_scale
         q = query[i, :q_len].reshape(q_len, n, d).float()

@@ -12,7 +12,9 @@ from typing import Any, Tuple
 LINEAR, EXPERTS, KV_CACHE = "linear", "experts", "kv_cache"
 KINDS = (LINEAR, EXPERTS, KV_CACHE)
 MSMODELSLIM, COMPRESSED_TENSORS = "msmodelslim", "compressed-tensors"
-FORMATS = (MSMODELSLIM, COMPRESSED_TENSORS)
+#: not a checkpoint format: what the server quantizes itself (`--kv-cache-dtype int8` on any checkpoint)
+ONLINE = "online"
+FORMATS = (MSMODELSLIM, COMPRESSED_TENSORS, ONLINE)
 UNQUANTIZED = "FLOAT"  # the name every format uses for a layer it leaves in bf16/fp16
 
 

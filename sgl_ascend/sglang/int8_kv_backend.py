@@ -30,6 +30,10 @@ class AscendInt8KVBackend(TorchNativeAttnBackend):
                              "--page-size 128 (SGLang's NPU default) or leave it unset.")
         self.block_table = None
         self.seq_lens: List[int] = []
+        # per-token schemes (online int8): one [2, slots] fp32 scale buffer per layer, beside SGLang's pool
+        self.token_scales = {}
+        # layers kept in float KV (--kv-cache-skip-layers): their K/V buffers, beside SGLang's int8 pool
+        self.float_caches = {}
 
     def init_forward_metadata(self, forward_batch):
         super().init_forward_metadata(forward_batch)
@@ -45,27 +49,45 @@ class AscendInt8KVBackend(TorchNativeAttnBackend):
         k_cache = self.token_to_kv_pool.get_key_buffer(layer.layer_id)
         v_cache = self.token_to_kv_pool.get_value_buffer(layer.layer_id)
         rows = k_cache.shape[0] // self.page_size * self.page_size
+        if layer.kv_scheme.cache_dtype is None:  # a layer kept in float KV: buffers of its own, same slots
+            if layer.layer_id not in self.float_caches:
+                self.float_caches[layer.layer_id] = tuple(
+                    torch.zeros(rows, *k_cache.shape[1:], dtype=layer.kv_model_dtype, device=k_cache.device)
+                    for _ in range(2))
+            return self.float_caches[layer.layer_id]
         return k_cache[:rows], v_cache[:rows]
+
+    def _scales(self, layer, slots: int):
+        """The layer's per-token scale buffer (None for per-channel schemes); allocated on the layer's
+        first forward, sized to the pool, so that no per-layer list is needed before the model runs."""
+        if not layer.kv_scheme.token_scales:
+            return None
+        if layer.layer_id not in self.token_scales:
+            self.token_scales[layer.layer_id] = torch.ones(2, slots, dtype=torch.float32,
+                                                           device=self.req_to_token_pool.req_to_token.device)
+        return self.token_scales[layer.layer_id]
 
     def _write(self, k, v, layer, forward_batch, save_kv_cache):
         if not save_kv_cache:
             raise NotImplementedError("the int8 KV backend reads every token from the cache; a forward that "
                                       "does not save K/V (cross-layer KV sharing) is not served")
         k_cache, v_cache = self._caches(layer)
+        scales = self._scales(layer, k_cache.shape[0])
         n, d = layer.tp_k_head_num, layer.head_dim
         layer.kv_scheme.write(layer, k.reshape(-1, n, d), v.reshape(-1, n, d), k_cache, v_cache,
-                              forward_batch.out_cache_loc)
-        return k_cache, v_cache
+                              forward_batch.out_cache_loc, scales=scales)
+        return k_cache, v_cache, scales
 
     def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True):
-        k_cache, v_cache = self._write(k, v, layer, forward_batch, save_kv_cache)
+        k_cache, v_cache, scales = self._write(k, v, layer, forward_batch, save_kv_cache)
         b = len(self.seq_lens)
         out = layer.kv_scheme.decode(layer, q.reshape(b, -1), k_cache, v_cache, self.block_table, self.seq_lens,
-                                     self.page_size, layer.tp_q_head_num, layer.tp_k_head_num, layer.scaling)
+                                     self.page_size, layer.tp_q_head_num, layer.tp_k_head_num, layer.scaling,
+                                     scales=scales)
         return out.reshape(q.shape[0], -1)
 
     def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True):
-        k_cache, v_cache = self._write(k, v, layer, forward_batch, save_kv_cache)
+        k_cache, v_cache, scales = self._write(k, v, layer, forward_batch, save_kv_cache)
         q = q.reshape(-1, layer.tp_q_head_num * layer.head_dim)
         out = torch.empty_like(q)
         req_to_token = self.req_to_token_pool.req_to_token
@@ -74,6 +96,6 @@ class AscendInt8KVBackend(TorchNativeAttnBackend):
             tokens = req_to_token[forward_batch.req_pool_indices[i], :total]
             out[start:start + new] = layer.kv_scheme.extend(
                 layer, q[start:start + new], k_cache[tokens], v_cache[tokens], layer.tp_q_head_num,
-                layer.tp_k_head_num, layer.scaling)
+                layer.tp_k_head_num, layer.scaling, row_scales=None if scales is None else scales[:, tokens])
             start += new
         return out

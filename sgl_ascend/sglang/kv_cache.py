@@ -13,6 +13,7 @@ three plugin hooks do the rest, with no change to SGLang:
     writes quantized K/V and reads them through the scheme (sgl_ascend.layers.kv_cache).
 """
 
+import argparse
 import json
 import logging
 import os
@@ -22,8 +23,12 @@ import torch
 
 from sgl_ascend.errors import CheckpointError
 from sgl_ascend.layers.kv_cache import KVCacheScheme
+from sgl_ascend.layers.kv_cache.float_kv import FLOAT_KV
+from sgl_ascend.layers.kv_cache.int8_dynamic import ONLINE_INT8
+from sgl_ascend.layers.registry import create
 from sgl_ascend.layers.parameters import ShardedParameter, check_dtype
 from sgl_ascend.quant.modelslim import DESCRIPTION_FILE
+from sgl_ascend.quant.scheme_key import KV_CACHE, ONLINE, SchemeKey
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +71,7 @@ def resolve_int8_kv_page_size(server_args, previous) -> None:
 def int8_kv_page_size(view) -> dict:
     """Post-process pass: a page size the int8 paged attention can read."""
     page_size = view.page_size
-    if not checkpoint_kv_quantized(view.model_path):
+    if not (checkpoint_kv_quantized(view.model_path) or view.kv_cache_dtype == ONLINE_INT8):
         return {}
     if page_size is None or page_size % INT8_KV_BLOCK_ALIGN:
         logger.info("sgl-ascend: int8 KV cache, page size %s -> %d (npu_fused_infer_attention_score reads int8 "
@@ -100,15 +105,16 @@ class AscendKVCacheMethod:
         self.scheme.process_weights_after_loading(layer, layer.kv_model_dtype)
 
 
-def attach_kv_cache_methods(model: torch.nn.Module, scheme: KVCacheScheme) -> None:
-    """Give every RadixAttention of `model` the KV-cache scheme (before its weights load)."""
+def attach_kv_cache_methods(model: torch.nn.Module, scheme: KVCacheScheme, per_layer=None) -> None:
+    """Give every RadixAttention of `model` the KV-cache scheme (before its weights load); `per_layer`:
+    {layer_id: scheme} for layers that take another."""
     from sglang.srt.layers.radix_attention import RadixAttention
 
     floats = [p for p in model.parameters() if p.is_floating_point()]
     dtype, device = floats[0].dtype, floats[0].device  # the embeddings: the model dtype
     for name, module in model.named_modules():
         if isinstance(module, RadixAttention) and module.quant_method is None:
-            module.quant_method = AscendKVCacheMethod(scheme, name)
+            module.quant_method = AscendKVCacheMethod((per_layer or {}).get(module.layer_id, scheme), name)
             module.quant_method.create_weights(module, dtype, device)
 
 
@@ -156,16 +162,99 @@ def attention_tensor_name(name: str) -> str:
 # -- the pool dtype and the backend -------------------------------------------------------------------
 
 def model_kv_scheme(model: torch.nn.Module) -> Optional[KVCacheScheme]:
+    """The scheme of the model's KV pool (layers kept in float KV, cache_dtype None, have their own)."""
+    for module in model.modules():
+        method = getattr(module, "quant_method", None)
+        if isinstance(method, AscendKVCacheMethod) and method.scheme.cache_dtype is not None:
+            return method.scheme
+    return None
+
+
+#: how `--kv-cache-skip-layers` reaches the scheduler processes: SGLang's ServerArgs keeps its own fields
+#: only, and the processes it spawns inherit the launcher's environment
+SKIP_LAYERS_ENV = "SGL_ASCEND_KV_CACHE_SKIP_LAYERS"
+
+
+class _ToEnvironment(argparse.Action):
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, values)
+        os.environ[SKIP_LAYERS_ENV] = values
+
+
+def add_kv_cache_server_args(_result, parser, *args, **kwargs) -> None:
+    """AFTER hook of ServerArgs.add_cli_args: `--kv-cache-dtype int8` (the online int8 KV cache) and
+    `--kv-cache-skip-layers`."""
+    for action in parser._actions:
+        if "--kv-cache-dtype" in action.option_strings and ONLINE_INT8 not in action.choices:
+            action.choices = [*action.choices, ONLINE_INT8]
+            action.help += f' "{ONLINE_INT8}" (sgl-ascend): int8 KV cache quantized per token as written.'
+    if not any("--kv-cache-skip-layers" in a.option_strings for a in parser._actions):
+        parser.add_argument("--kv-cache-skip-layers", dest="sgl_ascend_kv_cache_skip_layers", metavar="0,1,-1",
+                            action=_ToEnvironment, default=None,
+                            help="(sgl-ascend) with --kv-cache-dtype int8: these attention layers keep a KV cache "
+                                 "in the model dtype (comma-separated layer indices, negative from the end).")
+
+
+def skip_layers(text: Optional[str], num_layers: int) -> set:
+    """`0,1,-1` -> {0, 1, num_layers - 1}; out-of-range or malformed entries are refused."""
+    if not text:
+        return set()
+    out = set()
+    for item in text.split(","):
+        try:
+            index = int(item)
+        except ValueError:
+            raise ValueError(f"--kv-cache-skip-layers {text!r}: {item!r} is not a layer index") from None
+        if not -num_layers <= index < num_layers:
+            raise ValueError(f"--kv-cache-skip-layers {text!r}: layer {index} does not exist (the model has "
+                             f"{num_layers} attention layers; negative indices count from the end)")
+        out.add(index % num_layers)
+    return out
+
+
+def online_kv_cache_dtype(original, *args, server_args_kv_cache_dtype: str, **kwargs):
+    """AROUND hook of sglang's kv_cache_dtype.configure_kv_cache_dtype: SGLang has no int8 KV dtype, so
+    `int8` resolves as the model dtype first; `int8_kv_cache_dtype` then stores int8."""
+    if server_args_kv_cache_dtype != ONLINE_INT8:
+        return original(*args, server_args_kv_cache_dtype=server_args_kv_cache_dtype, **kwargs)
+    _resolved, dtype = original(*args, server_args_kv_cache_dtype="auto", **kwargs)
+    return ONLINE_INT8, dtype
+
+
+def attach_online_kv_cache(model: torch.nn.Module, skip: Optional[str] = None) -> KVCacheScheme:
+    """`--kv-cache-dtype int8` on a checkpoint without KV scales: every RadixAttention quantizes its K/V
+    per token as written (DynamicInt8KVCache), the `skip` layers (`--kv-cache-skip-layers`) keep float K/V
+    (FloatKVCache); no weights, so it attaches after loading."""
+    from sglang.srt.layers.radix_attention import RadixAttention
+
+    scheme = create(SchemeKey.make(KV_CACHE, ONLINE, ONLINE_INT8), what="--kv-cache-dtype int8")
+    layers = sorted(m.layer_id for m in model.modules() if isinstance(m, RadixAttention))
+    kept = skip_layers(skip, len(layers))
+    if kept and len(kept) == len(layers):
+        raise ValueError(f"--kv-cache-skip-layers {skip!r} keeps every layer in float KV; drop "
+                         "--kv-cache-dtype int8 instead")
+    float_kv = create(SchemeKey.make(KV_CACHE, ONLINE, FLOAT_KV), what="--kv-cache-skip-layers")
+    attach_kv_cache_methods(model, scheme, {layers[i]: float_kv for i in kept})
+    if kept:
+        logger.info("sgl-ascend: layers %s keep a float KV cache (--kv-cache-skip-layers %s)", sorted(kept), skip)
     for module in model.modules():
         method = getattr(module, "quant_method", None)
         if isinstance(method, AscendKVCacheMethod):
-            return method.scheme
-    return None
+            method.process_weights_after_loading(module)
+    return scheme
 
 
 def int8_kv_cache_dtype(_result, runner, *args, **kwargs):
     """AFTER hook of ModelRunner.configure_kv_cache_dtype."""
     scheme = model_kv_scheme(runner.model)
+    if scheme is None and getattr(runner, "kv_cache_dtype_str", None) == ONLINE_INT8:
+        if getattr(runner, "use_mla_backend", False):
+            raise ValueError("--kv-cache-dtype int8: sgl-ascend serves the int8 KV cache for MHA/GQA attention "
+                             "only; this is an MLA model. Drop the flag.")
+        scheme = attach_online_kv_cache(runner.model, os.environ.get(SKIP_LAYERS_ENV))
+    elif os.environ.get(SKIP_LAYERS_ENV):
+        raise ValueError("--kv-cache-skip-layers selects layers of the online int8 KV cache: serve with "
+                         "--kv-cache-dtype int8 (checkpoints with KV scales, C8, do not take it yet)")
     if scheme is None:
         return None
     if getattr(runner, "use_mla_backend", False):

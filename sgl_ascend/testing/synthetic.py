@@ -135,8 +135,22 @@ def modelslim_layer(kind: str, n: int, k: int, gen, row_parallel: bool = False) 
     return {"weight": weight, "weight_scale": scale, "weight_offset": torch.zeros(n, 1)}
 
 
-def write_modelslim(path: str, kind: str, seed: int = 0, **overrides) -> str:
-    """A synthetic msModelSlim checkpoint whose every linear layer is `kind` ("FLOAT": plain bf16 model)."""
+def c8_kv_tensors(config: dict, gen) -> dict:
+    """msModelSlim C8's per-attention-layer KV scales as the real tool writes them: `<attn>.k_proj` /
+    `.v_proj` `.kv_cache_scale` and `.kv_cache_offset`, fp32 `[num_kv_heads * head_dim]`, offsets zero."""
+    channels = config["num_key_value_heads"] * config["head_dim"]
+    out = {}
+    for i in range(config["num_hidden_layers"]):
+        for proj in ("k_proj", "v_proj"):
+            p = f"model.layers.{i}.self_attn.{proj}"
+            out[f"{p}.kv_cache_scale"] = torch.rand(channels, generator=gen) * 0.02 + 0.01
+            out[f"{p}.kv_cache_offset"] = torch.zeros(channels)
+    return out
+
+
+def write_modelslim(path: str, kind: str, seed: int = 0, c8: bool = False, **overrides) -> str:
+    """A synthetic msModelSlim checkpoint whose every linear layer is `kind` ("FLOAT": plain bf16 model);
+    `c8`: with msModelSlim C8 KV-cache scales (description `kv_cache_type` / `kv_quant_type` "C8")."""
     config = hf_config(**overrides)
     gen = torch.Generator().manual_seed(seed)
     tensors = float_tensors(config, gen)
@@ -146,6 +160,12 @@ def write_modelslim(path: str, kind: str, seed: int = 0, **overrides) -> str:
         for suffix, tensor in modelslim_layer(kind, n, k, gen, prefix.endswith(ROW_PARALLEL)).items():
             tensors[f"{prefix}.{suffix}"] = tensor
             description[f"{prefix}.{suffix}"] = kind
+    if c8:
+        if kind == "FLOAT":
+            raise ValueError("C8 KV scales come in an msModelSlim checkpoint: give a quantized kind")
+        kv = c8_kv_tensors(config, gen)
+        tensors.update(kv)
+        description.update({name: "C8" for name in kv}, kv_cache_type="C8", kv_quant_type="C8")
     if kind == "FLOAT":
         return write_float_folder(path, tensors, config)
     return write_modelslim_folder(path, tensors, description, config)

@@ -140,26 +140,53 @@ def fake_quant_int8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return torch.round(x / scale).clamp(-128, 127) * scale
 
 
-def _kv_fake_quant_cache(model, kv_scales):
+def fake_quant_int8_per_token(x: torch.Tensor) -> torch.Tensor:
+    """x [B, heads, S, D]: each token's row over all heads rounded to int8 with scale max|row| / 127, as
+    npu_dynamic_quant does on write in the online int8 KV cache."""
+    b, heads, s, d = x.shape
+    rows = x.transpose(1, 2).reshape(b, s, heads * d)
+    scale = rows.abs().amax(-1, keepdim=True) / 127
+    return fake_quant_int8(rows, scale).reshape(b, s, heads, d).transpose(1, 2)
+
+
+def per_token_kv_quant(skip=()):
+    """The online int8 KV cache's quantization (`kv_quant` of teacher_forced_logprobs); `skip`: layer
+    indices kept in float KV."""
+    def quant(layer_idx, k, v):
+        if layer_idx in skip:
+            return k, v
+        return fake_quant_int8_per_token(k), fake_quant_int8_per_token(v)
+
+    return quant
+
+
+def _kv_fake_quant_cache(model, kv_scales=None, kv_quant=None):
     """A transformers cache whose stored K/V (after RoPE, as the KV cache holds them) are int8 fake-quantized
-    with the checkpoint's per-channel scales: every attention reads the quantized values."""
+    with the checkpoint's per-channel scales (or by `kv_quant(layer_idx, k, v)`): every attention reads the
+    quantized values."""
     from transformers import DynamicCache
+
+    def per_channel(layer_idx, key_states, value_states):
+        k_scale, v_scale = kv_scales[layer_idx]
+        heads, dim = key_states.shape[1], key_states.shape[-1]
+        return (fake_quant_int8(key_states, k_scale.reshape(heads, 1, dim)),
+                fake_quant_int8(value_states, v_scale.reshape(heads, 1, dim)))
+
+    quant = kv_quant or per_channel
 
     class FakeQuantKVCache(DynamicCache):
         def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-            k_scale, v_scale = kv_scales[layer_idx]
-            heads, dim = key_states.shape[1], key_states.shape[-1]
-            key_states = fake_quant_int8(key_states, k_scale.reshape(heads, 1, dim))
-            value_states = fake_quant_int8(value_states, v_scale.reshape(heads, 1, dim))
+            key_states, value_states = quant(layer_idx, key_states, value_states)
             return super().update(key_states, value_states, layer_idx, *args, **kwargs)
 
     return FakeQuantKVCache(config=model.config)
 
 
 def teacher_forced_logprobs(model_dir: str, prompt_ids: Sequence[int], output_ids: Sequence[int],
-                            norm_bias: Dict[str, torch.Tensor] = None, kv_scales=None):
+                            norm_bias: Dict[str, torch.Tensor] = None, kv_scales=None, kv_quant=None):
     """Per output step: (log p(output token), argmax token, log p(argmax)) under the float model;
-    kv_scales ({layer: (k, v)}): its KV cache quantized to int8 as the served int8 KV cache is."""
+    kv_scales ({layer: (k, v)}): its KV cache quantized to int8 as the served int8 KV cache is;
+    kv_quant (layer_idx, k, v) -> (k, v): another KV quantization (per_token_kv_quant)."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
@@ -168,7 +195,8 @@ def teacher_forced_logprobs(model_dir: str, prompt_ids: Sequence[int], output_id
         norm = model.get_submodule(name[: -len(".bias")])
         norm.register_forward_hook(lambda _m, _a, out, b=bias: out + b.to(out.dtype))
     ids = torch.tensor([list(prompt_ids) + list(output_ids)])
-    extra = {"past_key_values": _kv_fake_quant_cache(model, kv_scales), "use_cache": True} if kv_scales else {}
+    extra = ({"past_key_values": _kv_fake_quant_cache(model, kv_scales, kv_quant), "use_cache": True}
+             if kv_scales or kv_quant else {})
     with torch.no_grad():
         logits = model(ids, **extra).logits[0, len(prompt_ids) - 1: -1].float()
     logprobs = torch.log_softmax(logits, dim=-1)

@@ -19,6 +19,10 @@ class KVCacheScheme(ABC):
     #: dtype of the cache rows this scheme stores
     cache_dtype: torch.dtype
 
+    #: the scheme keeps one fp32 scale per cached token for K and V: the backend gives it a [2, slots]
+    #: buffer per layer (`scales` of write / decode; extend gets the request's rows of it)
+    token_scales = False
+
     #: every registered scheme answers it (inspect checks msModelSlim's top-level group_size); KV scales have none
     reads_group_size = False
 
@@ -34,18 +38,18 @@ class KVCacheScheme(ABC):
 
     @abstractmethod
     def write(self, layer, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-              loc: torch.Tensor) -> None:
+              loc: torch.Tensor, scales=None) -> None:
         """k, v [T, KV_N, D] in the model dtype -> rows `loc` of k_cache / v_cache [slots, KV_N, D]."""
 
     @abstractmethod
     def decode(self, layer, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                block_table: torch.Tensor, seq_lens: Sequence[int], block_size: int, num_heads: int,
-               num_kv_heads: int, scale: float) -> torch.Tensor:
+               num_kv_heads: int, scale: float, scales=None) -> torch.Tensor:
         """q [B, N*D] -> [B, N*D] over each request's first seq_lens[b] cached tokens."""
 
     @abstractmethod
     def extend(self, layer, q: torch.Tensor, k_rows: torch.Tensor, v_rows: torch.Tensor, num_heads: int,
-               num_kv_heads: int, scale: float) -> torch.Tensor:
+               num_kv_heads: int, scale: float, row_scales=None) -> torch.Tensor:
         """One request: q [S_new, N*D] (the last S_new of its S tokens), k_rows / v_rows [S, KV_N, D] as the
         cache holds them -> causal attention [S_new, N*D]."""
 

@@ -82,7 +82,7 @@ class StaticInt8KVCache(KVCacheScheme):
         layer.kv_scale = torch.stack(scales).contiguous()
         layer.kv_antiquant_scale = layer.kv_scale.to(model_dtype)
 
-    def write(self, layer, k, v, k_cache, v_cache, loc) -> None:
+    def write(self, layer, k, v, k_cache, v_cache, loc, scales=None) -> None:
         t = k.shape[0]
         k_q = ops.npu_quantize(k.reshape(t, -1), layer.kv_scale[0], None, _QINT8, -1, True)
         v_q = ops.npu_quantize(v.reshape(t, -1), layer.kv_scale[1], None, _QINT8, -1, True)
@@ -90,7 +90,7 @@ class StaticInt8KVCache(KVCacheScheme):
         v_cache[loc] = v_q.view(t, *v_cache.shape[1:])
 
     def decode(self, layer, q, k_cache, v_cache, block_table, seq_lens: Sequence[int], block_size: int,
-               num_heads: int, num_kv_heads: int, scale: float) -> torch.Tensor:
+               num_heads: int, num_kv_heads: int, scale: float, scales=None) -> torch.Tensor:
         b = q.shape[0]
         blocks = k_cache.shape[0] // block_size
         out, _ = ops.npu_fused_infer_attention_score(
@@ -100,7 +100,8 @@ class StaticInt8KVCache(KVCacheScheme):
             num_key_value_heads=num_kv_heads, scale=scale, input_layout="BSH", block_size=block_size)
         return out.reshape(b, -1)
 
-    def extend(self, layer, q, k_rows, v_rows, num_heads: int, num_kv_heads: int, scale: float) -> torch.Tensor:
+    def extend(self, layer, q, k_rows, v_rows, num_heads: int, num_kv_heads: int, scale: float,
+               row_scales=None) -> torch.Tensor:
         s, s_new = k_rows.shape[0], q.shape[0]
         k = ops.npu_anti_quant(k_rows.reshape(s, -1), layer.kv_scale[0], dst_dtype=q.dtype)
         v = ops.npu_anti_quant(v_rows.reshape(s, -1), layer.kv_scale[1], dst_dtype=q.dtype)

@@ -1,0 +1,56 @@
+"""A layer kept in float KV inside an int8-KV model (`--kv-cache-skip-layers`): its K/V are stored in
+the model dtype, unquantized, and read by the same attention op without antiquant.
+
+The attention backend gives such a layer float cache buffers of its own (SGLang's pool is one dtype
+for every layer); decode is npu_fused_infer_attention_score on the float paged cache (block size
+16-aligned, docs `_op_plugin_docs.py:8280`), extend the causal attention the int8 schemes use.
+"""
+
+from typing import Sequence
+
+import torch
+
+from sgl_ascend.layers.kv_cache.base import KVCacheScheme
+from sgl_ascend.layers.kv_cache.int8_static import causal_attention
+from sgl_ascend.layers.registry import register_scheme
+from sgl_ascend.ops import ops
+from sgl_ascend.quant.scheme_key import ONLINE
+
+#: the name of the float KV scheme (the model's own dtype)
+FLOAT_KV = "float"
+
+
+@register_scheme("kv_cache", ONLINE, FLOAT_KV)
+class FloatKVCache(KVCacheScheme):
+    #: the model dtype: set per layer (layer.kv_model_dtype); the backend sizes the layer's buffers by it
+    cache_dtype = None
+
+    def create_weights(self, layer, num_kv_heads: int, head_dim: int) -> None:
+        layer.kv_channels = num_kv_heads * head_dim
+
+    def process_weights_after_loading(self, layer, model_dtype: torch.dtype) -> None:
+        pass
+
+    def write(self, layer, k, v, k_cache, v_cache, loc, scales=None) -> None:
+        k_cache[loc] = k.to(k_cache.dtype)
+        v_cache[loc] = v.to(v_cache.dtype)
+
+    def decode(self, layer, q, k_cache, v_cache, block_table, seq_lens: Sequence[int], block_size: int,
+               num_heads: int, num_kv_heads: int, scale: float, scales=None) -> torch.Tensor:
+        b = q.shape[0]
+        blocks = k_cache.shape[0] // block_size
+        out, _ = ops.npu_fused_infer_attention_score(
+            q.reshape(b, 1, -1).contiguous(), k_cache.view(blocks, block_size, -1),
+            v_cache.view(blocks, block_size, -1), block_table=block_table, actual_seq_lengths_kv=seq_lens,
+            num_heads=num_heads, num_key_value_heads=num_kv_heads, scale=scale, input_layout="BSH",
+            block_size=block_size)
+        return out.reshape(b, -1)
+
+    def extend(self, layer, q, k_rows, v_rows, num_heads: int, num_kv_heads: int, scale: float,
+               row_scales=None) -> torch.Tensor:
+        s, s_new = k_rows.shape[0], q.shape[0]
+        return causal_attention(q, k_rows.reshape(s, -1).to(q.dtype), v_rows.reshape(s, -1).to(q.dtype),
+                                num_heads, num_kv_heads, scale, s_new, s)
+
+    def bytes_per_token(self, num_kv_heads: int, head_dim: int) -> int:
+        return 2 * num_kv_heads * head_dim * 2  # bf16 / fp16 K and V
