@@ -14,6 +14,8 @@ from typing import Sequence
 
 import torch
 
+from sgl_ascend.ops import ops
+
 
 class KVCacheScheme(ABC):
     #: dtype of the cache rows this scheme stores
@@ -56,3 +58,33 @@ class KVCacheScheme(ABC):
     @abstractmethod
     def bytes_per_token(self, num_kv_heads: int, head_dim: int) -> int:
         """Cache bytes one token takes in one layer (K and V), for memory plans and checks."""
+
+
+def paged_attention(q, k_cache, v_cache, block_table, seq_lens: Sequence[int], block_size: int, num_heads: int,
+                    num_kv_heads: int, scale: float, **antiquant) -> torch.Tensor:
+    """One query token per request q [B, N*D] against its paged cache (rows [slots, KV_N, D] viewed as
+    blocks of `block_size`): npu_fused_infer_attention_score, BSH; `antiquant` = the int8 cache's
+    antiquant_scale / antiquant_mode, none for a float cache."""
+    b = q.shape[0]
+    blocks = k_cache.shape[0] // block_size
+    out, _ = ops.npu_fused_infer_attention_score(
+        q.reshape(b, 1, -1).contiguous(), k_cache.view(blocks, block_size, -1), v_cache.view(blocks, block_size, -1),
+        block_table=block_table, actual_seq_lengths_kv=seq_lens, num_heads=num_heads,
+        num_key_value_heads=num_kv_heads, scale=scale, input_layout="BSH", block_size=block_size, **antiquant)
+    return out.reshape(b, -1)
+
+def causal_attention(q, k, v, num_heads: int, num_kv_heads: int, scale: float, s_new: int, s: int):
+    """One request's new tokens q [S_new, N*D] against float k, v [S, KV_N*D] (the request's whole
+    sequence, the new tokens last): npu_fused_infer_attention_score, BSH, explicit causal mask."""
+    mask = causal_mask(s_new, s, q.device)
+    out, _ = ops.npu_fused_infer_attention_score(
+        q.reshape(1, s_new, -1).contiguous(), k.reshape(1, s, -1).contiguous(), v.reshape(1, s, -1).contiguous(),
+        atten_mask=mask, num_heads=num_heads, num_key_value_heads=num_kv_heads, scale=scale, input_layout="BSH",
+        sparse_mode=0)
+    return out.reshape(s_new, -1)
+
+
+def causal_mask(s_new: int, s: int, device) -> torch.Tensor:
+    """(S_new, S) bool, True where a new token must not look: key j > its own position S - S_new + i."""
+    rows = torch.arange(s_new, device=device).unsqueeze(1) + (s - s_new)
+    return torch.arange(s, device=device).unsqueeze(0) > rows

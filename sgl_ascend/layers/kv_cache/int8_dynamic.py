@@ -20,8 +20,7 @@ from typing import Sequence
 
 import torch
 
-from sgl_ascend.layers.kv_cache.base import KVCacheScheme
-from sgl_ascend.layers.kv_cache.int8_static import causal_attention
+from sgl_ascend.layers.kv_cache.base import KVCacheScheme, causal_attention, paged_attention
 from sgl_ascend.layers.registry import register_scheme
 from sgl_ascend.layers.schemes.common import kernel_act_dtype
 from sgl_ascend.ops import ops
@@ -53,15 +52,9 @@ class DynamicInt8KVCache(KVCacheScheme):
 
     def decode(self, layer, q, k_cache, v_cache, block_table, seq_lens: Sequence[int], block_size: int,
                num_heads: int, num_kv_heads: int, scale: float, scales=None) -> torch.Tensor:
-        b = q.shape[0]
-        blocks = k_cache.shape[0] // block_size
-        out, _ = ops.npu_fused_infer_attention_score(
-            q.reshape(b, 1, -1).contiguous(), k_cache.view(blocks, block_size, -1),
-            v_cache.view(blocks, block_size, -1), block_table=block_table, actual_seq_lengths_kv=seq_lens,
-            antiquant_scale=position_scales(scales, block_table, block_size), antiquant_mode=1,
-            num_heads=num_heads, num_key_value_heads=num_kv_heads, scale=scale, input_layout="BSH",
-            block_size=block_size)
-        return out.reshape(b, -1)
+        return paged_attention(q, k_cache, v_cache, block_table, seq_lens, block_size, num_heads, num_kv_heads,
+                               scale,
+                               antiquant_scale=position_scales(scales, block_table, block_size), antiquant_mode=1)
 
     def extend(self, layer, q, k_rows, v_rows, num_heads: int, num_kv_heads: int, scale: float,
                row_scales=None) -> torch.Tensor:

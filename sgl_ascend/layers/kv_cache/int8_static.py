@@ -22,7 +22,7 @@ from typing import Sequence
 import torch
 
 from sgl_ascend.errors import CheckpointError
-from sgl_ascend.layers.kv_cache.base import KVCacheScheme
+from sgl_ascend.layers.kv_cache.base import KVCacheScheme, causal_attention, paged_attention
 from sgl_ascend.layers.parameters import register
 from sgl_ascend.layers.registry import register_scheme
 from sgl_ascend.layers.schemes.common import drop_zero_offset, kernel_act_dtype
@@ -91,14 +91,8 @@ class StaticInt8KVCache(KVCacheScheme):
 
     def decode(self, layer, q, k_cache, v_cache, block_table, seq_lens: Sequence[int], block_size: int,
                num_heads: int, num_kv_heads: int, scale: float, scales=None) -> torch.Tensor:
-        b = q.shape[0]
-        blocks = k_cache.shape[0] // block_size
-        out, _ = ops.npu_fused_infer_attention_score(
-            q.reshape(b, 1, -1).contiguous(), k_cache.view(blocks, block_size, -1),
-            v_cache.view(blocks, block_size, -1), block_table=block_table, actual_seq_lengths_kv=seq_lens,
-            antiquant_scale=layer.kv_antiquant_scale, antiquant_mode=0, num_heads=num_heads,
-            num_key_value_heads=num_kv_heads, scale=scale, input_layout="BSH", block_size=block_size)
-        return out.reshape(b, -1)
+        return paged_attention(q, k_cache, v_cache, block_table, seq_lens, block_size, num_heads, num_kv_heads,
+                               scale, antiquant_scale=layer.kv_antiquant_scale, antiquant_mode=0)
 
     def extend(self, layer, q, k_rows, v_rows, num_heads: int, num_kv_heads: int, scale: float,
                row_scales=None) -> torch.Tensor:
@@ -110,19 +104,3 @@ class StaticInt8KVCache(KVCacheScheme):
     def bytes_per_token(self, num_kv_heads: int, head_dim: int) -> int:
         return 2 * num_kv_heads * head_dim
 
-
-def causal_attention(q, k, v, num_heads: int, num_kv_heads: int, scale: float, s_new: int, s: int):
-    """One request's new tokens q [S_new, N*D] against float k, v [S, KV_N*D] (the request's whole
-    sequence, the new tokens last): npu_fused_infer_attention_score, BSH, explicit causal mask."""
-    mask = causal_mask(s_new, s, q.device)
-    out, _ = ops.npu_fused_infer_attention_score(
-        q.reshape(1, s_new, -1).contiguous(), k.reshape(1, s, -1).contiguous(), v.reshape(1, s, -1).contiguous(),
-        atten_mask=mask, num_heads=num_heads, num_key_value_heads=num_kv_heads, scale=scale, input_layout="BSH",
-        sparse_mode=0)
-    return out.reshape(s_new, -1)
-
-
-def causal_mask(s_new: int, s: int, device) -> torch.Tensor:
-    """(S_new, S) bool, True where a new token must not look: key j > its own position S - S_new + i."""
-    rows = torch.arange(s_new, device=device).unsqueeze(1) + (s - s_new)
-    return torch.arange(s, device=device).unsqueeze(0) > rows
