@@ -6,9 +6,9 @@ times scale); tolerances are the bf16 output rounding.
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from helpers.common import msmodelslim_fixture
+from helpers.kv_attention import BF16_TOL, D, H, KV_N, N, PAGE, reference_attention
 from sgl_ascend.errors import CheckpointError
 from sgl_ascend.layers.kv_cache import StaticInt8KVCache
 from sgl_ascend.layers.registry import check_served, kv_cache_scheme
@@ -17,21 +17,6 @@ from sgl_ascend.quant.compressed_tensors import CompressedTensorsConfig
 from sgl_ascend.quant.modelslim import ModelSlimConfig
 from sgl_ascend.quant.scheme_key import COMPRESSED_TENSORS, KV_CACHE, SchemeKey
 from sgl_ascend.sglang.kv_cache import attention_tensor_name, checkpoint_kv_quantized, kv_head_loader
-
-N, KV_N, D, PAGE = 4, 2, 32, 32
-H = KV_N * D
-BF16_TOL = 2e-2
-
-
-def _reference(q, k, v, causal_offset=None):
-    """q [S_q, N, D], k/v [S, KV_N, D] float -> [S_q, N, D] in float64 (GQA by repeating KV heads)."""
-    k, v = (t.double().repeat_interleave(N // KV_N, dim=1).transpose(0, 1) for t in (k, v))
-    q = q.double().transpose(0, 1)
-    mask = None
-    if causal_offset is not None:
-        rows = torch.arange(q.shape[1]).unsqueeze(1) + causal_offset
-        mask = torch.arange(k.shape[1]).unsqueeze(0) <= rows
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=D ** -0.5).transpose(0, 1)
 
 
 def _fake_quant(x, scale):
@@ -60,7 +45,7 @@ def test_paged_int8_decode_twin_equals_dequantized_attention():
         rows = lambda cache: cache[table[b].long()].reshape(-1, KV_N, D)[:length].float()  # noqa: E731
         k = rows(k_cache) * scale[0].float().reshape(KV_N, D)
         v = rows(v_cache) * scale[1].float().reshape(KV_N, D)
-        expected = _reference(q[b].reshape(1, N, D), k, v)
+        expected = reference_attention(q[b].reshape(1, N, D), k, v)
         assert (out[b].reshape(1, N, D).double() - expected).abs().max() < BF16_TOL
 
 
@@ -73,7 +58,7 @@ def test_prefill_twin_with_a_causal_mask_equals_causal_attention():
     mask = torch.arange(s).unsqueeze(0) > rows
     out, _ = ops.npu_fused_infer_attention_score(q, k, v, atten_mask=mask, num_heads=N, num_key_value_heads=KV_N,
                                                  scale=D ** -0.5, input_layout="BSH")
-    expected = _reference(q[0].reshape(s_new, N, D), k[0].reshape(s, KV_N, D), v[0].reshape(s, KV_N, D),
+    expected = reference_attention(q[0].reshape(s_new, N, D), k[0].reshape(s, KV_N, D), v[0].reshape(s, KV_N, D),
                           causal_offset=s - s_new)
     assert (out[0].reshape(s_new, N, D).double() - expected).abs().max() < BF16_TOL
 
@@ -149,12 +134,12 @@ def test_scheme_writes_round_k_over_scale_and_decode_extend_read_it_back():
     q = torch.randn(1, N * D, generator=g).to(torch.bfloat16)
     table = torch.tensor([[2, 0, 1]], dtype=torch.int32)
     out = StaticInt8KVCache().decode(layer, q, k_cache, v_cache, table, [s], PAGE, N, KV_N, D ** -0.5)
-    assert (out.reshape(1, N, D).double() - _reference(q.reshape(1, N, D), kq, vq)).abs().max() < BF16_TOL
+    assert (out.reshape(1, N, D).double() - reference_attention(q.reshape(1, N, D), kq, vq)).abs().max() < BF16_TOL
 
     s_new = 6
     q_new = torch.randn(s_new, N * D, generator=g).to(torch.bfloat16)
     out = StaticInt8KVCache().extend(layer, q_new, k_cache[slots], v_cache[slots], N, KV_N, D ** -0.5)
-    expected = _reference(q_new.reshape(s_new, N, D), kq, vq, causal_offset=s - s_new)
+    expected = reference_attention(q_new.reshape(s_new, N, D), kq, vq, causal_offset=s - s_new)
     assert (out.reshape(s_new, N, D).double() - expected).abs().max() < BF16_TOL
 
 

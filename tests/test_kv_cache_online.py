@@ -4,27 +4,12 @@ reference on the same quantized K/V, 2e-2 absolute (bf16 rounding of O(1) values
 
 import pytest
 import torch
-import torch.nn.functional as F
 
+from helpers.kv_attention import BF16_TOL, D, H, KV_N, N, PAGE, reference_attention
 from sgl_ascend.layers.kv_cache.int8_dynamic import DynamicInt8KVCache, position_scales
 from sgl_ascend.layers.registry import create
 from sgl_ascend.ops import NpuContractError, ops
 from sgl_ascend.quant.scheme_key import KV_CACHE, ONLINE, SchemeKey
-
-N, KV_N, D, PAGE = 4, 2, 32, 32
-H = KV_N * D
-BF16_TOL = 2e-2
-
-
-def _reference(q, k, v, causal_offset=None):
-    """q [S_q, N, D], k/v [S, KV_N, D] float -> [S_q, N, D] float64 (GQA by repeating KV heads)."""
-    k, v = (t.double().repeat_interleave(N // KV_N, dim=1).transpose(0, 1) for t in (k, v))
-    q = q.double().transpose(0, 1)
-    mask = None
-    if causal_offset is not None:
-        rows = torch.arange(q.shape[1]).unsqueeze(1) + causal_offset
-        mask = torch.arange(k.shape[1]).unsqueeze(0) <= rows
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=D ** -0.5).transpose(0, 1)
 
 
 def _per_token_fake_quant(x):
@@ -55,7 +40,7 @@ def test_per_token_antiquant_twin_scales_each_key_position():
         rows = lambda cache: cache[table[b].long()].reshape(-1, KV_N, D)[:length].float()  # noqa: E731
         k = rows(k_cache) * scales[0, b, :length].reshape(-1, 1, 1)
         v = rows(v_cache) * scales[1, b, :length].reshape(-1, 1, 1)
-        assert (out[b].reshape(1, N, D).double() - _reference(q[b].reshape(1, N, D), k, v)).abs().max() < BF16_TOL
+        assert (out[b].reshape(1, N, D).double() - reference_attention(q[b].reshape(1, N, D), k, v)).abs().max() < BF16_TOL
 
 
 @pytest.mark.parametrize("scale, rule", [
@@ -102,13 +87,13 @@ def test_write_quantizes_per_token_and_decode_extend_read_it_back():
     q = torch.randn(1, N * D, generator=g).to(torch.bfloat16)
     table = torch.tensor([[2, 0, 1]], dtype=torch.int32)
     out = scheme.decode(layer, q, k_cache, v_cache, table, [s], PAGE, N, KV_N, D ** -0.5, scales=scales)
-    assert (out.reshape(1, N, D).double() - _reference(q.reshape(1, N, D), kq, vq)).abs().max() < BF16_TOL
+    assert (out.reshape(1, N, D).double() - reference_attention(q.reshape(1, N, D), kq, vq)).abs().max() < BF16_TOL
 
     s_new = 6
     q_new = torch.randn(s_new, N * D, generator=g).to(torch.bfloat16)
     out = scheme.extend(layer, q_new, k_cache[slots], v_cache[slots], N, KV_N, D ** -0.5,
                         row_scales=scales[:, slots])
-    expected = _reference(q_new.reshape(s_new, N, D), kq, vq, causal_offset=s - s_new)
+    expected = reference_attention(q_new.reshape(s_new, N, D), kq, vq, causal_offset=s - s_new)
     assert (out.reshape(s_new, N, D).double() - expected).abs().max() < BF16_TOL
 
 
@@ -171,10 +156,10 @@ def test_a_skipped_layer_stores_float_kv_and_reads_it_without_antiquant():
     q = torch.randn(1, N * D, generator=g).to(torch.bfloat16)
     table = torch.tensor([[1, 0]], dtype=torch.int32)
     out = scheme.decode(layer, q, k_cache, v_cache, table, [s], PAGE, N, KV_N, D ** -0.5)
-    assert (out.reshape(1, N, D).double() - _reference(q.reshape(1, N, D), k, v)).abs().max() < BF16_TOL
+    assert (out.reshape(1, N, D).double() - reference_attention(q.reshape(1, N, D), k, v)).abs().max() < BF16_TOL
     q_new = torch.randn(5, N * D, generator=g).to(torch.bfloat16)
     out = scheme.extend(layer, q_new, k_cache[slots], v_cache[slots], N, KV_N, D ** -0.5)
-    expected = _reference(q_new.reshape(5, N, D), k, v, causal_offset=s - 5)
+    expected = reference_attention(q_new.reshape(5, N, D), k, v, causal_offset=s - 5)
     assert (out.reshape(5, N, D).double() - expected).abs().max() < BF16_TOL
 
 
