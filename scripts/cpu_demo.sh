@@ -30,7 +30,8 @@ for _ in $(seq 1 300); do
     sleep 1
 done
 curl -sf "http://127.0.0.1:$PORT/health_generate" >/dev/null || { echo "server not ready after 300 s"; tail -40 "$LOG"; exit 1; }
-grep "sgl-ascend" "$LOG" | sed "s/^\[[^]]*\] //" | sort -u || true
+# the plugin's own lines (not SGLang's server_args, which names the model path: ~/.cache/sgl-ascend/...)
+sed -n 's/^\[[^]]*\] //; /^sgl-ascend/p' "$LOG" | sort -u
 
 curl -sf "http://127.0.0.1:$PORT/v1/completions" -H "Content-Type: application/json" \
     -d '{"model": "default", "prompt": "The capital of France is", "max_tokens": 16, "temperature": 0}' \
