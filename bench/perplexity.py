@@ -25,6 +25,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from sgl_ascend.testing import sglang_server  # noqa: E402
+
+sys.path.insert(0, os.path.join(ROOT, "scripts"))
+import msmodelslim_tool  # noqa: E402
 from sgl_ascend.tools.quality import GREEDY_PROMPT, GREEDY_TOKENS, PASSAGE  # noqa: E402
 
 ORDER = ["w8a16", "w8a8_dynamic", "w8a8", "w4a8_dynamic", "w4a4_dynamic"]
@@ -76,11 +79,9 @@ def measure(model_dir: str, extra_args) -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--schemes", default=",".join(ORDER))
-    parser.add_argument("--msmodelslim-python", default=os.environ.get(
-        "SGL_ASCEND_MSMODELSLIM_PYTHON", os.path.join(ROOT, ".venv-msmodelslim", "bin", "python")))
     args = parser.parse_args()
     schemes = [s for s in args.schemes.split(",") if s]
-    built = subprocess.run([args.msmodelslim_python, os.path.join(ROOT, "scripts", "real_model.py"),
+    built = subprocess.run([msmodelslim_tool.python(), os.path.join(ROOT, "scripts", "real_model.py"),
                             "--schemes", ",".join(schemes), "--json"], check=True, capture_output=True, text=True)
     paths = json.loads(built.stdout)["paths"]
     rows, ref = [], None

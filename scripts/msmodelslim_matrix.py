@@ -14,7 +14,7 @@ Outputs are cached under ~/.cache/sgl-ascend/msmodelslim/<key>/ (SGL_ASCEND_CACH
 key = sha256 of the msmodelslim / torch / transformers versions, the recipe and the base model's recipe;
 a miss rebuilds. An entry msmodelslim cannot write on CPU is cached as such (its log tail kept).
 
-Runs msmodelslim through the venv scripts/env.sh builds (.venv-msmodelslim; MSMODELSLIM_VENV overrides).
+Runs msmodelslim through scripts/msmodelslim_tool.py (its venv: .venv-msmodelslim or $SGL_ASCEND_MSMODELSLIM_VENV).
 This file imports the standard library only, so any Python can run it; the base models are built by
 this same file run under the msmodelslim venv's Python (`_base`, internal).
 
@@ -29,10 +29,12 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import msmodelslim_tool  # noqa: E402  (a sibling script, not a package)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOKENIZER_DIR = os.path.join(ROOT, "tests", "fixtures", "msmodelslim", "qwen3-tiny-bf16")
@@ -484,28 +486,8 @@ def cache_root() -> str:
                         "msmodelslim")
 
 
-def venv_dir() -> str:
-    return os.environ.get("MSMODELSLIM_VENV", os.path.join(ROOT, ".venv-msmodelslim"))
-
-
-def venv_python() -> str:
-    return os.path.join(venv_dir(), "bin", "python")
-
-
-def venv_ready() -> bool:
-    return os.path.exists(os.path.join(venv_dir(), "bin", "msmodelslim"))
-
-
-_VERSIONS: Dict[str, str] = {}
-
-
 def tool_versions() -> Dict[str, str]:
-    """msmodelslim / torch / transformers versions of the venv (from its metadata: no import of torch)."""
-    if not _VERSIONS:
-        code = ("import importlib.metadata as m, json; print(json.dumps({p: m.version(p) for p in "
-                "('msmodelslim', 'torch', 'transformers', 'safetensors')}))")
-        _VERSIONS.update(json.loads(subprocess.check_output([venv_python(), "-c", code], text=True)))
-    return dict(_VERSIONS)
+    return msmodelslim_tool.versions()
 
 
 def _digest(obj) -> str:
@@ -520,33 +502,17 @@ def entry_key(entry: Entry) -> str:
     return f"{entry.name}-{_digest([tool_versions(), entry.base(), entry.recipe, entry.calibration, BUILD_VERSION])}"
 
 
-def _atomic_build(final: str, build) -> None:
-    """build(tmp_dir) writes into a fresh folder that becomes `final` only when complete."""
-    os.makedirs(os.path.dirname(final), exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=os.path.basename(final) + ".tmp-", dir=os.path.dirname(final))
-    try:
-        build(tmp)
-        os.rename(tmp, final)
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not os.path.isdir(final):  # else another process built it meanwhile: use theirs
-            raise
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
 def ensure_base(entry: Entry, log=print) -> str:
     path = os.path.join(cache_root(), base_key(entry))
     if not os.path.exists(os.path.join(path, "model", "config.json")):
         log(f"  building base model {entry.family} {entry.dtype}")
 
         def build(tmp):
-            subprocess.run([venv_python(), os.path.abspath(__file__), "_base", json.dumps(entry.base()),
+            subprocess.run([msmodelslim_tool.python(), os.path.abspath(__file__), "_base", json.dumps(entry.base()),
                             os.path.join(tmp, "model")], check=True, stdout=subprocess.DEVNULL,
                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
         if not os.path.exists(path):
-            _atomic_build(path, build)
+            msmodelslim_tool.atomic_build(path, build)
     return os.path.join(path, "model")
 
 
@@ -572,24 +538,18 @@ def build_entry(entry: Entry, log=print) -> Built:
             with open(config, "w") as f:
                 f.write(entry.recipe.replace("CALIB_PATH", calib))
             out = os.path.join(tmp, "model")
-            cmd = [os.path.join(venv_dir(), "bin", "msmodelslim"), "quant", "--model_path", base, "--save_path", out,
-                   "--device", "cpu", "--model_type", entry.model_type, "--config_path", config,
-                   "--trust_remote_code", "False"]
+            tool_log = os.path.join(tmp, "msmodelslim.log")
             start = time.monotonic()
-            # cwd: the V0 calibration drops features.npy into the working directory
-            proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                  text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, cwd=tmp)
-            with open(os.path.join(tmp, "msmodelslim.log"), "w") as f:
-                f.write(proc.stdout)
-            written = proc.returncode == 0 and os.path.exists(os.path.join(out, "config.json"))
+            code = msmodelslim_tool.quant(base, out, config, entry.model_type, tool_log)
+            written = code == 0 and os.path.exists(os.path.join(out, "config.json"))
             if not written:
                 shutil.rmtree(out, ignore_errors=True)
             record = {"name": entry.name, "versions": tool_versions(), "base": entry.base(),
-                      "seconds": round(time.monotonic() - start, 1), "returncode": proc.returncode,
-                      "written": written, "log_tail": proc.stdout[-4000:]}
+                      "seconds": round(time.monotonic() - start, 1), "returncode": code,
+                      "written": written, "log_tail": msmodelslim_tool.log_tail(tool_log)}
             with open(os.path.join(tmp, "entry.json"), "w") as f:
                 json.dump(record, f, indent=1)
-        _atomic_build(path, build)
+        msmodelslim_tool.atomic_build(path, build)
     with open(os.path.join(path, "entry.json")) as f:
         record = json.load(f)
     model = os.path.join(path, "model")
@@ -606,9 +566,8 @@ def select(subset: Optional[str] = None, only: Optional[List[str]] = None) -> Li
 
 
 def build_all(entries: List[Entry], log=print) -> List[Built]:
-    if not venv_ready():
-        raise SystemExit(f"no msmodelslim venv at {venv_dir()}: run `source scripts/env.sh && msmodelslim_venv` "
-                         "(or set MSMODELSLIM_VENV)")
+    if not msmodelslim_tool.ready():
+        raise SystemExit(msmodelslim_tool.missing())
     built = []
     for i, entry in enumerate(entries):
         start = time.monotonic()

