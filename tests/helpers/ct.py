@@ -191,21 +191,29 @@ class CheckpointLinears(torch.nn.Module):
 EXPERTS_TARGET = "re:.*mlp\\.experts\\..*"
 
 
-def write_qwen3moe_ct_checkpoint(path: str, scheme: dict) -> str:
+def write_qwen3moe_ct_checkpoint(path: str, scheme: dict, reference_dir: Optional[str] = None) -> str:
     """The tiny Qwen3-MoE of tests/fixtures (bf16) with its experts quantized by the compressed-tensors
     library (targets the experts only, as llm-compressor MoE recipes that keep attention in bf16 do; the
-    router `mlp.gate` and lm_head stay bf16). `scheme`: a config group's weights / input_activations."""
+    router `mlp.gate` and lm_head stay bf16). `scheme`: a config group's weights / input_activations.
+    `reference_dir`: also write the float32 model of the library's own decompressed experts there."""
     source = msmodelslim_fixture("qwen3moe-tiny-bf16")
     with open(os.path.join(source, "config.json")) as f:
         hf_config = json.load(f)
     bf16 = load_file(os.path.join(source, "model.safetensors"))
     experts = {name: t for name, t in bf16.items() if ".mlp.experts." in name}
     model = CheckpointLinears(experts)
-    tensors, quant_config, _ = quantize_with_library(model, scheme, fmt="pack-quantized", targets=(EXPERTS_TARGET,))
+    tensors, quant_config, dequantized = quantize_with_library(model, scheme, fmt="pack-quantized",
+                                                               targets=(EXPERTS_TARGET,))
     tensors.update({name: t for name, t in bf16.items() if name not in experts})
     write_checkpoint(path, tensors, quant_config, hf_config)
     for name in _TOKENIZER_FILES:
         shutil.copy(os.path.join(source, name), path)
+    if reference_dir:
+        from helpers.float_reference import write_float_checkpoint
+
+        floats = {name: t.float() for name, t in bf16.items() if name not in experts}
+        floats.update({f"{module}.weight": w.float() for module, w in dequantized.items()})
+        write_float_checkpoint(path, floats, reference_dir)
     return path
 
 
