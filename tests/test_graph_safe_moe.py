@@ -21,6 +21,8 @@ UPSTREAM = {"w4a4": {"npu_moe_init_routing_v2": 1, "npu_dynamic_quant": 2, "npu_
                      "npu_swiglu": 1, "npu_moe_finalize_routing": 1},
             "bf16": {"npu_moe_init_routing_v2": 1, "npu_grouped_matmul": 2, "npu_swiglu": 1,
                      "npu_moe_finalize_routing": 1}}
+# weight-only int4 (compressed-tensors W4A16): the float path with antiquant scales (vllm-ascend moe_mlp.py)
+UPSTREAM.update({name: UPSTREAM["bf16"] for name in ("ct-w4a16-group", "ct-w4a16-channel-asym")})
 INT8 = {"npu_moe_init_routing_v2": 1, "npu_grouped_matmul": 2, "npu_dequant_swiglu_quant": 1,
         "npu_moe_finalize_routing": 1}
 # v1 (no fused quant in routing): init_routing + compute_expert_tokens, int8 experts quantize the rows

@@ -14,12 +14,14 @@ Asserted: peak <= final resident bytes + the largest single per-expert parameter
 and interpreter noise) + for W8A8, the FRACTAL_NZ cast of the fused int8 weights: npu_format_cast
 returns a new tensor (on the NPU and in the twin), so the largest fused weight (w13, 64 MiB) exists
 twice for a moment; final resident == theoretical (well within 2%); W4A8 <= 0.27 x bf16,
-W8A8 <= 0.52 x bf16 (group-wise W4A8, g = 128: <= 0.30). W8A8 holds its scale in bf16 (the per-token
+W8A8 <= 0.52 x bf16 (group-wise W4A8, g = 128: <= 0.30; compressed-tensors W4A16 g = 128 <= 0.27, per
+channel <= 0.26). W8A8 holds its scale in bf16 (the per-token
 grouped matmul takes a bf16 scale for bf16 output), written straight from the checkpoint's fp32.
 Measured (Linux x86-64, torch 2.13 CPU): W4A8 49.50 MiB = 0.2578 x bf16, peak - final 130-350 KiB;
 W8A8 96.25 MiB = 0.5013 x bf16, peak - final 64 MiB (the NZ cast) + ~0.3 MiB; group-wise W4A8
-54.50 MiB = 0.2839 x bf16, peak - final 90-380 KiB (run-to-run noise ~150 KiB); largest expert
-tensors 512 / 1024 KiB.
+54.50 MiB = 0.2839 x bf16, peak - final 90-380 KiB (run-to-run noise ~150 KiB); CT W4A16 g128 51.00 MiB =
+0.2656 x bf16 (a bf16 scale and a bf16 zero offset per group and channel), per channel 48.50 MiB = 0.2526 x
+bf16, peak - final <= 24 KiB; largest expert tensors 512 / 1024 KiB.
 """
 
 import ctypes
@@ -32,6 +34,7 @@ import torch
 
 from helpers.memory import MIB, status
 from sgl_ascend.layers.moe import FusedMoEMethod, W4A8DynamicExperts, W8A8DynamicExperts, build_moe
+from sgl_ascend.layers.moe.ct_w4a16 import CTW4A16Experts
 from sgl_ascend.quant.checkpoint import TensorInfo, tensors_under
 
 E, H, I = 64, 1024, 512
@@ -46,6 +49,7 @@ class SyntheticCheckpoint:
 
     infos: dict
     path: str = "<synthetic>"
+    fixed: dict = None  # name -> value of metadata tensors (compressed-tensors weight_shape)
 
     def with_prefix(self, prefix):
         return tensors_under(self.infos, prefix)
@@ -53,6 +57,10 @@ class SyntheticCheckpoint:
     def get(self, name):
         info = self.infos[name]
         gen = torch.Generator().manual_seed(hash(name) % (1 << 31))
+        if self.fixed and name in self.fixed:
+            return self.fixed[name].clone()
+        if info.dtype == torch.int32:  # packed int4
+            return torch.randint(-2**31, 2**31 - 1, info.shape, dtype=torch.int32, generator=gen)
         if info.dtype == torch.int8:
             return torch.randint(-128, 128, info.shape, dtype=torch.int8, generator=gen)
         if "offset" in name:
@@ -61,23 +69,35 @@ class SyntheticCheckpoint:
 
 
 def _checkpoint(method, num_experts=E, hidden=H, inter=I):
-    infos = {}
+    infos, fixed = {}, {}
+    dtypes = {"int8": torch.int8, "int32": torch.int32, "int": torch.int64}
     for proj, specs in method.checkpoint_tensors(hidden, inter, 1).items():
         for e in range(num_experts):
             for suffix, spec in specs.items():
                 name = f"{PREFIX}.experts.{e}.{proj}.{suffix}"
-                dtype = torch.int8 if spec.kind == "int8" else torch.float32
-                infos[name] = TensorInfo(name, "<synthetic>", dtype, spec.shape)
-    return SyntheticCheckpoint(infos)
+                infos[name] = TensorInfo(name, "<synthetic>", dtypes.get(spec.kind, torch.float32), spec.shape)
+                if suffix == "weight_shape":
+                    fixed[name] = torch.tensor([hidden, inter] if proj == "down_proj" else [inter, hidden])
+    return SyntheticCheckpoint(infos, fixed=fixed)
 
 
 def _group_wise(role):
     return W4A8DynamicExperts(role, group_size=128)
 
 
-# group-wise W4A8 holds int64 group scales ([K/128, N] per expert): about 0.29 x bf16
+def _ct_w4a16(role):
+    return CTW4A16Experts(role, group_size=128)
+
+
+def _ct_w4a16_channel(role):
+    return CTW4A16Experts(role)
+
+
+# group-wise W4A8 holds int64 group scales ([K/128, N] per expert): about 0.29 x bf16; CT W4A16 g128 a bf16 scale
+# and a bf16 offset per group and channel: 0.2656 x bf16
 @pytest.mark.parametrize("scheme,bound,nz_cast", [(W4A8DynamicExperts, 0.27, False), (W8A8DynamicExperts, 0.52, True),
-                                                  (_group_wise, 0.3, False)])
+                                                  (_group_wise, 0.3, False), (_ct_w4a16, 0.27, False),
+                                                  (_ct_w4a16_channel, 0.26, False)])
 def test_load_peak_and_resident_bytes(scheme, bound, nz_cast):
     libc = ctypes.CDLL("libc.so.6")
     assert libc.mallopt(-3, 64 * 1024) == 1  # M_MMAP_THRESHOLD

@@ -348,15 +348,30 @@ def _check_gmm_antiquant(op, x0, w, aq_scale, aq_offset, b, out, experts, n):
     require(x0.dtype in FLOAT16 and w.dtype in (torch.int8, torch.int32), op,
             "weight-only: x float16/bfloat16, weight int8 or int4", where)
     require(aq_scale.dtype == x0.dtype, op, f"antiquant_scale must be {x0.dtype}", where)
-    require(aq_offset is None or (aq_offset[0].dtype == aq_scale.dtype and aq_offset[0].shape == aq_scale.shape),
-            op, "antiquant_offset must match antiquant_scale", where)
-    require(aq_scale.shape[0] == experts and aq_scale.shape[-1] == n, op, "antiquant_scale must be [E, N] or [E, G, N]",
-            f"{DOC}:5851-5853")
-    if w.dtype == torch.int8:
-        require(aq_scale.dim() == 2, op, "int8 weight-only is per-channel only", f"{DOC}:5980")
-    require(out in (None, x0.dtype), op, "output_dtype must be None or x's dtype", where)
+    require(aq_scale.dim() in (2, 3) and aq_scale.shape[0] == experts and aq_scale.shape[-1] == n, op,
+            f"antiquant_scale of a stacked weight must be [E, N] per channel or [E, G, N] per group, E={experts}, "
+            f"N={n}, got {tuple(aq_scale.shape)}", f"{DOC}:5852-5853")
+    if aq_scale.dim() == 3:
+        k = w.shape[1]
+        require(w.dtype == torch.int32, op, "int8 weight-only is per-channel only ([E, N] antiquant_scale)",
+                f"{DOC}:5980")
+        require(k % aq_scale.shape[1] == 0, op, f"the per-group count G={aq_scale.shape[1]} must divide K={k}",
+                f"{DOC}:5980 (per-group数G或Gi必须要能整除对应的ki)")
+    # Both upstreams always pass an offset with int4 weights (zeros when symmetric): vllm-ascend
+    # quantization/methods/wna16/w4a16.py ("all-zero tensors constructed because the operator requires offset
+    # inputs"), SGLang compressed_tensors_wNa16_moe.py NPUCompressedTensorsW4A16Int4DynamicMoE.
+    if w.dtype == torch.int32:
+        require(aq_offset is not None and len(aq_offset) == 1, op,
+                "int4 weight-only takes an antiquant_offset (zeros when symmetric), one tensor",
+                "vllm-ascend quantization/methods/wna16/w4a16.py; SGL NPUWNA16Int4MoEMethod")
+    if aq_offset is not None:
+        require(len(aq_offset) == 1 and aq_offset[0].dtype == aq_scale.dtype
+                and aq_offset[0].shape == aq_scale.shape, op,
+                "antiquant_offset must have antiquant_scale's dtype and shape", f"{DOC}:5854-5859, 5976")
+    require(out in (None, x0.dtype), op, "output_dtype must be None or x's dtype", f"{DOC}:5978")
     if b is not None:
-        require_dtype(b, (torch.float16,) if x0.dtype == torch.float16 else (torch.float32,), op, "bias", where)
+        require_dtype(b, (torch.float16,) if x0.dtype == torch.float16 else (torch.float32,), op, "bias",
+                      f"{DOC}:5973")
 
 
 # -- activations and routing --------------------------------------------------------------------------

@@ -501,7 +501,7 @@ def _plan_experts(plan, spec: ExpertsSpec, source, config, checkpoint, claimed) 
         for proj in spec.projections:
             prefix = spec.expert_prefix(e, proj)
             present = checkpoint.with_prefix(prefix)
-            if "weight" not in present:
+            if "weight" not in present and "weight_packed" not in present:  # compressed-tensors pack-quantized
                 missing.append(f"{prefix}.weight")
             for info in present.values():
                 claimed.add(info.name)

@@ -18,7 +18,7 @@ from compressed_tensors.quantization import QuantizationConfig, QuantizationStra
 from compressed_tensors.quantization.utils import calculate_qparams
 from safetensors.torch import load_file
 
-from helpers.common import QWEN3_BF16
+from helpers.common import QWEN3_BF16, msmodelslim_fixture
 from sgl_ascend.testing import synthetic
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
@@ -51,6 +51,9 @@ SCHEMES = {
                    "input_activations": {"num_bits": 8, "type": "float", "symmetric": True, "strategy": "tensor",
                                          "dynamic": False}},
 }
+# MoE experts (write_qwen3moe_ct_checkpoint): W4A16 per group and per channel asymmetric (pack-quantized).
+EXPERT_SCHEMES = {"w4a16_group": SCHEMES["w4a16_group"],
+                  "w4a16_channel_asym": {"weights": {**INT8, "num_bits": 4, "symmetric": False, "strategy": "channel"}}}
 FORMATS = {"w4a16_group": "pack-quantized", "w4a16_group_asym": "pack-quantized",
            "w8a16_channel": "pack-quantized", "w8a16_channel_unpacked": "int-quantized",
            "w4a8": "int-quantized", "w4a8_channel": "pack-quantized"}
@@ -164,6 +167,53 @@ def write_qwen3_ct_checkpoint(path: str, scheme: str = "w4a16_group", calib_toke
     write_checkpoint(path, tensors, quant_config, hf_config)
     for name in _TOKENIZER_FILES:
         shutil.copy(os.path.join(QWEN3_BF16, name), path)
+    return path
+
+
+class CheckpointLinears(torch.nn.Module):
+    """nn.Linear modules under the checkpoint names of `weights` (name -> [out, in] weight), no forward: what
+    the library quantizes when only some linears (e.g. the MoE experts) are targeted."""
+
+    def __init__(self, weights: Dict[str, torch.Tensor]):
+        super().__init__()
+        for name, weight in weights.items():
+            parent = self
+            *path, leaf = name[: -len(".weight")].split(".")
+            for part in path:
+                if not hasattr(parent, part):
+                    parent.add_module(part, torch.nn.Module())
+                parent = getattr(parent, part)
+            linear = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False, dtype=weight.dtype)
+            linear.weight.data = weight.clone()
+            parent.add_module(leaf, linear)
+
+
+EXPERTS_TARGET = "re:.*mlp\\.experts\\..*"
+
+
+def write_qwen3moe_ct_checkpoint(path: str, scheme: dict, reference_dir: Optional[str] = None) -> str:
+    """The tiny Qwen3-MoE of tests/fixtures (bf16) with its experts quantized by the compressed-tensors
+    library (targets the experts only, as llm-compressor MoE recipes that keep attention in bf16 do; the
+    router `mlp.gate` and lm_head stay bf16). `scheme`: a config group's weights / input_activations.
+    `reference_dir`: also write the float32 model of the library's own decompressed experts there."""
+    source = msmodelslim_fixture("qwen3moe-tiny-bf16")
+    with open(os.path.join(source, "config.json")) as f:
+        hf_config = json.load(f)
+    bf16 = load_file(os.path.join(source, "model.safetensors"))
+    experts = {name: t for name, t in bf16.items() if ".mlp.experts." in name}
+    model = CheckpointLinears(experts)
+    tensors, quant_config, dequantized = quantize_with_library(model, scheme, fmt="pack-quantized",
+                                                               targets=(EXPERTS_TARGET,))
+    tensors.update({name: t for name, t in bf16.items() if name not in experts})
+    write_checkpoint(path, tensors, quant_config, hf_config)
+    for name in _TOKENIZER_FILES:
+        shutil.copy(os.path.join(source, name), path)
+    if reference_dir:
+        from helpers.float_reference import write_float_checkpoint
+
+        floats = {name: t.float() for name, t in bf16.items() if name not in experts}
+        floats.update({f"{module}.weight": w.float() for module, w in dequantized.items()})
+        write_float_checkpoint(path, floats, reference_dir)
     return path
 
 

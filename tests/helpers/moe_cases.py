@@ -25,7 +25,7 @@ PREFIX = "model.layers.0.mlp"
 PROJS = ("gate_proj", "up_proj", "down_proj")
 E, H = 4, 128
 CASES = ("w8a8", "w4a8", "w4a8-group", "w4a8-clip", "w4a8-older", "w4a4", "bf16", "mixed-w4a8-w8a8",
-         "ct-w4a8", "ct-w4a8-group", "ct-w4a8-clip")
+         "ct-w4a8", "ct-w4a8-group", "ct-w4a8-clip", "ct-w4a16-group", "ct-w4a16-channel-asym")
 PARALLEL = {"tp1": (1, 1), "tp2": (2, 1), "ep2": (1, 2)}
 
 
@@ -168,6 +168,16 @@ def build_case(name, tmp, gen, params_dtype=torch.bfloat16) -> Case:
         experts = experts_of(ckpt, lambda c, n: c.get(n + ".weight").float())
         return Case(name, lambda: FusedMoEMethod(UnquantizedExperts("w13"), UnquantizedExperts("w2")), ckpt, 64,
                     experts, (None, None))
+    if name.startswith("ct-w4a16"):
+        from pathlib import Path
+
+        from helpers.moe_checkpoints import ct_w4a16_checkpoint, w4a16_scheme
+
+        path = Path(tmp) / name
+        scheme = w4a16_scheme() if name == "ct-w4a16-group" else w4a16_scheme(0, symmetric=False)
+        qconfig, experts = ct_w4a16_checkpoint(path, gen, scheme)
+        return Case(name, lambda: moe_method_for_compressed_tensors(qconfig, PREFIX, params_dtype),
+                    SafetensorsCheckpoint(str(path)), 64, experts, (None, None))
     if name.startswith("ct-"):
         from pathlib import Path
 

@@ -152,3 +152,40 @@ def ct_w8a8_dynamic_checkpoint(path, gen):
                                  ignore=["lm_head"]).model_dump(exclude_none=True)
     synthetic.write_ct_folder(str(path), tensors, qconfig)
     return qconfig, experts
+
+
+def w4a16_scheme(group_size=GROUP, symmetric=True, **weights) -> QuantizationScheme:
+    """compressed-tensors W4A16 experts (llm-compressor's W4A16 preset on the experts): int4 weights per group of
+    `group_size` (0: per channel), no activation quantization."""
+    strategy = {"strategy": "group", "group_size": group_size} if group_size else {"strategy": "channel"}
+    return QuantizationScheme(targets=["re:.*mlp\\.experts\\..*"], weights=QuantizationArgs(
+        num_bits=4, type="int", symmetric=symmetric, **strategy, **weights))
+
+
+def ct_w4a16_checkpoint(path, gen, scheme=None):
+    """compressed-tensors W4A16 experts written by the library's pack-quantized compressor (weight_packed, bf16
+    weight_scale, weight_shape and, asymmetric, packed weight_zero_point). Returns (quantization_config dict,
+    experts [(gate, up, down)] as the library's own decompress gives them, in fp32)."""
+    scheme = scheme or w4a16_scheme()
+    tensors, experts = {}, []
+    for e in range(E):
+        deq = []
+        for proj, (n, k) in (("gate_proj", (I, H)), ("up_proj", (I, H)), ("down_proj", (H, I))):
+            w = (torch.randn(n, k, generator=gen) * 0.05).to(torch.bfloat16)
+            if scheme.weights.strategy == "group":
+                grouped = w.reshape(n, -1, scheme.weights.group_size)
+                lo, hi = grouped.amin(dim=-1), grouped.amax(dim=-1)
+            else:
+                lo, hi = w.amin(dim=1, keepdim=True), w.amax(dim=1, keepdim=True)
+            scale, zp = calculate_qparams(lo, hi, scheme.weights)
+            sd = PackedQuantizationCompressor.compress({"weight": w, "weight_scale": scale, "weight_zero_point": zp},
+                                                       scheme)
+            fp32 = dict(sd, weight_scale=sd["weight_scale"].float())
+            deq.append(PackedQuantizationCompressor.decompress(fp32, scheme)["weight"].float())
+            for key, value in sd.items():
+                tensors[f"{PREFIX}.experts.{e}.{proj}.{key}"] = value
+        experts.append(tuple(deq))
+    qconfig = QuantizationConfig(config_groups={"group_0": scheme}, format="pack-quantized",
+                                 ignore=["lm_head"]).model_dump(exclude_none=True)
+    synthetic.write_ct_folder(str(path), tensors, qconfig)
+    return qconfig, experts

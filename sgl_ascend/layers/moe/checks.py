@@ -4,6 +4,7 @@ a neutral w2_alpha). They get a zero-byte parameter so that loaders looking para
 
 import torch
 
+from sgl_ascend.errors import CheckpointError
 from sgl_ascend.layers.schemes.common import check_zero_offset
 
 
@@ -24,3 +25,12 @@ def drop_check_only(layer: torch.nn.Module, role: str) -> None:
     for name, param in list(layer.named_parameters(recurse=False)):
         if name.startswith(role + "_") and is_check_only(param):
             delattr(layer, name)
+
+
+def write_shape_check(n: int, k: int):
+    """compressed-tensors pack-quantized `weight_shape` (metadata): must be the projection's full [n, k]."""
+    def check(target, loaded):
+        if loaded.tolist() != [n, k]:
+            raise CheckpointError(f"weight_shape {loaded.tolist()} where [{n}, {k}] is expected; the "
+                                  "checkpoint does not match the model config.")
+    return check

@@ -42,7 +42,7 @@ import torch
 
 from sgl_ascend.errors import CheckpointError
 from sgl_ascend.layers.moe.base import ExpertScheme, TensorSpec, register_expert
-from sgl_ascend.layers.moe.checks import CHECK_ONLY, drop_check_only, write_zero_check
+from sgl_ascend.layers.moe.checks import CHECK_ONLY, drop_check_only, write_shape_check, write_zero_check
 from sgl_ascend.layers.registry import register_scheme
 from sgl_ascend.layers.schemes.common import write_fp32_bits, write_int4_pairs, write_int4_values, write_scale_or_bits
 from sgl_ascend.layers.schemes.ct_common import write_packed_int4
@@ -189,7 +189,7 @@ class W4A8DynamicExperts(ExpertScheme):
             record_full=record)
         if self.fmt == "compressed_tensors":
             full_n, full_k = self.full_sizes(n, k, tp_size)
-            reg("weight_shape", CHECK_ONLY(), n_dim=None, write=_shape_is(full_n, full_k))
+            reg("weight_shape", CHECK_ONLY(), n_dim=None, write=write_shape_check(full_n, full_k))
         else:
             reg("weight_offset", CHECK_ONLY(), write=write_zero_check)
         if self.group_size and self.fmt == "compressed_tensors":
@@ -275,10 +275,3 @@ def _full_sums_recorder(sums: torch.Tensor, fmt: str):
         sums[local] = values.sum(dim=1, dtype=torch.int32)
     return record
 
-
-def _shape_is(n, k):
-    def check(target, loaded):
-        if loaded.tolist() != [n, k]:
-            raise CheckpointError(f"weight_shape {loaded.tolist()} where [{n}, {k}] is expected; the "
-                                  "checkpoint does not match the model config.")
-    return check
