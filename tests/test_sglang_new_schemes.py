@@ -23,7 +23,7 @@ pytestmark = pytest.mark.sglang
 
 PROMPT = list(range(10, 26))
 MAX_TOKENS = 8
-FLATQUANT_TOLERANCE = 0.5
+FLATQUANT_TOLERANCE = 0.15
 
 
 @pytest.mark.parametrize("recipe, served_by", [("w8a8_mix", "W8A8_MIX linear -> W8A8MixLinear"),
@@ -44,9 +44,9 @@ def test_server_serves_it(tmp_path, recipe, served_by):
 
 def test_server_serves_flatquant(tmp_path):
     """The real tool's W4A4_FLATQUANT_DYNAMIC (every linear; o_proj's transform read from the headers) in the
-    real server. Its int4 activations cost ~12% per layer against the float model of the checkpoint's own
-    weights (tests/test_w4a4_flatquant.py), so the tolerance is the W4A4 one of test_sglang_e2e_modelslim.py
-    scaled to 7 W4A4 linears per layer instead of 2."""
+    real server, against the float model of the checkpoint's own weights (transforms folded in): its int4
+    activations are the gap, so the tolerance is the W4A4 one of test_sglang_e2e_modelslim.py (measured: max
+    logprob difference 0.054 nats, one flip between tokens 0.034 apart)."""
     model_dir = msmodelslim_fixture("qwen3-tiny-w4a4-flatquant")
     start = time.monotonic()
     with launch(model_dir) as server:
