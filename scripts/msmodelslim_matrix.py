@@ -44,8 +44,10 @@ CALIBRATION = ["The quick brown fox jumps over the lazy dog.", "Hello world, thi
 MORE_CALIBRATION = [" ".join(CALIBRATION[i:] + CALIBRATION[:i]) * 3 for i in range(len(CALIBRATION))]
 # FlatQuant trains on 4 samples concatenated along the batch dim (processor/flat_quant/trainer.py
 # train_layer), so they must have the same token count: these four are 10 tokens each.
-EQUAL_LENGTH_CALIBRATION = ["The quick brown fox jumps over the lazy dog.", "The quick brown fox jumps over the lazy fox.",
-                            "A quick brown fox jumps over the lazy dog.", "The quick brown fox jumps the the lazy dog."]
+EQUAL_LENGTH_CALIBRATION = ["The quick brown fox jumps over the lazy dog.",
+                            "The quick brown fox jumps over the lazy fox.",
+                            "A quick brown fox jumps over the lazy dog.",
+                            "The quick brown fox jumps the the lazy dog."]
 # Bump when the way an entry is built changes without its recipe text changing.
 BUILD_VERSION = 1
 

@@ -45,7 +45,8 @@ def _reference(kind: str, x: torch.Tensor, quantize_act: bool = True, kernel_rou
     outs, clips = [], []
     for prefix in shards.values():
         weight = checkpoint.get(f"{prefix}.weight").double()
-        weight = (weight - checkpoint.get(f"{prefix}.weight_offset").double()) * checkpoint.get(f"{prefix}.weight_scale").double()
+        weight = (weight - checkpoint.get(f"{prefix}.weight_offset").double()) * \
+            checkpoint.get(f"{prefix}.weight_scale").double()
         left = checkpoint.get(f"{prefix}.left_trans").double()
         right = checkpoint.get(f"{prefix}.right_trans").double() if f"{prefix}.right_trans" in checkpoint else \
             torch.eye(weight.shape[1] // left.shape[0], dtype=torch.float64)
