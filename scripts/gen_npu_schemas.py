@@ -16,7 +16,7 @@ OPS = (
     "npu_convert_weight_to_int4pack", "npu_format_cast", "npu_grouped_matmul", "npu_swiglu",
     "npu_dequant_swiglu_quant", "npu_moe_init_routing_v2", "npu_moe_token_unpermute",
     "npu_moe_init_routing", "npu_moe_compute_expert_tokens", "npu_moe_finalize_routing",
-    "npu_anti_quant", "npu_fused_infer_attention_score",
+    "npu_anti_quant", "npu_fused_infer_attention_score", "npu_kronecker_quant",
 )
 OUT = Path(__file__).resolve().parent.parent / "sgl_ascend" / "ops" / "npu_schemas.py"
 

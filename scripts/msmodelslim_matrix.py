@@ -44,6 +44,12 @@ CALIBRATION = ["The quick brown fox jumps over the lazy dog.", "Hello world, thi
 # Longer samples for recipes whose statistics need every expert to see tokens of every sample (the V0
 # calibration and the fake quantizer of a MoE expert fail on an expert a sample routes nothing to).
 MORE_CALIBRATION = [" ".join(CALIBRATION[i:] + CALIBRATION[:i]) * 3 for i in range(len(CALIBRATION))]
+# FlatQuant trains on 4 samples concatenated along the batch dim (processor/flat_quant/trainer.py
+# train_layer), so they must have the same token count: these four are 10 tokens each.
+EQUAL_LENGTH_CALIBRATION = ["The quick brown fox jumps over the lazy dog.",
+                            "The quick brown fox jumps over the lazy fox.",
+                            "A quick brown fox jumps over the lazy dog.",
+                            "The quick brown fox jumps the the lazy dog."]
 # Bump when the way an entry is built changes without its recipe text changing.
 BUILD_VERSION = 1
 
@@ -378,6 +384,20 @@ spec:
           "lab_practice/qwen3/qwen3-32b-dense-w16a16s.yaml (float sparse, ratio 0.4) as shipped; served as FLOAT "
           "(dense: no NPU sparse kernel in SGLang 0.5.23; verified against its own pruned weights)", subsets=CI,
           against_base=False),
+    # -- Qwen3 dense: FlatQuant (no shipped preset; the processor's defaults, trained 10 epochs per layer) -
+    Entry("qwen3-bf16-flatquant-w4a4-mlp", "qwen3", "bf16",
+          v1("flatquant-w4a4-mlp", """    - type: "flatquant"
+      include: ["*mlp*"]
+    - type: "autoround_quant"
+      iters: 2
+      enable_round_tuning: true
+      strategies:
+        - qconfig: AUTOROUND_W4A4
+          include: ["*mlp*"]
+"""),
+          "flatquant (learned Kronecker transforms, activation clip) + autoround W4A4 on the MLP: "
+          "W4A4_FLATQUANT_DYNAMIC gate/up/down, attention FLOAT (all-W4A4 on the random tiny model: "
+          "see tests/test_w4a4_flatquant.py)", calibration=EQUAL_LENGTH_CALIBRATION),
     # -- Qwen3 dense: the compressed-tensors writer -------------------------------------------------
     Entry("qwen3-bf16-ct-w8a8-dynamic", "qwen3", "bf16",
           v1("ct-w8a8-dynamic", linear(W8A8_DYN), save="compressed_tensors"),

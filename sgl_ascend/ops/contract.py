@@ -509,6 +509,38 @@ def check_anti_quant(x, scale, offset, dst_dtype, src_dtype):
             f"{DOC}:7219")
 
 
+# aclnnFlatQuant, the kernel behind npu_kronecker_quant (CANN 8.3.RC1 API reference, aclnnFlatQuant.md):
+# x [K, M, N] with K <= 32768 and M, N <= 128 (vllm-ascend splits longer batches at 32768 tokens).
+ACLNN_FLAT_QUANT = "CANN 8.3.RC1 aclnnFlatQuant.md"
+KRONECKER_MAX_TOKENS = 32768
+KRONECKER_MAX_DIM = 128
+
+
+def check_kronecker_quant(x, kronecker_p1, kronecker_p2, clip_ratio, dst_dtype, dst_type_max):
+    op = "npu_kronecker_quant"
+    require_dtype(x, FLOAT16, op, "x", f"{DOC}:11445 (x: FLOAT16, BFLOAT16)")
+    require(x.dim() == 3, op, f"x must be 3-D [K, M, N], got {x.dim()} dims", f"{DOC}:11445")
+    k, m, n = x.shape
+    require(n % 8 == 0, op, f"x's last dim N must be a multiple of 8, got {n}",
+            f"{DOC}:11445, {META}:5289-5290")
+    require(k <= KRONECKER_MAX_TOKENS and m <= KRONECKER_MAX_DIM and n <= KRONECKER_MAX_DIM, op,
+            f"x [K, M, N] needs K <= {KRONECKER_MAX_TOKENS}, M and N <= {KRONECKER_MAX_DIM}, got {tuple(x.shape)}",
+            ACLNN_FLAT_QUANT)
+    for what, p, size, line in (("kronecker_p1", kronecker_p1, m, 11446), ("kronecker_p2", kronecker_p2, n, 11447)):
+        require(p.dtype == x.dtype, op, f"{what} must have x's dtype {x.dtype}, got {p.dtype}",
+                f"{DOC}:{line},11457")
+        require(tuple(p.shape) == (size, size), op,
+                f"{what} must be [{size}, {size}] (x is {tuple(x.shape)}), got {tuple(p.shape)}", f"{DOC}:{line}")
+    require(clip_ratio is None or 0.0 < clip_ratio <= 1.0, op, f"clip_ratio must lie in (0, 1], got {clip_ratio}",
+            f"{DOC}:11448")
+    dst = as_dtype(dst_dtype)
+    require(dst in (None, torch.int32), op,
+            f"dst_dtype must be int32 (int4 packed eight per int32), got {dst} (the mxfp4 output is not modelled)",
+            f"{DOC}:11449, {META}:5273-5278")
+    require(dst_type_max in (None, 0.0), op, f"dst_type_max is for the mxfp4 output; int32 takes 0, got {dst_type_max}",
+            f"{DOC}:11450")
+
+
 FIA = "npu_fused_infer_attention_score"
 # Arguments the real op has and the twin does not compute: a call with one of them fails loudly
 # (a twin limit, not an NPU rule) instead of silently ignoring it.

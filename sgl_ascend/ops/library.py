@@ -147,6 +147,11 @@ def _fake_anti_quant(x, scale, *, offset=None, dst_dtype=None, src_dtype=None):
     return x.new_empty(x.shape, dtype=c.as_dtype(dst_dtype) or torch.float16)
 
 
+def _fake_kronecker_quant(x, kronecker_p1, kronecker_p2, clip_ratio=None, dst_dtype=None, dst_type_max=None):
+    c.check_kronecker_quant(x, kronecker_p1, kronecker_p2, clip_ratio, dst_dtype, dst_type_max)
+    return x.new_empty(_int4_last(x.shape), dtype=torch.int32), x.new_empty(x.shape[:1], dtype=torch.float32)
+
+
 def _fake_fused_infer_attention_score(query, key, value, *, pse_shift=None, atten_mask=None, actual_seq_lengths=None,
                                       actual_seq_lengths_kv=None, antiquant_scale=None, antiquant_offset=None,
                                       block_table=None, num_heads=1, input_layout="BSH", num_key_value_heads=0,
@@ -178,6 +183,7 @@ FAKES = {
     "npu_moe_finalize_routing": _fake_moe_finalize_routing,
     "npu_anti_quant": _fake_anti_quant,
     "npu_fused_infer_attention_score": _fake_fused_infer_attention_score,
+    "npu_kronecker_quant": _fake_kronecker_quant,
 }
 
 

@@ -474,6 +474,23 @@ def npu_anti_quant(x: torch.Tensor, scale: torch.Tensor, *, offset: Optional[tor
     return (xf * scale.float()).to(c.as_dtype(dst_dtype) or torch.float16)
 
 
+def npu_kronecker_quant(x: torch.Tensor, kronecker_p1: torch.Tensor, kronecker_p2: torch.Tensor,
+                        clip_ratio: Optional[float] = None, dst_dtype: Optional[int] = None,
+                        dst_type_max: Optional[float] = None):
+    """FlatQuant's activation step, per token k of x [K, M, N] (aclnnFlatQuant's formula):
+    x'' = kronecker_p1 @ (x[k] @ kronecker_p2); scale[k] = max|x''| * clip_ratio / 7 (fp32 [K]);
+    out = x'' / scale rounded and saturated to int4, packed eight per int32 along N -> int32 [K, M, N / 8].
+    ASSUMPTION: the two products are rounded to x's dtype, as the kernel's matmuls output it."""
+    c.check_kronecker_quant(x, kronecker_p1, kronecker_p2, clip_ratio, dst_dtype, dst_type_max)
+    ratio = 1.0 if clip_ratio is None else clip_ratio
+    right = (x.float() @ kronecker_p2.float()).to(x.dtype)
+    both = (kronecker_p1.float() @ right.float()).to(x.dtype).float()
+    scale = both.abs().amax(dim=(1, 2)) * ratio / _INT4_MAX
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    q = torch.round(both / safe.view(-1, 1, 1)).clamp_(-_INT4_MAX - 1, _INT4_MAX).to(torch.int8)
+    return pack_int4_to_int32(q), scale
+
+
 def _fia_kv_rows(key: torch.Tensor, b: int, length: int, block_table, block_size: int, kv_n: int, d: int):
     """Batch b's first `length` key (or value) rows as [length, KV_N, D]: through its blocks when paged."""
     if block_table is None:

@@ -134,6 +134,24 @@ def group_wise_layers(model_dir: str) -> Optional[FrozenSet[str]]:
     return frozenset(grouped)
 
 
+# FlatQuant (msModelSlim's flatquant processor + a W4A4 linear_quant / autoround_quant): per layer the
+# activation is transformed online by two Kronecker factors before its int4 per-token quantization.
+FLATQUANT = "W4A4_FLATQUANT_DYNAMIC"
+
+
+def flatquant_left_sizes(model_dir: str) -> Optional[Dict[str, int]]:
+    """Checkpoint prefix -> the size of its FlatQuant `left_trans` [L, L], from the safetensors headers
+    only; None when the folder has no weights to look at. A layer without `right_trans` (o_proj: its
+    head_dim factor is folded into v_proj's output by the tool) has L = its attention heads, which its
+    input size alone does not tell."""
+    try:
+        checkpoint = SafetensorsCheckpoint(model_dir)
+    except CheckpointError:
+        return None
+    return {info.name[:-len(".left_trans")]: info.shape[0] for info in checkpoint.infos()
+            if info.name.endswith(".left_trans") and info.shape}
+
+
 class ModelSlimConfig:
     """Scheme lookup for an msModelSlim checkpoint, independent of SGLang.
 
@@ -143,16 +161,17 @@ class ModelSlimConfig:
     """
 
     def __init__(self, description: ModelSlimDescription, source: str = DESCRIPTION_FILE,
-                 group_wise: Optional[FrozenSet[str]] = None):
+                 group_wise: Optional[FrozenSet[str]] = None, flat_left: Optional[Dict[str, int]] = None):
         self.description = description
         self.types = {name: TYPE_ALIASES.get(kind, kind) for name, kind in description.tensor_types.items()}
         self.source = source
         self.group_wise = group_wise
+        self.flat_left = flat_left
 
     @classmethod
     def from_dir(cls, model_dir: str) -> "ModelSlimConfig":
         return cls(load_description(model_dir), os.path.join(model_dir, DESCRIPTION_FILE),
-                   group_wise_layers(model_dir))
+                   group_wise_layers(model_dir), flatquant_left_sizes(model_dir))
 
     def is_group_wise(self, prefix: str) -> bool:
         """Whether the (possibly fused) layer's weights carry per-group scales; its shards must agree."""
@@ -209,9 +228,24 @@ class ModelSlimConfig:
         """The key of a (possibly fused) linear layer; `group_wise` is set where its weights carry per-group
         scales (known from the headers, see group_wise_layers)."""
         name = self.weight_type(prefix)
+        if name == FLATQUANT:
+            return self._key(LINEAR, name, **self.flatquant_params(prefix))
         if self.is_group_wise(prefix):
             return self._key(LINEAR, name, group_wise=True)
         return self._key(LINEAR, name)
+
+    def flatquant_params(self, prefix: str) -> Dict[str, object]:
+        """right_trans: whether the layer's shards carry a right Kronecker factor (they must agree); left:
+        the left factor's size from the headers (None without them)."""
+        shards = self.shard_prefixes(prefix)
+        has_right = {s: f"{s}.right_trans" in self.types for s in shards}
+        if len(set(has_right.values())) > 1:
+            listing = ", ".join(f"{s} {'with' if r else 'without'} right_trans" for s, r in has_right.items())
+            raise CheckpointError(f"the shards of fused layer {prefix} carry different FlatQuant transforms "
+                                  f"({listing}); one transform serves the fused layer's shared input.",
+                                  file=self.source, tensor=f"{shards[0]}.right_trans")
+        left = None if self.flat_left is None else self.flat_left.get(shards[0])
+        return {"right_trans": has_right[shards[0]], "left": left}
 
     def expert_keys(self, prefix: str) -> Tuple[SchemeKey, SchemeKey]:
         """(gate/up, down) keys of the MoE block `prefix` (e.g. model.layers.3.mlp), read from expert 0;

@@ -14,7 +14,8 @@ import torch
 from sgl_ascend.layers.moe import moe_method_for_modelslim
 from sgl_ascend.layers.registry import check_served, kv_cache_scheme, linear_scheme, served_by
 from sgl_ascend.models.norm_bias import enable_norm_bias, needs_norm_bias
-from sgl_ascend.quant.modelslim import DESCRIPTION_FILE, ModelSlimConfig, group_wise_layers, parse_description
+from sgl_ascend.quant.modelslim import (DESCRIPTION_FILE, ModelSlimConfig, flatquant_left_sizes, group_wise_layers,
+                                      parse_description)
 from sgl_ascend.sglang.config_base import AscendQuantConfigBase
 
 # the one msModelSlim type SGLang's `--quantization w4a4_int4` flag stands for: the flag's meaning, not
@@ -36,7 +37,8 @@ class AscendModelSlimConfig(AscendQuantConfigBase):
                                                                     "hf_config")}
         model_dir = _model_dir(description)
         self.modelslim = check_served(ModelSlimConfig(parse_description(raw), DESCRIPTION_FILE,
-                                                      group_wise_layers(model_dir) if model_dir else None))
+                                                      group_wise_layers(model_dir) if model_dir else None,
+                                                      flatquant_left_sizes(model_dir) if model_dir else None))
         self.kv_scheme = kv_cache_scheme(self.modelslim)
         if needs_norm_bias(self.modelslim.types):
             enable_norm_bias()

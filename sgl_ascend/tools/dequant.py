@@ -37,6 +37,8 @@ def dequantize_modelslim(checkpoint, prefix: str, kind: str, legacy: bool = Fals
         scale = decode_int64_scale(get("deq_scale")).float().reshape(-1, 1) / get("input_scale").float()
         return weight.float() * scale
     # W8A8_MIX carries weight_scale / weight_offset beside its static tensors: the same weight either way
+    if kind == "W4A4_FLATQUANT_DYNAMIC":
+        return _flatquant_weight(get, has, dequantize_modelslim(checkpoint, prefix, "W4A4_DYNAMIC"))
     if kind not in ("W8A8", "W8A8_DYNAMIC", "W8A8_MIX", "W8A16", "W4A4_DYNAMIC", "W4A8_DYNAMIC"):
         raise CheckpointError(f"verify cannot dequantize scheme {kind}", tensor=f"{prefix}.weight")
     values = weight.float()  # in place from here: verify dequantizes layers of hundreds of MiB
@@ -48,6 +50,21 @@ def dequantize_modelslim(checkpoint, prefix: str, kind: str, legacy: bool = Fals
         grouped -= get("weight_offset").float().reshape(scale.shape)
     grouped.mul_(scale)
     return values
+
+
+def _flatquant_weight(get, has, weight: torch.Tensor) -> torch.Tensor:
+    """FlatQuant serves x -> x @ kron(left, right) (msModelSlim's FlatQuantOnlineWrapper._apply_flat: x @ right,
+    then left^T on the [L, R] view), then the W4A4 weight: the layer's float weight is W @ kron(left, right)^T.
+    A layer without right_trans (o_proj) has the identity there."""
+    left = get("left_trans").double()
+    k = weight.shape[1]
+    right = get("right_trans").double() if has("right_trans") else torch.eye(k // left.shape[0], dtype=torch.float64)
+    if left.shape[0] * right.shape[0] != k:
+        raise CheckpointError(f"left_trans {tuple(left.shape)} and right_trans {tuple(right.shape)} do not multiply to "
+                              f"the weight's input size {k}", tensor="left_trans")
+    # (W @ kron(L, R)^T) row by row is each [L, R] weight row mapped by L @ row @ R^T: no K x K matrix
+    rows = weight.double().view(-1, left.shape[0], right.shape[0])
+    return (left @ rows @ right.t()).reshape(weight.shape).float()
 
 
 def dequantize_compressed_tensors(checkpoint, prefix: str, args) -> torch.Tensor:

@@ -18,7 +18,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 QUANT_SUFFIXES = ("weight_scale", "weight_offset", "weight_scale_second", "weight_offset_second",
-                  "input_scale", "input_offset", "quant_bias", "deq_scale", "scale_bias")
+                  "input_scale", "input_offset", "quant_bias", "deq_scale", "scale_bias",
+                  "left_trans", "right_trans", "clip_ratio")
 COPIED_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
                 "vocab.json", "merges.txt", "special_tokens_map.json")
 
@@ -67,6 +68,13 @@ def dequantize_modelslim(model_dir: str, swap_nibbles: bool = False) -> Dict[str
             scale, offset = get("weight_scale"), get("weight_offset")
             group = tensor.shape[1] // scale.shape[1]  # per channel: [N, 1]; per group: [N, K / g]
             out[name] = (tensor.float() - offset.repeat_interleave(group, 1)) * scale.repeat_interleave(group, 1)
+        elif kind == "W4A4_FLATQUANT_DYNAMIC":
+            # served: x -> x @ kron(left, right) (right: identity where absent, o_proj), then the W4A4 weight
+            w = (tensor.double() - get("weight_offset").double()) * get("weight_scale").double()
+            left = get("left_trans").double()
+            right = get("right_trans").double() if f"{prefix}.right_trans" in tensors else \
+                torch.eye(w.shape[1] // left.shape[0], dtype=torch.float64)
+            out[name] = (w @ torch.kron(left, right).t()).float()
         elif kind == "W4A8_DYNAMIC":
             q = tensor.to(torch.int16) if legacy else _unpack_int4_pairs_rows(tensor, swap_nibbles)
             q = q.float() - get("weight_offset")
