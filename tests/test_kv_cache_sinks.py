@@ -53,9 +53,9 @@ def test_a_paged_mask_must_span_the_block_table_and_be_contiguous():
     q = torch.randn(1, 1, N * D).to(torch.bfloat16)
     common = dict(block_table=table, actual_seq_lengths_kv=[40], antiquant_scale=torch.full((2, H), 0.01).bfloat16(),
                   num_heads=N, num_key_value_heads=KV_N, input_layout="BSH", block_size=PAGE, softmax_lse_flag=True)
+    short = torch.zeros(1, 1, 1, PAGE, dtype=torch.bool)
     with pytest.raises(NpuContractError, match="span"):  # docs :8292
-        ops.npu_fused_infer_attention_score(q, k_cache, v_cache, atten_mask=torch.zeros(1, 1, 1, PAGE, dtype=torch.bool),
-                                            **common)
+        ops.npu_fused_infer_attention_score(q, k_cache, v_cache, atten_mask=short, **common)
     wide = torch.zeros(1, 1, 1, 4 * PAGE, dtype=torch.bool)[..., ::2]
     with pytest.raises(NpuContractError, match="contiguous"):
         ops.npu_fused_infer_attention_score(q, k_cache, v_cache, atten_mask=wide, **common)

@@ -557,7 +557,8 @@ def check_fused_infer_attention_score(query, key, value, unmodelled, atten_mask,
         require(atten_mask.dim() == 2 or (atten_mask.dim() == 4 and atten_mask.shape[0] == b), op,
                 f"the twin models atten_mask (Q_S, KV_S) or (B, 1, Q_S, KV_S), got {tuple(atten_mask.shape)}",
                 f"{DOC}:8079")
-        require(atten_mask.is_contiguous(), op, "atten_mask must be contiguous", f"{DOC}:8076 (不支持非连续的Tensor)")
+        require(atten_mask.is_contiguous(), op, "atten_mask must be contiguous",
+                f"{DOC}:8076 (不支持非连续的Tensor)")
         if block_table is not None:
             require(atten_mask.shape[-1] >= block_table.shape[1] * block_size, op,
                     f"a paged call's atten_mask must span block_table.shape[1] * block_size = "
