@@ -237,3 +237,19 @@ def test_the_keep_first_argument_is_in_help_reaches_the_environment_and_needs_an
     plain = SimpleNamespace(model=torch.nn.Linear(2, 2), kv_cache_dtype=torch.bfloat16, kv_cache_dtype_str="auto")
     with pytest.raises(ValueError, match="--kv-cache-keep-first"):
         int8_kv_cache_dtype(None, plain)
+
+
+def test_an_n_the_page_cannot_hold_is_refused_while_the_server_arguments_resolve(monkeypatch):
+    from types import SimpleNamespace
+
+    from sgl_ascend.sglang.kv_cache import KEEP_FIRST_ENV, int8_kv_page_size
+
+    view = SimpleNamespace(page_size=None, model_path=None, kv_cache_dtype="int8")
+    monkeypatch.setenv(KEEP_FIRST_ENV, "4")
+    assert int8_kv_page_size(view) == {"page_size": 128}
+    monkeypatch.setenv(KEEP_FIRST_ENV, "129")
+    with pytest.raises(ValueError, match="--kv-cache-keep-first 129"):
+        int8_kv_page_size(view)
+    monkeypatch.setenv(KEEP_FIRST_ENV, "64")
+    with pytest.raises(ValueError, match="page size = 32"):
+        int8_kv_page_size(SimpleNamespace(page_size=32, model_path=None, kv_cache_dtype="int8"))

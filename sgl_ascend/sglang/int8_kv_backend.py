@@ -42,8 +42,9 @@ class AscendInt8KVBackend(TorchNativeAttnBackend):
         # layers kept in float KV (--kv-cache-skip-layers): their K/V buffers, beside SGLang's int8 pool
         self.float_caches = {}
         # --kv-cache-keep-first N: per int8 layer the float (K, V) side buffers of the first N positions
-        self.keep_first = int(os.environ.get(KEEP_FIRST_ENV) or 0)
-        self.sinks = self._sink_buffers(model_runner) if self.keep_first else {}
+        keep_first = os.environ.get(KEEP_FIRST_ENV)
+        self.keep_first = int(keep_first) if keep_first else 0
+        self.sinks = self._sink_buffers(model_runner) if keep_first else {}  # N = 0 given is refused there
         self.sink_mask = self.past_sinks = None
 
     def _sink_buffers(self, model_runner) -> dict:

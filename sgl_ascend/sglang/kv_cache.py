@@ -25,6 +25,7 @@ from sgl_ascend.errors import CheckpointError
 from sgl_ascend.layers.kv_cache import KVCacheScheme
 from sgl_ascend.layers.kv_cache.float_kv import FLOAT_KV
 from sgl_ascend.layers.kv_cache.int8_dynamic import ONLINE_INT8
+from sgl_ascend.layers.kv_cache.sinks import check_keep_first
 from sgl_ascend.layers.registry import create
 from sgl_ascend.layers.parameters import ShardedParameter, check_dtype
 from sgl_ascend.quant.modelslim import DESCRIPTION_FILE
@@ -73,7 +74,10 @@ def int8_kv_page_size(view) -> dict:
     page_size = view.page_size
     if not (checkpoint_kv_quantized(view.model_path) or view.kv_cache_dtype == ONLINE_INT8):
         return {}
-    if page_size is None or page_size % INT8_KV_BLOCK_ALIGN:
+    resolved = INT8_KV_PAGE_SIZE if page_size is None or page_size % INT8_KV_BLOCK_ALIGN else page_size
+    if os.environ.get(KEEP_FIRST_ENV):  # refused before the model loads (the backend checks it again)
+        check_keep_first(int(os.environ[KEEP_FIRST_ENV]), resolved)
+    if resolved != page_size:
         logger.info("sgl-ascend: int8 KV cache, page size %s -> %d (npu_fused_infer_attention_score reads int8 "
                     "KV blocks of a multiple of %d tokens)", page_size, INT8_KV_PAGE_SIZE, INT8_KV_BLOCK_ALIGN)
         return {"page_size": INT8_KV_PAGE_SIZE}
