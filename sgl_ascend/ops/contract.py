@@ -565,6 +565,14 @@ def fia_dims(query, num_heads, input_layout):
     return query.shape[0], query.shape[1], num_heads, query.shape[3]
 
 
+def fia_lse_shape(query, num_heads, input_layout, softmax_lse_flag):
+    """softmax_lse's shape: (B, N, Q_S, 1) with the flag (BSH / BSND), else [1] (holding 0)."""
+    if not softmax_lse_flag:
+        return (1,)  # docs :8148 (softmax_lse_flag为False时, 则输出shape为[1]的值为0的Tensor)
+    b, q_s, n, _ = fia_dims(query, num_heads, input_layout)
+    return (b, n, q_s, 1)  # docs :8148 (数据类型支持float32 ... 输出shape为(B, Q_N, Q_S, 1))
+
+
 def check_fused_infer_attention_score(query, key, value, unmodelled, atten_mask, actual_seq_lengths,
                                       actual_seq_lengths_kv, antiquant_scale, antiquant_offset, block_table,
                                       num_heads, input_layout, num_key_value_heads, sparse_mode, block_size,
@@ -572,7 +580,6 @@ def check_fused_infer_attention_score(query, key, value, unmodelled, atten_mask,
     op = FIA
     given = [name for name, t in unmodelled.items() if t is not None]
     require(not given, op, f"the twin does not model {given}", "sgl_ascend twin scope")
-    require(not softmax_lse_flag, op, "the twin does not model softmax_lse_flag=True", "sgl_ascend twin scope")
     b, q_s, n, d = fia_dims(query, num_heads, input_layout)
     kv_n = num_key_value_heads or n
     require(n % kv_n == 0 and n // kv_n <= 64, op,
@@ -597,6 +604,12 @@ def check_fused_infer_attention_score(query, key, value, unmodelled, atten_mask,
         require(atten_mask.dim() == 2 or (atten_mask.dim() == 4 and atten_mask.shape[0] == b), op,
                 f"the twin models atten_mask (Q_S, KV_S) or (B, 1, Q_S, KV_S), got {tuple(atten_mask.shape)}",
                 f"{DOC}:8079")
+        require(atten_mask.is_contiguous(), op, "atten_mask must be contiguous",
+                f"{DOC}:8076 (不支持非连续的Tensor)")
+        if block_table is not None:
+            require(atten_mask.shape[-1] >= block_table.shape[1] * block_size, op,
+                    f"a paged call's atten_mask must span block_table.shape[1] * block_size = "
+                    f"{block_table.shape[1] * block_size} keys, got {atten_mask.shape[-1]}", f"{DOC}:8292")
     if int8_kv:
         require(antiquant_scale is not None, op, "int8 key/value need antiquant_scale (the twin models "
                 "the combined per-channel antiquant)", f"{DOC}:8089, 8163")

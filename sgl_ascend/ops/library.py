@@ -163,7 +163,8 @@ def _fake_fused_infer_attention_score(query, key, value, *, pse_shift=None, atte
                                         actual_seq_lengths_kv, antiquant_scale, antiquant_offset, block_table,
                                         num_heads, input_layout, num_key_value_heads, sparse_mode, block_size,
                                         antiquant_mode, softmax_lse_flag)
-    return torch.empty_like(query), query.new_empty([0], dtype=torch.float32)
+    return torch.empty_like(query), query.new_zeros(c.fia_lse_shape(query, num_heads, input_layout, softmax_lse_flag),
+                                                    dtype=torch.float32)
 
 
 FAKES = {

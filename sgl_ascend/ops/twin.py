@@ -515,7 +515,10 @@ def npu_fused_infer_attention_score(
     over the first actual_seq_lengths_kv[b] keys; int8 key/value are dequantized with the per-channel
     antiquant_scale (row 0 keys, row 1 values; antiquant_mode 1: [2, B, KV_S] per token) first. Masked positions (mask value 1/True) get no weight.
     Scores and softmax in fp32, output in the query's dtype; query rows past actual_seq_lengths[b] are 0.
-    Returns (attention_out, softmax_lse), softmax_lse empty as the real op returns it without the flag."""
+    Returns (attention_out, softmax_lse): with softmax_lse_flag the float32 log-sum-exp of the scaled,
+    masked scores over the keys each query row reads, shape (B, N, Q_S, 1) (BSH / BSND, docs
+    `_op_plugin_docs.py:8148`; -inf for a row every key of which is masked); without it a float32 [1]
+    holding 0 (:8148)."""
     unmodelled = dict(pse_shift=pse_shift, dequant_scale1=dequant_scale1, quant_scale1=quant_scale1,
                       dequant_scale2=dequant_scale2, quant_scale2=quant_scale2, quant_offset2=quant_offset2,
                       key_antiquant_scale=key_antiquant_scale, key_antiquant_offset=key_antiquant_offset,
@@ -534,6 +537,7 @@ def npu_fused_infer_attention_score(
     q_lens = list(actual_seq_lengths) if actual_seq_lengths is not None else [q_s]
     kv_lens = list(actual_seq_lengths_kv) if actual_seq_lengths_kv is not None else [kv_s]
     out = torch.zeros(b, q_s, n, d, dtype=torch.float32)
+    lse = torch.zeros(c.fia_lse_shape(query, num_heads, input_layout, True), dtype=torch.float32)
     if antiquant_scale is not None and antiquant_mode == 0:
         k_scale, v_scale = (s.float().reshape(kv_n, d) for s in antiquant_scale)
     for i in range(b):
@@ -554,4 +558,7 @@ def npu_fused_infer_attention_score(
             mask = mask[:q_len, :kv_len]
             scores = scores.masked_fill(mask.bool().unsqueeze(0), float("-inf"))
         out[i, :q_len] = torch.einsum("hqk,khd->qhd", scores.softmax(dim=-1), v)
-    return out.to(query.dtype).reshape(query.shape), torch.empty(0, dtype=torch.float32)
+        lse[i, :, :q_len, 0] = torch.logsumexp(scores, dim=-1)
+    if not softmax_lse_flag:
+        lse = torch.zeros(c.fia_lse_shape(query, num_heads, input_layout, False), dtype=torch.float32)
+    return out.to(query.dtype).reshape(query.shape), lse

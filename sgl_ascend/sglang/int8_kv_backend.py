@@ -10,14 +10,21 @@ Per forward:
   decode   one op call for the batch: the int8 pages, block_table, each request's length;
   extend   per request (as SGLang's torch_native backend): its tokens' cache rows, dequantized, with
            its new queries under a causal mask, so prefill and decode read the same int8 values.
+With `--kv-cache-keep-first N` the first N positions of every request also go to a float side buffer
+per int8 layer and are read from it (sgl_ascend.layers.kv_cache.sinks).
 """
 
+import logging
+import os
 from typing import List
 
 import torch
 from sglang.srt.layers.attention.torch_native_backend import TorchNativeAttnBackend
 
-from sgl_ascend.sglang.kv_cache import INT8_KV_BLOCK_ALIGN
+from sgl_ascend.layers.kv_cache import sinks
+from sgl_ascend.sglang.kv_cache import INT8_KV_BLOCK_ALIGN, KEEP_FIRST_ENV
+
+logger = logging.getLogger(__name__)
 
 
 class AscendInt8KVBackend(TorchNativeAttnBackend):
@@ -34,6 +41,30 @@ class AscendInt8KVBackend(TorchNativeAttnBackend):
         self.token_scales = {}
         # layers kept in float KV (--kv-cache-skip-layers): their K/V buffers, beside SGLang's int8 pool
         self.float_caches = {}
+        # --kv-cache-keep-first N: per int8 layer the float (K, V) side buffers of the first N positions
+        keep_first = os.environ.get(KEEP_FIRST_ENV)
+        self.keep_first = int(keep_first) if keep_first else 0
+        self.sinks = self._sink_buffers(model_runner) if keep_first else {}  # N = 0 given is refused there
+        self.sink_mask = self.past_sinks = None
+
+    def _sink_buffers(self, model_runner) -> dict:
+        sinks.check_keep_first(self.keep_first, self.page_size)
+        buffers = {}
+        for module in model_runner.model.modules():
+            scheme = getattr(module, "kv_scheme", None)
+            if scheme is None or scheme.cache_dtype is None:  # no int8 KV, or a layer kept in float KV
+                continue
+            pages = self.token_to_kv_pool.get_key_buffer(module.layer_id).shape[0] // self.page_size
+            buffers[module.layer_id] = tuple(
+                sinks.side_buffer(pages, self.keep_first, module.tp_k_head_num, module.head_dim,
+                                  module.kv_model_dtype, self.req_to_token_pool.req_to_token.device)
+                for _ in range(2))
+        total = sum(t.numel() * t.element_size() for pair in buffers.values() for t in pair)
+        logger.info("sgl-ascend: %s %d keeps the first %d positions of every request in %s K/V: side buffers "
+                    "of %d bytes (%d layers) outside SGLang's KV pool budget", sinks.FLAG, self.keep_first,
+                    self.keep_first, next(iter(buffers.values()))[0].dtype if buffers else None, total,
+                    len(buffers))
+        return buffers
 
     def init_forward_metadata(self, forward_batch):
         super().init_forward_metadata(forward_batch)
@@ -44,6 +75,10 @@ class AscendInt8KVBackend(TorchNativeAttnBackend):
             slots = self.req_to_token_pool.req_to_token[forward_batch.req_pool_indices,
                                                         : pages * self.page_size: self.page_size]
             self.block_table = torch.div(slots, self.page_size, rounding_mode="floor").to(torch.int32)
+            if self.keep_first:
+                self.sink_mask = sinks.int8_mask(len(self.seq_lens), pages * self.page_size, self.keep_first,
+                                                 slots.device)
+                self.past_sinks = forward_batch.seq_lens > self.keep_first
 
     def _caches(self, layer):
         k_cache = self.token_to_kv_pool.get_key_buffer(layer.layer_id)
@@ -74,13 +109,22 @@ class AscendInt8KVBackend(TorchNativeAttnBackend):
         k_cache, v_cache = self._caches(layer)
         scales = self._scales(layer, k_cache.shape[0])
         n, d = layer.tp_k_head_num, layer.head_dim
-        layer.kv_scheme.write(layer, k.reshape(-1, n, d), v.reshape(-1, n, d), k_cache, v_cache,
-                              forward_batch.out_cache_loc, scales=scales)
+        k, v = k.reshape(-1, n, d), v.reshape(-1, n, d)
+        layer.kv_scheme.write(layer, k, v, k_cache, v_cache, forward_batch.out_cache_loc, scales=scales)
+        if layer.layer_id in self.sinks:
+            sinks.write_sinks(k, v, forward_batch.out_cache_loc, *self.sinks[layer.layer_id], self.page_size,
+                              self.keep_first)
         return k_cache, v_cache, scales
 
     def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True):
         k_cache, v_cache, scales = self._write(k, v, layer, forward_batch, save_kv_cache)
         b = len(self.seq_lens)
+        if layer.layer_id in self.sinks:
+            out = sinks.decode_with_sinks(
+                layer.kv_scheme, layer, q.reshape(b, -1), k_cache, v_cache, self.block_table, self.seq_lens,
+                self.page_size, layer.tp_q_head_num, layer.tp_k_head_num, layer.scaling,
+                *self.sinks[layer.layer_id], self.keep_first, self.sink_mask, self.past_sinks, scales=scales)
+            return out.reshape(q.shape[0], -1)
         out = layer.kv_scheme.decode(layer, q.reshape(b, -1), k_cache, v_cache, self.block_table, self.seq_lens,
                                      self.page_size, layer.tp_q_head_num, layer.tp_k_head_num, layer.scaling,
                                      scales=scales)
@@ -94,8 +138,14 @@ class AscendInt8KVBackend(TorchNativeAttnBackend):
         start = 0
         for i, (new, total) in enumerate(zip(forward_batch.extend_seq_lens_cpu, self.seq_lens)):
             tokens = req_to_token[forward_batch.req_pool_indices[i], :total]
+            kept = None
+            if layer.layer_id in self.sinks:
+                first = tokens[:min(total, self.keep_first)]
+                kept = tuple(sinks.sink_rows(t, first, self.page_size, self.keep_first)
+                             for t in self.sinks[layer.layer_id])
             out[start:start + new] = layer.kv_scheme.extend(
                 layer, q[start:start + new], k_cache[tokens], v_cache[tokens], layer.tp_q_head_num,
-                layer.tp_k_head_num, layer.scaling, row_scales=None if scales is None else scales[:, tokens])
+                layer.tp_k_head_num, layer.scaling, row_scales=None if scales is None else scales[:, tokens],
+                sinks=kept)
             start += new
         return out

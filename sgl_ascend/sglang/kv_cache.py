@@ -25,6 +25,7 @@ from sgl_ascend.errors import CheckpointError
 from sgl_ascend.layers.kv_cache import KVCacheScheme
 from sgl_ascend.layers.kv_cache.float_kv import FLOAT_KV
 from sgl_ascend.layers.kv_cache.int8_dynamic import ONLINE_INT8
+from sgl_ascend.layers.kv_cache.sinks import check_keep_first
 from sgl_ascend.layers.registry import create
 from sgl_ascend.layers.parameters import ShardedParameter, check_dtype
 from sgl_ascend.quant.modelslim import DESCRIPTION_FILE
@@ -73,7 +74,10 @@ def int8_kv_page_size(view) -> dict:
     page_size = view.page_size
     if not (checkpoint_kv_quantized(view.model_path) or view.kv_cache_dtype == ONLINE_INT8):
         return {}
-    if page_size is None or page_size % INT8_KV_BLOCK_ALIGN:
+    resolved = INT8_KV_PAGE_SIZE if page_size is None or page_size % INT8_KV_BLOCK_ALIGN else page_size
+    if os.environ.get(KEEP_FIRST_ENV):  # refused before the model loads (the backend checks it again)
+        check_keep_first(int(os.environ[KEEP_FIRST_ENV]), resolved)
+    if resolved != page_size:
         logger.info("sgl-ascend: int8 KV cache, page size %s -> %d (npu_fused_infer_attention_score reads int8 "
                     "KV blocks of a multiple of %d tokens)", page_size, INT8_KV_PAGE_SIZE, INT8_KV_BLOCK_ALIGN)
         return {"page_size": INT8_KV_PAGE_SIZE}
@@ -173,26 +177,37 @@ def model_kv_scheme(model: torch.nn.Module) -> Optional[KVCacheScheme]:
 #: how `--kv-cache-skip-layers` reaches the scheduler processes: SGLang's ServerArgs keeps its own fields
 #: only, and the processes it spawns inherit the launcher's environment
 SKIP_LAYERS_ENV = "SGL_ASCEND_KV_CACHE_SKIP_LAYERS"
+#: how `--kv-cache-keep-first` reaches them (the same way)
+KEEP_FIRST_ENV = "SGL_ASCEND_KV_CACHE_KEEP_FIRST"
 
 
-class _ToEnvironment(argparse.Action):
-    def __call__(self, parser, namespace, values, option_string=None):
-        setattr(namespace, self.dest, values)
-        os.environ[SKIP_LAYERS_ENV] = values
+def _to_environment(name: str):
+    class ToEnvironment(argparse.Action):
+        def __call__(self, parser, namespace, values, option_string=None):
+            setattr(namespace, self.dest, values)
+            os.environ[name] = str(values)
+
+    return ToEnvironment
 
 
 def add_kv_cache_server_args(_result, parser, *args, **kwargs) -> None:
-    """AFTER hook of ServerArgs.add_cli_args: `--kv-cache-dtype int8` (the online int8 KV cache) and
-    `--kv-cache-skip-layers`."""
+    """AFTER hook of ServerArgs.add_cli_args: `--kv-cache-dtype int8` (the online int8 KV cache),
+    `--kv-cache-skip-layers` and `--kv-cache-keep-first`."""
     for action in parser._actions:
         if "--kv-cache-dtype" in action.option_strings and ONLINE_INT8 not in action.choices:
             action.choices = [*action.choices, ONLINE_INT8]
             action.help += f' "{ONLINE_INT8}" (sgl-ascend): int8 KV cache quantized per token as written.'
     if not any("--kv-cache-skip-layers" in a.option_strings for a in parser._actions):
         parser.add_argument("--kv-cache-skip-layers", dest="sgl_ascend_kv_cache_skip_layers", metavar="0,1,-1",
-                            action=_ToEnvironment, default=None,
+                            action=_to_environment(SKIP_LAYERS_ENV), default=None,
                             help="(sgl-ascend) with --kv-cache-dtype int8: these attention layers keep a KV cache "
                                  "in the model dtype (comma-separated layer indices, negative from the end).")
+    if not any("--kv-cache-keep-first" in a.option_strings for a in parser._actions):
+        parser.add_argument("--kv-cache-keep-first", dest="sgl_ascend_kv_cache_keep_first", metavar="N", type=int,
+                            action=_to_environment(KEEP_FIRST_ENV), default=None,
+                            help="(sgl-ascend) with an int8 KV cache (--kv-cache-dtype int8 or a C8 checkpoint): "
+                                 "the first N positions of every request (attention sinks) keep K/V in the model "
+                                 "dtype; 1 <= N <= page size.")
 
 
 def skip_layers(text: Optional[str], num_layers: int) -> set:
@@ -256,6 +271,9 @@ def int8_kv_cache_dtype(_result, runner, *args, **kwargs):
         raise ValueError("--kv-cache-skip-layers selects layers of the online int8 KV cache: serve with "
                          "--kv-cache-dtype int8 (checkpoints with KV scales, C8, do not take it yet)")
     if scheme is None:
+        if os.environ.get(KEEP_FIRST_ENV):
+            raise ValueError("--kv-cache-keep-first keeps the first positions of an int8 KV cache in the model "
+                             "dtype: serve with --kv-cache-dtype int8 or a C8 checkpoint, or drop the flag")
         return None
     if getattr(runner, "use_mla_backend", False):
         raise CheckpointError(

@@ -157,13 +157,15 @@ def fake_quant_int8_per_token(x: torch.Tensor) -> torch.Tensor:
     return fake_quant_int8(rows, scale).reshape(b, s, heads, d).transpose(1, 2)
 
 
-def per_token_kv_quant(skip=()):
+def per_token_kv_quant(skip=(), keep_first: int = 0):
     """The online int8 KV cache's quantization (`kv_quant` of teacher_forced_logprobs); `skip`: layer
-    indices kept in float KV."""
+    indices kept in float KV; `keep_first`: the first positions left in float (`--kv-cache-keep-first`,
+    the whole sequence goes through one update, positions 0..S-1)."""
     def quant(layer_idx, k, v):
         if layer_idx in skip:
             return k, v
-        return fake_quant_int8_per_token(k), fake_quant_int8_per_token(v)
+        return tuple(torch.cat([x[:, :, :keep_first], fake_quant_int8_per_token(x[:, :, keep_first:])], dim=2)
+                     for x in (k, v))
 
     return quant
 

@@ -6,11 +6,9 @@ for every layer); decode is npu_fused_infer_attention_score on the float paged c
 16-aligned, docs `_op_plugin_docs.py:8280`), extend the causal attention the int8 schemes use.
 """
 
-from typing import Sequence
-
 import torch
 
-from sgl_ascend.layers.kv_cache.base import KVCacheScheme, causal_attention, paged_attention
+from sgl_ascend.layers.kv_cache.base import KVCacheScheme
 from sgl_ascend.layers.registry import register_scheme
 from sgl_ascend.quant.scheme_key import ONLINE
 
@@ -33,16 +31,9 @@ class FloatKVCache(KVCacheScheme):
         k_cache[loc] = k.to(k_cache.dtype)
         v_cache[loc] = v.to(v_cache.dtype)
 
-    def decode(self, layer, q, k_cache, v_cache, block_table, seq_lens: Sequence[int], block_size: int,
-               num_heads: int, num_kv_heads: int, scale: float, scales=None) -> torch.Tensor:
-        return paged_attention(q, k_cache, v_cache, block_table, seq_lens, block_size, num_heads, num_kv_heads,
-                               scale)
-
-    def extend(self, layer, q, k_rows, v_rows, num_heads: int, num_kv_heads: int, scale: float,
-               row_scales=None) -> torch.Tensor:
-        s, s_new = k_rows.shape[0], q.shape[0]
-        return causal_attention(q, k_rows.reshape(s, -1).to(q.dtype), v_rows.reshape(s, -1).to(q.dtype),
-                                num_heads, num_kv_heads, scale, s_new, s)
+    def dequantize(self, layer, k_rows, v_rows, dtype, row_scales=None):
+        s = k_rows.shape[0]
+        return k_rows.reshape(s, -1).to(dtype), v_rows.reshape(s, -1).to(dtype)
 
     def bytes_per_token(self, num_kv_heads: int, head_dim: int) -> int:
         return 2 * num_kv_heads * head_dim * 2  # bf16 / fp16 K and V

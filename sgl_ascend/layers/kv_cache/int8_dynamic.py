@@ -16,11 +16,9 @@ all KV heads together, gets scale = max|row| / 127:
           attention runs on float K/V under a causal mask; prefill reads the int8 values decode does.
 """
 
-from typing import Sequence
-
 import torch
 
-from sgl_ascend.layers.kv_cache.base import KVCacheScheme, causal_attention, paged_attention
+from sgl_ascend.layers.kv_cache.base import KVCacheScheme
 from sgl_ascend.layers.registry import register_scheme
 from sgl_ascend.layers.schemes.common import kernel_act_dtype
 from sgl_ascend.ops import ops
@@ -50,18 +48,14 @@ class DynamicInt8KVCache(KVCacheScheme):
         scales[0, loc] = k_scale
         scales[1, loc] = v_scale
 
-    def decode(self, layer, q, k_cache, v_cache, block_table, seq_lens: Sequence[int], block_size: int,
-               num_heads: int, num_kv_heads: int, scale: float, scales=None) -> torch.Tensor:
-        return paged_attention(q, k_cache, v_cache, block_table, seq_lens, block_size, num_heads, num_kv_heads,
-                               scale,
-                               antiquant_scale=position_scales(scales, block_table, block_size), antiquant_mode=1)
+    def antiquant(self, layer, block_table, block_size: int, scales=None) -> dict:
+        return dict(antiquant_scale=position_scales(scales, block_table, block_size), antiquant_mode=1)
 
-    def extend(self, layer, q, k_rows, v_rows, num_heads: int, num_kv_heads: int, scale: float,
-               row_scales=None) -> torch.Tensor:
-        s, s_new = k_rows.shape[0], q.shape[0]
-        k = (k_rows.reshape(s, -1).float() * row_scales[0].unsqueeze(1)).to(q.dtype)
-        v = (v_rows.reshape(s, -1).float() * row_scales[1].unsqueeze(1)).to(q.dtype)
-        return causal_attention(q, k, v, num_heads, num_kv_heads, scale, s_new, s)
+    def dequantize(self, layer, k_rows, v_rows, dtype, row_scales=None):
+        s = k_rows.shape[0]
+        k = (k_rows.reshape(s, -1).float() * row_scales[0].unsqueeze(1)).to(dtype)
+        v = (v_rows.reshape(s, -1).float() * row_scales[1].unsqueeze(1)).to(dtype)
+        return k, v
 
     def bytes_per_token(self, num_kv_heads: int, head_dim: int) -> int:
         return 2 * num_kv_heads * head_dim + 2 * 4  # int8 K, V rows + their fp32 scales

@@ -17,12 +17,10 @@ How the NPU serves it (vllm-ascend's C8 attention; torch_npu 2.14.0 docs of the 
           float K/V with a causal mask: prefill reads the same int8 values decode does.
 """
 
-from typing import Sequence
-
 import torch
 
 from sgl_ascend.errors import CheckpointError
-from sgl_ascend.layers.kv_cache.base import KVCacheScheme, causal_attention, paged_attention
+from sgl_ascend.layers.kv_cache.base import KVCacheScheme
 from sgl_ascend.layers.parameters import register
 from sgl_ascend.layers.registry import register_scheme
 from sgl_ascend.layers.schemes.common import drop_zero_offset, kernel_act_dtype
@@ -89,17 +87,14 @@ class StaticInt8KVCache(KVCacheScheme):
         k_cache[loc] = k_q.view(t, *k_cache.shape[1:])
         v_cache[loc] = v_q.view(t, *v_cache.shape[1:])
 
-    def decode(self, layer, q, k_cache, v_cache, block_table, seq_lens: Sequence[int], block_size: int,
-               num_heads: int, num_kv_heads: int, scale: float, scales=None) -> torch.Tensor:
-        return paged_attention(q, k_cache, v_cache, block_table, seq_lens, block_size, num_heads, num_kv_heads,
-                               scale, antiquant_scale=layer.kv_antiquant_scale, antiquant_mode=0)
+    def antiquant(self, layer, block_table, block_size: int, scales=None) -> dict:
+        return dict(antiquant_scale=layer.kv_antiquant_scale, antiquant_mode=0)
 
-    def extend(self, layer, q, k_rows, v_rows, num_heads: int, num_kv_heads: int, scale: float,
-               row_scales=None) -> torch.Tensor:
-        s, s_new = k_rows.shape[0], q.shape[0]
-        k = ops.npu_anti_quant(k_rows.reshape(s, -1), layer.kv_scale[0], dst_dtype=q.dtype)
-        v = ops.npu_anti_quant(v_rows.reshape(s, -1), layer.kv_scale[1], dst_dtype=q.dtype)
-        return causal_attention(q, k, v, num_heads, num_kv_heads, scale, s_new, s)
+    def dequantize(self, layer, k_rows, v_rows, dtype, row_scales=None):
+        s = k_rows.shape[0]
+        k = ops.npu_anti_quant(k_rows.reshape(s, -1), layer.kv_scale[0], dst_dtype=dtype)
+        v = ops.npu_anti_quant(v_rows.reshape(s, -1), layer.kv_scale[1], dst_dtype=dtype)
+        return k, v
 
     def bytes_per_token(self, num_kv_heads: int, head_dim: int) -> int:
         return 2 * num_kv_heads * head_dim
