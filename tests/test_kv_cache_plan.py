@@ -38,3 +38,71 @@ def test_moe_w4a8_c8_checkpoint_passes_verify_and_inspect_bytes_are_the_loaded_b
     assert all(layer["resident_bytes"] == layer["theoretical_bytes"] for layer in data["layers"])
     assert {layer["prefix"]: layer["resident_bytes"] for layer in data["layers"]} == planned
     assert data["top1_agreement"] >= 0.9  # measured 0.949
+
+
+# -- inspect --kv-cache-dtype int8: the online int8 KV cache on a checkpoint without KV scales -----------------
+# qwen3-tiny-bf16: 2 layers, 2 KV heads of 32: per layer and token K + V are 2 * 64 elements.
+
+def kv_json(capsys, name, *flags):
+    code, out = run(capsys, "inspect", msmodelslim_fixture(name), "--json", "--device-memory", "1", *flags)
+    data = json.loads(out)
+    assert code == EXIT_OK and data["ok"], data["errors"]
+    return data["kv_cache"], data["fit"]
+
+
+def test_online_int8_kv_bytes_per_token(capsys):
+    """int8 K/V rows (1 byte) + one fp32 scale per token for K and for V, per layer; SGLang's pool counts
+    only the rows."""
+    kv, fit = kv_json(capsys, "qwen3-tiny-bf16", "--kv-cache-dtype", "int8")
+    assert (kv["scheme"], kv["cache_dtype"], kv["online"], kv["skip_layers"]) == ("DynamicInt8KVCache", "int8",
+                                                                                   True, [])
+    assert kv["pool_bytes_per_token_per_device"] == 2 * (2 * 64)
+    assert kv["bytes_per_token_per_device"] == 2 * (2 * 64 + 2 * 4)
+    assert kv["bf16_bytes_per_token_per_device"] == 2 * (2 * 64 * 2)
+    budget = fit["kv_budget_bytes"]
+    assert (fit["tokens"], fit["sglang_pool_tokens"], fit["tokens_bf16_kv"]) == (budget // 272, budget // 256,
+                                                                                 budget // 512)
+    bf16, _ = kv_json(capsys, "qwen3-tiny-bf16")
+    assert bf16["bytes_per_token_per_device"] == bf16["pool_bytes_per_token_per_device"] == 512
+
+
+def test_online_int8_kv_skip_layers_keep_bf16_beside_their_unused_pool_rows(capsys):
+    """A skipped layer: bf16 K/V of its own (2 * 64 * 2) plus its int8 rows in SGLang's one-dtype pool, unused
+    (2 * 64), no scales; negative indices count from the end."""
+    for skip, kept in (("0", [0]), ("-1", [1])):
+        kv, _ = kv_json(capsys, "qwen3-tiny-bf16", "--kv-cache-dtype", "int8", "--kv-cache-skip-layers", skip)
+        assert kv["skip_layers"] == kept
+        assert kv["bytes_per_token_per_device"] == (2 * 64 + 2 * 4) + (2 * 64 * 2 + 2 * 64)
+        assert kv["pool_bytes_per_token_per_device"] == 2 * (2 * 64)
+
+
+def test_online_int8_kv_per_device_with_tp(capsys):
+    kv, _ = kv_json(capsys, "qwen3-tiny-bf16", "--kv-cache-dtype", "int8", "--tp", "2")  # one KV head per rank
+    assert kv["bytes_per_token_per_device"] == 2 * (2 * 32 + 2 * 4)
+
+
+def test_c8_checkpoint_with_kv_cache_dtype_int8_is_its_own_static_cache(capsys):
+    kv, _ = kv_json(capsys, "qwen3-tiny-w8a8-dynamic-c8", "--kv-cache-dtype", "int8")
+    assert (kv["scheme"], kv["bytes_per_token_per_device"], kv["pool_bytes_per_token_per_device"]) == (
+        "StaticInt8KVCache", 256, 256) and "online" not in kv
+
+
+def test_kv_cache_flags_refused_as_the_server_refuses_them(capsys):
+    cases = [("qwen3-tiny-bf16", ["--kv-cache-skip-layers", "0"], "add --kv-cache-dtype int8"),
+             ("qwen3-tiny-w8a8-dynamic-c8", ["--kv-cache-dtype", "int8", "--kv-cache-skip-layers", "0"], "C8"),
+             ("qwen3-tiny-bf16", ["--kv-cache-dtype", "int8", "--kv-cache-skip-layers", "0,-1"], "every layer"),
+             ("qwen3-tiny-bf16", ["--kv-cache-dtype", "int8", "--kv-cache-skip-layers", "2"], "does not exist")]
+    for name, flags, message in cases:
+        code = main(["inspect", msmodelslim_fixture(name), *flags])
+        captured = capsys.readouterr()
+        assert code != EXIT_OK and message in captured.err, (flags, captured.err)
+
+
+def test_inspect_text_names_the_online_cache_and_its_side_buffers(capsys):
+    code, out = run(capsys, "inspect", msmodelslim_fixture("qwen3-tiny-bf16"), "--device-memory", "1",
+                    "--kv-cache-dtype", "int8", "--kv-cache-skip-layers", "-1")
+    assert code == EXIT_OK
+    assert ("KV cache: DynamicInt8KVCache (int8, online: --kv-cache-dtype int8, layers [1] kept in bf16), 520 bytes "
+            "per token per device (bf16 KV: 512)") in out
+    assert "of which SGLang's pool 256 (int8 K/V of every layer) and 264 in the backend's buffers" in out
+    assert "SGLang sizes its pool by the pool bytes alone" in out
