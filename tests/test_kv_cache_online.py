@@ -173,6 +173,6 @@ def test_the_synthetic_c8_writer_is_read_as_c8_and_inspect_predicts_half_the_kv_
     assert plan.ok, plan.errors
     # K and V, 2 KV heads of 64, 2 layers: 512 bytes per token in int8, 1024 in bf16
     assert plan.kv_cache == {"scheme": "StaticInt8KVCache", "cache_dtype": "int8", "bytes_per_token_per_device": 512,
-                             "bf16_bytes_per_token_per_device": 1024}
+                             "pool_bytes_per_token_per_device": 512, "bf16_bytes_per_token_per_device": 1024}
     fit = tokens_that_fit(plan, 2 ** 30, 0.5)
     assert fit["tokens"] == (2 ** 29 - fit["weight_bytes"]) // 512 and fit["tokens_bf16_kv"] == fit["tokens"] // 2

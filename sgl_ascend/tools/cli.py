@@ -1,6 +1,7 @@
 """The `sgl-ascend` console script.
 
-    sgl-ascend inspect PATH [--tp N] [--ep N] [--device-memory GIB] [--mem-fraction F] [--json]
+    sgl-ascend inspect PATH [--tp N] [--ep N] [--device-memory GIB] [--mem-fraction F]
+                       [--kv-cache-dtype int8 [--kv-cache-skip-layers 0,-1]] [--json]
     sgl-ascend verify PATH [--reference BF16_PATH] [--tp N] [--ep N] [--threshold X] [--min-top1 F] [--prompts ...]
                       [--perplexity] [--json]
     sgl-ascend selftest [--json]
@@ -65,13 +66,23 @@ def format_plan(plan) -> str:
                      f"{mem['quantized_layers_resident_over_bf16'] or 1.0:.3f} quantized layers")
     kv = data["kv_cache"]
     if kv:
-        lines.append(f"KV cache: {kv['scheme']} ({kv['cache_dtype']}), {kv['bytes_per_token_per_device']} bytes per "
-                     f"token per device (bf16 KV: {kv['bf16_bytes_per_token_per_device']})")
+        side = kv["bytes_per_token_per_device"] - kv["pool_bytes_per_token_per_device"]
+        mode = (", online: --kv-cache-dtype int8" if kv.get("online") else "") + (
+            f", layers {kv['skip_layers']} kept in bf16" if kv.get("skip_layers") else "")
+        lines.append(f"KV cache: {kv['scheme']} ({kv['cache_dtype']}{mode}), {kv['bytes_per_token_per_device']} "
+                     f"bytes per token per device (bf16 KV: {kv['bf16_bytes_per_token_per_device']})")
+        if side:
+            lines.append(f"  of which SGLang's pool {kv['pool_bytes_per_token_per_device']} (int8 K/V of every layer) "
+                         f"and {side} in the backend's buffers beside it (per-token fp32 scales"
+                         + (", skipped layers' bf16 K/V)" if kv.get("skip_layers") else ")"))
     if getattr(plan, "fit", None):
         fit = plan.fit
         lines.append(f"on a device of {_bytes(fit['device_bytes'])} at mem fraction {fit['mem_fraction']}: weights "
                      f"{_bytes(fit['weight_bytes'])}, KV budget {_bytes(fit['kv_budget_bytes'])}, tokens "
                      f"{fit['tokens']} ({kv['cache_dtype']} KV) vs {fit['tokens_bf16_kv']} (bf16 KV)")
+        if fit["sglang_pool_tokens"] != fit["tokens"]:
+            lines.append(f"  SGLang sizes its pool by the pool bytes alone: {fit['sglang_pool_tokens']} tokens, and "
+                         "the buffers beside it come on top of the mem fraction")
     lines += [f"note: {n}" for n in plan.notes]
     lines += _listing("ignored tensors (in the checkpoint, deliberately not loaded)", data["ignored"],
                       lambda i: f"{i['tensor']}: {i['reason']}")
@@ -86,7 +97,8 @@ def format_plan(plan) -> str:
 def cmd_inspect(args) -> int:
     from sgl_ascend.tools.plan import plan_checkpoint, tokens_that_fit
 
-    plan = plan_checkpoint(args.path, tp=args.tp, ep=args.ep)
+    plan = plan_checkpoint(args.path, tp=args.tp, ep=args.ep, kv_cache_dtype=args.kv_cache_dtype,
+                           kv_cache_skip_layers=args.kv_cache_skip_layers)
     plan.fit = (tokens_that_fit(plan, int(args.device_memory * 2 ** 30), args.mem_fraction)
                 if args.device_memory else None)
     data = {**plan.to_json(), "fit": plan.fit}
@@ -202,6 +214,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="predict the KV tokens that fit on a device of this memory (bf16 vs the checkpoint's KV)")
     p.add_argument("--mem-fraction", type=float, default=0.9,
                    help="share of the device memory for weights + KV pool (SGLang's --mem-fraction-static)")
+    p.add_argument("--kv-cache-dtype", choices=["auto", "int8"], default=None,
+                   help="as the server's flag: int8 on a checkpoint without KV scales models the online int8 KV "
+                        "cache (int8 K/V + per-token fp32 scales)")
+    p.add_argument("--kv-cache-skip-layers", metavar="0,1,-1",
+                   help="as the server's flag, with --kv-cache-dtype int8: these layers keep bf16 K/V")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_inspect)
     v = sub.add_parser("verify", help="load through the serving layers on CPU and measure errors")

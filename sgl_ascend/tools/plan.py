@@ -19,14 +19,18 @@ from sgl_ascend.layers.linear import ParallelLinear, QKVSizes, load_linear
 from sgl_ascend.layers.moe import (FusedMoEMethod, UnquantizedExperts, check_moe_checkpoint,
                                    moe_method_for_compressed_tensors, moe_method_for_modelslim)
 from sgl_ascend.layers.parameters import ShardedParameter
-from sgl_ascend.layers.registry import check_served, is_served, kv_cache_scheme, linear_scheme, scheme_class
+from sgl_ascend.layers.kv_cache.float_kv import FLOAT_KV
+from sgl_ascend.layers.kv_cache.int8_dynamic import ONLINE_INT8
+from sgl_ascend.layers.registry import (check_served, create, is_served, kv_cache_scheme, linear_scheme,
+                                        scheme_class)
 from sgl_ascend.layers.schemes import UnquantizedLinear
 from sgl_ascend.quant.checkpoint import SafetensorsCheckpoint, TensorInfo
 from sgl_ascend.quant.checks import check_int4_in_int8, check_layers_present
 from sgl_ascend.quant.compressed_tensors import CompressedTensorsConfig, enum_str
 from sgl_ascend.quant.modelslim import DESCRIPTION_FILE, ModelSlimConfig
-from sgl_ascend.quant.scheme_key import EXPERTS, LINEAR, SchemeKey
+from sgl_ascend.quant.scheme_key import EXPERTS, KV_CACHE, LINEAR, ONLINE, SchemeKey
 from sgl_ascend.quant.scheme_key import MSMODELSLIM as MODELSLIM_FORMAT
+from sgl_ascend.sglang.kv_cache import skip_layers
 from sgl_ascend.tools.model_layout import (DecoderConfig, ExpertsSpec, FloatSpec, LinearSpec, ModelLayout,
                                            layout_from_config, load_config)
 
@@ -355,9 +359,11 @@ def _split_layer_prefix(prefix: str):
 
 # -- planning ------------------------------------------------------------------------------------------
 
-def plan_checkpoint(path: str, tp: int = 1, ep: int = 1) -> CheckpointPlan:
+def plan_checkpoint(path: str, tp: int = 1, ep: int = 1, kv_cache_dtype: Optional[str] = None,
+                    kv_cache_skip_layers: Optional[str] = None) -> CheckpointPlan:
     """Headers-only plan of a checkpoint. Raises CheckpointError when the folder cannot be read at all;
-    per-layer problems are collected in `plan.errors`."""
+    per-layer problems are collected in `plan.errors`. kv_cache_dtype / kv_cache_skip_layers: the server's
+    `--kv-cache-dtype` / `--kv-cache-skip-layers` (int8 on a checkpoint without KV scales: the online cache)."""
     if tp < 1 or ep < 1 or tp % ep:
         raise ValueError(f"need tp >= 1 and ep dividing tp (SGLang: moe_tp = tp / ep), got tp={tp} ep={ep}")
     config = load_config(path)
@@ -379,7 +385,7 @@ def plan_checkpoint(path: str, tp: int = 1, ep: int = 1) -> CheckpointPlan:
     layout.floats += [FloatSpec(name, tuple(checkpoint.info(name).shape), in_bf16_model=False)
                       for name in source.extra_float_tensors() if name in checkpoint]
     _plan_floats(plan, layout, config, checkpoint, claimed)
-    _plan_kv_cache(plan, source, config, checkpoint, claimed)
+    _plan_kv_cache(plan, source, config, checkpoint, claimed, kv_cache_dtype, kv_cache_skip_layers)
     for info in checkpoint.infos():
         if info.name not in claimed:
             plan.unused.append({"tensor": info.name, "file": os.path.basename(info.file),
@@ -572,16 +578,25 @@ def kv_bytes_per_token(config: DecoderConfig, elem_bytes: int, tp: int = 1) -> i
     return config.num_hidden_layers * 2 * heads * config.head_size * elem_bytes
 
 
-def _plan_kv_cache(plan, source, config: DecoderConfig, checkpoint, claimed) -> None:
+def _plan_kv_cache(plan, source, config: DecoderConfig, checkpoint, claimed, kv_cache_dtype=None,
+                   skip_text=None) -> None:
     scheme = source.kv_scheme() if hasattr(source, "kv_scheme") else None
     bf16 = kv_bytes_per_token(config, 2, plan.tp)
+    if kv_cache_dtype not in (None, "auto", ONLINE_INT8):
+        raise ValueError(f"--kv-cache-dtype {kv_cache_dtype}: inspect models auto and {ONLINE_INT8}")
+    if skip_text and (scheme is not None or kv_cache_dtype != ONLINE_INT8):
+        raise ValueError("--kv-cache-skip-layers selects layers of the online int8 KV cache: add --kv-cache-dtype "
+                         "int8 (checkpoints with KV scales, C8, do not take it yet)")
     plan.kv_cache = {"scheme": "bf16" if scheme is None else type(scheme).__name__,
                      "cache_dtype": "bfloat16" if scheme is None else str(scheme.cache_dtype).replace("torch.", ""),
-                     "bytes_per_token_per_device": bf16, "bf16_bytes_per_token_per_device": bf16}
+                     "bytes_per_token_per_device": bf16, "pool_bytes_per_token_per_device": bf16,
+                     "bf16_bytes_per_token_per_device": bf16}
     if scheme is None:
+        if kv_cache_dtype == ONLINE_INT8:
+            _plan_online_kv_cache(plan, config, skip_text)
         return
-    plan.kv_cache["bytes_per_token_per_device"] = kv_bytes_per_token(
-        config, scheme.cache_dtype.itemsize, plan.tp)
+    plan.kv_cache["bytes_per_token_per_device"] = plan.kv_cache["pool_bytes_per_token_per_device"] = \
+        kv_bytes_per_token(config, scheme.cache_dtype.itemsize, plan.tp)
     channels = config.kv_heads * config.head_size
     for layer in range(config.num_hidden_layers):
         for name in source.kv_tensor_names(f"model.layers.{layer}.self_attn"):
@@ -603,15 +618,44 @@ def _plan_kv_cache(plan, source, config: DecoderConfig, checkpoint, claimed) -> 
                     "scale is expected", file=info.file, tensor=name)))
 
 
+def _plan_online_kv_cache(plan, config: DecoderConfig, skip_text: Optional[str]) -> None:
+    """`--kv-cache-dtype int8` on a checkpoint without KV scales, as the plugin allocates it: SGLang's pool
+    holds int8 K/V rows for every layer (one dtype for all); beside it, the backend keeps per layer a [2, slots]
+    fp32 buffer of per-token scales (DynamicInt8KVCache) or, for a `--kv-cache-skip-layers` layer, K/V buffers
+    in the model dtype (FloatKVCache), whose int8 rows in the pool stay unused. SGLang sizes its pool by the
+    pool bytes only."""
+    if (config.model_extra or {}).get("kv_lora_rank"):
+        raise ValueError("--kv-cache-dtype int8: sgl-ascend serves the int8 KV cache for MHA/GQA attention only; "
+                         "this is an MLA model")
+    layers = config.num_hidden_layers
+    kept = skip_layers(skip_text, layers)
+    if kept and len(kept) == layers:
+        raise ValueError(f"--kv-cache-skip-layers {skip_text!r} keeps every layer in float KV; drop "
+                         "--kv-cache-dtype int8 instead")
+    int8_kv = create(SchemeKey.make(KV_CACHE, ONLINE, ONLINE_INT8), what="--kv-cache-dtype int8")
+    float_kv = create(SchemeKey.make(KV_CACHE, ONLINE, FLOAT_KV), what="--kv-cache-skip-layers")
+    heads, dim = max(1, config.kv_heads // plan.tp), config.head_size
+    pool = kv_bytes_per_token(config, 1, plan.tp)
+    unused_pool_rows = len(kept) * 2 * heads * dim
+    total = ((layers - len(kept)) * int8_kv.bytes_per_token(heads, dim)
+             + len(kept) * float_kv.bytes_per_token(heads, dim) + unused_pool_rows)
+    plan.kv_cache.update({"scheme": type(int8_kv).__name__, "cache_dtype": "int8", "online": True,
+                          "skip_layers": sorted(kept), "bytes_per_token_per_device": total,
+                          "pool_bytes_per_token_per_device": pool})
+
+
 def tokens_that_fit(plan, device_bytes: int, mem_fraction: float) -> dict:
     """KV tokens a device of `device_bytes` holds after the weights, with SGLang's static fraction, for a
-    bf16 KV cache and for the checkpoint's own (int8 for C8)."""
+    bf16 KV cache and for the served one (int8 for C8 and the online mode: every KV byte counted, the online
+    mode's scales and skipped layers' float buffers too). `sglang_pool_tokens`: the pool SGLang allocates,
+    sized by its pool bytes alone (the online mode's side buffers then come on top of the fraction)."""
     weights = plan.memory()["resident_bytes_per_device"] or 0
     budget = max(int(device_bytes * mem_fraction) - weights, 0)
     kv = plan.kv_cache
     return {"device_bytes": device_bytes, "mem_fraction": mem_fraction, "weight_bytes": weights,
             "kv_budget_bytes": budget, "tokens_bf16_kv": budget // kv["bf16_bytes_per_token_per_device"],
-            "tokens": budget // kv["bytes_per_token_per_device"]}
+            "tokens": budget // kv["bytes_per_token_per_device"],
+            "sglang_pool_tokens": budget // kv["pool_bytes_per_token_per_device"]}
 
 
 def _fail(plan, entry: LayerEntry, exc: CheckpointError) -> LayerEntry:
