@@ -201,7 +201,6 @@ spec:
 
 SERVED = "served"
 REFUSED = "refused"              # the plugin refuses it with a CheckpointError containing `message`
-REFUSED_FOR_NOW = "refused-for-now"  # refused today; what it needs is being added on another branch
 NOT_WRITTEN = "not-written"      # msmodelslim 26.1.0 does not write it on CPU (the log says why)
 
 

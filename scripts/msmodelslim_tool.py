@@ -6,11 +6,13 @@ tests and the committed C8 fixtures use (`fixture` below). The tool lives in its
 scripts/env.sh `msmodelslim_venv` (torch 2.13, transformers 4.51: with transformers 5.x msmodelslim leaves
 MoE experts FLOAT); SGL_ASCEND_MSMODELSLIM_VENV points at another one.
 
-    python scripts/msmodelslim_tool.py fixture RECIPE [--base qwen3-tiny-bf16] [--install NAME]
+    python scripts/msmodelslim_tool.py fixture RECIPE [--base qwen3-tiny-bf16] [--calibration FILE] [--install NAME]
+    python scripts/msmodelslim_tool.py committed [--install] [NAME ...]
 
 `fixture` quantizes a tiny model of tests/fixtures/msmodelslim with tests/fixtures/msmodelslim/configs/
 RECIPE.yaml, cached under ~/.cache/sgl-ascend/new-schemes/RECIPE-<key> (key: tool versions, recipe,
 calibration, base model files), and prints the folder; --install copies it into the fixtures as NAME.
+`committed` does that for the committed fixtures listed in COMMITTED (all of them, or the NAMEs given).
 
 Standard library only, so any Python (the core venv's, SGLang's) can import it.
 """
@@ -30,9 +32,18 @@ VENV_VAR = "SGL_ASCEND_MSMODELSLIM_VENV"
 CACHE_ROOT = os.path.expanduser(os.environ.get("SGL_ASCEND_CACHE", "~/.cache/sgl-ascend"))
 FIXTURES = os.path.join(ROOT, "tests", "fixtures", "msmodelslim")
 FIXTURE_CONFIGS = os.path.join(FIXTURES, "configs")
-FIXTURE_CALIBRATION = os.path.join(FIXTURE_CONFIGS, "calib_tiny.jsonl")
 # the msmodelslim model adapter each tiny fixture model is quantized through
 FIXTURE_MODEL_TYPES = {"qwen3-tiny-bf16": "Qwen3-8B", "qwen3moe-tiny-bf16": "Qwen3-30B"}
+# Committed fixtures quantized from a committed base: folder -> (recipe, base, calibration). The rest
+# (the group-wise V0 experts on a base built for them) come from tests/fixtures/msmodelslim/
+# make_msmodelslim_fixtures.sh, which builds the base models too.
+COMMITTED = {
+    "qwen3-tiny-w8a8-dynamic-c8": ("w8a8_dynamic_c8", "qwen3-tiny-bf16", "calib_tiny.jsonl"),
+    "qwen3-tiny-w8a8-c8": ("w8a8_static_c8", "qwen3-tiny-bf16", "calib_tiny.jsonl"),
+    "qwen3moe-tiny-w4a8-dynamic-c8": ("moe_w4a8_dynamic_c8", "qwen3moe-tiny-bf16", "calib_tiny.jsonl"),
+    # FlatQuant trains on 4 samples concatenated along the batch dim: they need equal token counts
+    "qwen3-tiny-w4a4-flatquant": ("w4a4_flatquant", "qwen3-tiny-bf16", "calib_equal_length.jsonl"),
+}
 
 
 def venv_dir() -> str:
@@ -111,21 +122,18 @@ def _read(path: str) -> bytes:
         return f.read()
 
 
-def fixture_key(recipe: str, base: str) -> str:
+def fixture_key(recipe: str, base: str, calibration: str) -> str:
     model_dir = os.path.join(FIXTURES, base)
     files = [_read(p) for p in sorted(glob.glob(os.path.join(model_dir, "*"))) if os.path.isfile(p)]
     tool_versions = " ".join(f"{p}-{v}" for p, v in versions(("msmodelslim", "torch", "transformers")).items())
     return _digest(tool_versions.encode(), _read(os.path.join(FIXTURE_CONFIGS, f"{recipe}.yaml")),
-                   _read(FIXTURE_CALIBRATION), FIXTURE_MODEL_TYPES[base].encode(), *files)
+                   _read(os.path.join(FIXTURE_CONFIGS, calibration)), FIXTURE_MODEL_TYPES[base].encode(), *files)
 
 
-def fixture_path(recipe: str, base: str = "qwen3-tiny-bf16") -> str:
-    return os.path.join(CACHE_ROOT, "new-schemes", f"{recipe}-{fixture_key(recipe, base)}")
-
-
-def fixture(recipe: str, base: str = "qwen3-tiny-bf16") -> str:
-    """The folder msmodelslim wrote for configs/`recipe`.yaml on the tiny `base` (built once, then cached)."""
-    out = fixture_path(recipe, base)
+def fixture(recipe: str, base: str = "qwen3-tiny-bf16", calibration: str = "calib_tiny.jsonl") -> str:
+    """The folder msmodelslim wrote for configs/`recipe`.yaml on the tiny `base`, calibrated on
+    configs/`calibration` (built once, then cached)."""
+    out = os.path.join(CACHE_ROOT, "new-schemes", f"{recipe}-{fixture_key(recipe, base, calibration)}")
     if os.path.isfile(os.path.join(out, "quant_model_description.json")):
         return out
     if not ready():
@@ -135,7 +143,7 @@ def fixture(recipe: str, base: str = "qwen3-tiny-bf16") -> str:
         config = os.path.join(tmp, f"{recipe}.yaml")
         with open(config, "w") as f:
             f.write(_read(os.path.join(FIXTURE_CONFIGS, f"{recipe}.yaml")).decode()
-                    .replace("CALIB_PATH", FIXTURE_CALIBRATION))
+                    .replace("CALIB_PATH", os.path.join(FIXTURE_CONFIGS, calibration)))
         work = tempfile.mkdtemp(prefix=f"{recipe}-")
         try:
             log, save = os.path.join(work, "msmodelslim.log"), os.path.join(work, "out")
@@ -150,25 +158,39 @@ def fixture(recipe: str, base: str = "qwen3-tiny-bf16") -> str:
     return atomic_build(out, build)
 
 
+def install(folder: str, name: str) -> str:
+    target = os.path.join(FIXTURES, name)
+    shutil.rmtree(target, ignore_errors=True)
+    shutil.copytree(folder, target)
+    return target
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     fix = sub.add_parser("fixture", help="quantize a tiny fixture model with a recipe of tests/fixtures/msmodelslim/configs")
     fix.add_argument("recipe", help="a configs/<recipe>.yaml name, e.g. w8a8_dynamic_c8")
     fix.add_argument("--base", default="qwen3-tiny-bf16", choices=sorted(FIXTURE_MODEL_TYPES))
+    fix.add_argument("--calibration", default="calib_tiny.jsonl", help="a file of configs/")
     fix.add_argument("--install", metavar="NAME", help="copy the output to tests/fixtures/msmodelslim/NAME")
+    com = sub.add_parser("committed", help="rebuild the committed fixtures of COMMITTED")
+    com.add_argument("names", nargs="*", help=f"of: {', '.join(COMMITTED)} (default: all)")
+    com.add_argument("--install", action="store_true", help="copy the outputs over the committed folders")
     args = parser.parse_args(argv)
-    try:
-        out = fixture(args.recipe, args.base)
-    except (FileNotFoundError, RuntimeError) as e:
-        print(e, file=sys.stderr)
-        return 1
-    if args.install:
-        target = os.path.join(FIXTURES, args.install)
-        shutil.rmtree(target, ignore_errors=True)
-        shutil.copytree(out, target)
-        out = target
-    print(out)
+    if args.command == "fixture":
+        jobs = [(args.install, (args.recipe, args.base, args.calibration))]
+    else:
+        unknown = [n for n in args.names if n not in COMMITTED]
+        if unknown:
+            parser.error(f"unknown fixture(s) {unknown}; known: {', '.join(COMMITTED)}")
+        jobs = [(name if args.install else None, COMMITTED[name]) for name in args.names or COMMITTED]
+    for name, how in jobs:
+        try:
+            out = fixture(*how)
+        except (FileNotFoundError, RuntimeError) as e:
+            print(e, file=sys.stderr)
+            return 1
+        print(install(out, name) if name else out)
     return 0
 
 

@@ -1,6 +1,6 @@
 """End to end: msModelSlim C8 checkpoints (int8 KV cache) in the real `sglang.launch_server` on CPU.
 
-The checkpoints are written by the real msmodelslim 26.1.0 (`dynamic_cache` step, scripts/make_c8_fixtures.sh).
+The checkpoints are written by the real msmodelslim 26.1.0 (`dynamic_cache` step, scripts/msmodelslim_tool.py committed).
 The served tokens are compared with transformers running the same weights dequantized, in float32,
 with the KV cache fake-quantized to int8 by the checkpoint's per-channel scales (every attention reads
 the quantized K/V, as the served path does). The same server must miss a reference without the KV
