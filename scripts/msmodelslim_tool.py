@@ -40,6 +40,7 @@ FIXTURE_MODEL_TYPES = {"qwen3-tiny-bf16": "Qwen3-8B", "qwen3moe-tiny-bf16": "Qwe
 COMMITTED = {
     "qwen3-tiny-w8a8-dynamic-c8": ("w8a8_dynamic_c8", "qwen3-tiny-bf16", "calib_tiny.jsonl"),
     "qwen3-tiny-w8a8-c8": ("w8a8_static_c8", "qwen3-tiny-bf16", "calib_tiny.jsonl"),
+    "qwen3-tiny-w8a8-mix-c8": ("w8a8_mix_c8", "qwen3-tiny-bf16", "calib_tiny.jsonl"),
     "qwen3moe-tiny-w4a8-dynamic-c8": ("moe_w4a8_dynamic_c8", "qwen3moe-tiny-bf16", "calib_tiny.jsonl"),
     # FlatQuant trains on 4 samples concatenated along the batch dim: they need equal token counts
     "qwen3-tiny-w4a4-flatquant": ("w4a4_flatquant", "qwen3-tiny-bf16", "calib_equal_length.jsonl"),

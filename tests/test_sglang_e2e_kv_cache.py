@@ -28,9 +28,10 @@ MAX_TOKENS = 8
 # the comparison sees the int8 KV cache):
 #   W8A8_DYNAMIC + C8                        0.009, 7 (a flip by 0.0005);  vs float KV 0.061, 2 flips
 #   W8A8 + C8                                0.018, 8;                     vs float KV 0.076, 4 flips
+#   W8A8_MIX + C8 (stock w8a8c8 recipe)      0.009, 7 (a flip by 0.0005);  vs float KV 0.061, 2 flips
 #   Qwen3-MoE W8A8_DYNAMIC / W4A8_DYNAMIC + C8  0.014, 8;                  vs float KV 0.091, 4 flips
 TOLERANCE = 0.03
-FIXTURES = ["qwen3-tiny-w8a8-dynamic-c8", "qwen3-tiny-w8a8-c8", "qwen3moe-tiny-w4a8-dynamic-c8"]
+FIXTURES = ["qwen3-tiny-w8a8-dynamic-c8", "qwen3-tiny-w8a8-c8", "qwen3-tiny-w8a8-mix-c8", "qwen3moe-tiny-w4a8-dynamic-c8"]
 # The CPU flags' default static fraction (0.05) leaves no room when the shared host's free memory drops
 # while the weights load; the KV pool stays capped by --max-total-tokens.
 MEM_ARGS = ["--mem-fraction-static", "0.2"]
