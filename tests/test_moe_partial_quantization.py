@@ -23,7 +23,7 @@ from sgl_ascend.layers.moe import FusedMoEMethod, apply_moe, build_moe, moe_meth
 from sgl_ascend.layers.moe.mixed import MixedExpertsMethod
 from sgl_ascend.quant.checkpoint import SafetensorsCheckpoint
 from sgl_ascend.quant.modelslim import ModelSlimConfig
-from sgl_ascend.tools.cli import EXIT_OK, main
+from sgl_ascend.tools.cli import EXIT_CHECKPOINT_ERROR, EXIT_OK, main
 from sgl_ascend.tools.plan import resident_bytes
 
 BLOCK = "model.layers.1.mlp"
@@ -157,10 +157,13 @@ def test_graph_safe(partial, config):
                       "npu_swiglu": 1, "npu_moe_finalize_routing": 2}
 
 
-def test_expert_parallel_is_refused_naming_the_block(partial, config):
+def test_expert_parallel_is_refused_naming_the_block(partial, config, capsys):
     with pytest.raises(CheckpointError, match="--ep-size 2 .* Serve with --ep-size 1") as info:
         build(partial, config, ep=2)
     assert "W8A8_DYNAMIC (experts 0, 2, 3) + FLOAT (experts 1)" in str(info.value)
+    assert main(["inspect", partial, "--tp", "2", "--ep", "2", "--json"]) == EXIT_CHECKPOINT_ERROR
+    errors = json.loads(capsys.readouterr().out)["errors"]
+    assert len(errors) == 1 and "served without expert parallelism only" in errors[0]
 
 
 def test_inspect_and_verify_pass(partial, capsys):
