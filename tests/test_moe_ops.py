@@ -1,6 +1,7 @@
 """The MoE op twins: routing (npu_moe_init_routing_v2), combine (npu_moe_token_unpermute) and the
 group-wise W4A8 form of npu_grouped_matmul, checked against brute-force definitions."""
 
+import pytest
 import torch
 
 from sgl_ascend.ops import ops
@@ -42,6 +43,16 @@ def test_init_routing_v2_quant_and_expert_range(gen):
     assert not rows[len(kept):].any()
 
 
+def test_init_routing_v2_range_within_expert_num(gen):
+    """torch_npu docs (_op_plugin_docs.py:11104): expert_end must not exceed expert_num."""
+    from sgl_ascend.ops import NpuContractError
+
+    x, ids = _routing_case(gen)
+    with pytest.raises(NpuContractError, match="must not exceed expert_num 6"):
+        ops.npu_moe_init_routing_v2(x, ids, active_num=ids.numel(), expert_num=6, expert_tokens_num_type=1,
+                                    expert_tokens_num_flag=True, quant_mode=-1, active_expert_range=[4, 8])
+
+
 def test_token_unpermute_inverts_routing(gen):
     x, ids = _routing_case(gen)
     probs = torch.rand(ids.shape, generator=gen)
@@ -73,7 +84,6 @@ def test_grouped_matmul_defaults_and_w8a8_scale_dtype_are_rejected(gen):
     """What the MoE path must not do (the real op rejects it): leave split_item/group_type at their
     defaults (0 / None) with a Tensor group_list, or hand the per-token int8 matmul an fp32 scale
     with bf16 output (the table pairs bf16 scale -> bf16, fp32 scale -> fp16)."""
-    import pytest
 
     from sgl_ascend.ops import NpuContractError
 

@@ -427,6 +427,9 @@ def check_moe_init_routing_v2(x, expert_idx, scale, offset, active_num, expert_c
         require(len(active_expert_range) == 2 and 0 <= active_expert_range[0] < active_expert_range[1] <= 10240, op,
                 f"active_expert_range must be an increasing [start, end) in [0, 10240], got {active_expert_range}",
                 f"{META}:1427-1437")
+        require(expert_num < 0 or active_expert_range[1] <= expert_num, op,
+                f"active_expert_range's end must not exceed expert_num {expert_num}, got {active_expert_range}",
+                f"{DOC}:11104")
     require(quant_mode in (-1, 1) and drop_pad_mode == 0 and offset is None and x_dtype is None
             and expert_tokens_num_type in (0, 1), op,
             "the twin computes dropless routing, quant_mode -1 (none) or 1 (dynamic int8), counts as cumsum or "

@@ -247,38 +247,42 @@ class ModelSlimConfig:
         left = None if self.flat_left is None else self.flat_left.get(shards[0])
         return {"right_trans": has_right[shards[0]], "left": left}
 
-    def expert_keys(self, prefix: str) -> Tuple[SchemeKey, SchemeKey]:
-        """(gate/up, down) keys of the MoE block `prefix` (e.g. model.layers.3.mlp), read from expert 0;
-        gate_proj and up_proj are fused into one grouped matmul and must agree."""
-        kinds = {}
-        for proj in EXPERT_PROJECTIONS:
-            name = f"{prefix}.experts.0.{proj}.weight"
-            if name not in self.types:
-                raise CheckpointError("the description has no entry for it, so the experts' scheme is unknown; "
-                                      "the description does not match this model.", file=self.source, tensor=name)
-            kinds[proj] = self.types[name]
-        self._check_experts_alike(prefix, kinds)
-        if kinds["gate_proj"] != kinds["up_proj"]:
-            raise CheckpointError(f"gate_proj is {kinds['gate_proj']} but up_proj is {kinds['up_proj']}; they are "
-                                  "fused into one grouped matmul and need one scheme.", file=self.source,
-                                  tensor=f"{prefix}.experts.0.up_proj.weight")
-        clip_pattern = re.compile(re.escape(prefix) + r"\.experts\.\d+\.(gate_proj|up_proj|down_proj)\.(bias|alpha)$")
-        clip = any(clip_pattern.match(name) for name in self.types)
-        return (self._key(EXPERTS, kinds["gate_proj"], clip=clip), self._key(EXPERTS, kinds["down_proj"], clip=clip))
-
-    def _check_experts_alike(self, prefix: str, first: Dict[str, str]) -> None:
-        """Every expert of the block carries expert 0's scheme per projection. Partial quantization (a FLOAT
-        expert left by disable_names / exclude, as DeepSeek MTP / NextN layers come out) is refused here,
-        naming the odd expert: one grouped matmul serves all experts of a block in one weight layout."""
+    def expert_groups(self, prefix: str) -> List[Tuple[Tuple[SchemeKey, SchemeKey], List[int]]]:
+        """The experts of the MoE block `prefix` (e.g. model.layers.3.mlp) grouped by scheme: ((gate/up key,
+        down key), expert ids), groups in order of their first expert. A block quantized alike is one group;
+        partial quantization (a FLOAT expert left by disable_names / exclude, as DeepSeek MTP / NextN
+        layers come out) gives one group per scheme (layers/moe/mixed.py serves it). gate_proj and up_proj
+        are fused into one grouped matmul and must agree."""
         pattern = re.compile(re.escape(prefix) + r"\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+        kinds: Dict[int, Dict[str, str]] = {}
         for name, kind in self.types.items():
             match = pattern.match(name)
-            if match and kind != first[match.group(2)]:
-                raise CheckpointError(
-                    f"expert {match.group(1)} is {kind} while expert 0's {match.group(2)} is {first[match.group(2)]}: "
-                    "the block mixes schemes across experts (partial quantization), and one grouped matmul serves "
-                    "all experts of a block in one weight layout, so sgl-ascend does not serve it. Quantize every "
-                    "expert of the block alike (or leave the whole block FLOAT).", file=self.source, tensor=name)
+            if match:
+                kinds.setdefault(int(match.group(1)), {})[match.group(2)] = kind
+        if 0 not in kinds:
+            raise CheckpointError("the description has no entry for it, so the experts' scheme is unknown; the "
+                                  "description does not match this model.", file=self.source,
+                                  tensor=f"{prefix}.experts.0.gate_proj.weight")
+        groups: Dict[Tuple[str, str], List[int]] = {}
+        for expert in sorted(kinds):
+            projs = kinds[expert]
+            for proj in EXPERT_PROJECTIONS:
+                if proj not in projs:
+                    raise CheckpointError("the description has no entry for it, so this expert's scheme is "
+                                          "unknown; the description does not match this model.", file=self.source,
+                                          tensor=f"{prefix}.experts.{expert}.{proj}.weight")
+            if projs["gate_proj"] != projs["up_proj"]:
+                raise CheckpointError(f"gate_proj is {projs['gate_proj']} but up_proj is {projs['up_proj']}; they are "
+                                      "fused into one grouped matmul and need one scheme.", file=self.source,
+                                      tensor=f"{prefix}.experts.{expert}.up_proj.weight")
+            groups.setdefault((projs["gate_proj"], projs["down_proj"]), []).append(expert)
+        clip_pattern = re.compile(re.escape(prefix) + r"\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.(bias|alpha)$")
+        clip_experts = {int(m.group(1)) for m in map(clip_pattern.match, self.types) if m}
+        out = []
+        for (w13, w2), experts in groups.items():
+            clip = any(e in clip_experts for e in experts)
+            out.append(((self._key(EXPERTS, w13, clip=clip), self._key(EXPERTS, w2, clip=clip)), experts))
+        return out
 
     def kv_cache_key(self) -> Optional[SchemeKey]:
         """KV-cache / attention quantization, None when absent: kv_cache_type (C8: static per-channel

@@ -82,8 +82,14 @@ class ModelSlimSource:
         return self.config.has_float_bias(prefix)
 
     def experts_scheme_name(self, spec: ExpertsSpec) -> str:
-        kinds = [self.config.types.get(f"{spec.expert_prefix(0, p)}.weight", "?") for p in spec.projections]
-        return kinds[0] if len(set(kinds)) == 1 else f"{kinds[0]} + {kinds[2]} (down)"
+        """e.g. "W8A8_DYNAMIC"; a block mixing expert schemes: "W8A8_DYNAMIC x7 | FLOAT x1 (experts 1)"."""
+        groups = self.config.expert_groups(spec.prefix.rpartition(".")[0])
+        names = [w13.name if w13.name == w2.name else f"{w13.name} + {w2.name} (down)" for (w13, w2), _ in groups]
+        if len(groups) == 1:
+            return names[0]
+        return " | ".join(f"{name} x{len(experts)}" + (f" (experts {', '.join(map(str, experts))})"
+                                                        if len(experts) <= 3 else "")
+                          for name, (_, experts) in zip(names, groups))
 
     def moe_method(self, mlp_prefix: str, params_dtype: torch.dtype):
         return moe_method_for_modelslim(self.config, mlp_prefix, params_dtype)
@@ -529,11 +535,12 @@ def _plan_experts(plan, spec: ExpertsSpec, source, config, checkpoint, claimed) 
         if spec.num_experts % plan.ep or spec.intermediate_size % moe_tp:
             raise CheckpointError(f"{spec.num_experts} experts / intermediate {spec.intermediate_size} do not "
                                   f"divide by ep {plan.ep} / moe tp {moe_tp}", tensor=spec.prefix)
+        entry.resident_bytes = method.theoretical_bytes(spec.num_experts, spec.hidden_size, spec.intermediate_size)
+        # a block mixing expert schemes refuses ep > 1 here (MixedExpertsMethod)
+        entry.resident_bytes_per_device = method.theoretical_bytes(
+            spec.num_experts // plan.ep, spec.hidden_size, spec.intermediate_size // moe_tp)
     except CheckpointError as exc:
         return _fail(plan, entry, exc)
-    entry.resident_bytes = method.theoretical_bytes(spec.num_experts, spec.hidden_size, spec.intermediate_size)
-    entry.resident_bytes_per_device = method.theoretical_bytes(
-        spec.num_experts // plan.ep, spec.hidden_size, spec.intermediate_size // moe_tp)
     return entry
 
 

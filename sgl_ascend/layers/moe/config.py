@@ -7,18 +7,26 @@ decorator in its own file, as the linear schemes do.
 import torch
 
 from sgl_ascend.layers.moe.method import FusedMoEMethod
+from sgl_ascend.layers.moe.mixed import MixedExpertsMethod
 from sgl_ascend.layers.registry import create
 from sgl_ascend.quant import compressed_tensors as ct
 
 
-def moe_method_for_modelslim(config, prefix: str, params_dtype: torch.dtype = torch.bfloat16) -> FusedMoEMethod:
-    """config: sgl_ascend.quant.modelslim.ModelSlimConfig; prefix: the MoE block, e.g. model.layers.3.mlp."""
-    w13, w2 = config.expert_keys(prefix)
-    return FusedMoEMethod(
-        create(w13, file=config.source, tensor=f"{prefix}.experts.0.gate_proj.weight", what=f"experts {prefix}",
-               role="w13", params_dtype=params_dtype),
-        create(w2, file=config.source, tensor=f"{prefix}.experts.0.down_proj.weight", what=f"experts {prefix}",
-               role="w2", params_dtype=params_dtype))
+def moe_method_for_modelslim(config, prefix: str, params_dtype: torch.dtype = torch.bfloat16):
+    """config: sgl_ascend.quant.modelslim.ModelSlimConfig; prefix: the MoE block, e.g. model.layers.3.mlp.
+    A FusedMoEMethod, or for a block whose experts mix schemes a MixedExpertsMethod over one per scheme."""
+    groups = []
+    for (w13, w2), experts in config.expert_groups(prefix):
+        first = f"{prefix}.experts.{experts[0]}"
+        method = FusedMoEMethod(
+            create(w13, file=config.source, tensor=f"{first}.gate_proj.weight", what=f"experts {prefix}",
+                   role="w13", params_dtype=params_dtype),
+            create(w2, file=config.source, tensor=f"{first}.down_proj.weight", what=f"experts {prefix}",
+                   role="w2", params_dtype=params_dtype))
+        groups.append((method, experts, f"{w13.name}+{w2.name}" if w13.name != w2.name else w13.name))
+    if len(groups) == 1:
+        return groups[0][0]
+    return MixedExpertsMethod(groups, block=prefix)
 
 
 def moe_method_for_compressed_tensors(quantization_config: dict, prefix: str,

@@ -7,13 +7,13 @@ expert ids). Expert parallelism places experts contiguously: rank r holds
 [r * num_local_experts, (r + 1) * num_local_experts).
 """
 
+import itertools
 from typing import Optional
 
 import torch
 
 from sgl_ascend.errors import CheckpointError
 from sgl_ascend.layers.moe.base import PROJECTIONS
-from sgl_ascend.layers.moe.loader import load_expert_tensor
 from sgl_ascend.layers.moe.method import FusedMoEMethod, apply_moe
 
 CLIP_SUFFIXES = ("bias", "alpha")
@@ -36,13 +36,14 @@ class MoELayer(torch.nn.Module):
                               params_dtype)
 
     def weight_loader(self, param, loaded_weight, weight_name, shard_id, expert_id, **_) -> bool:
-        return load_expert_tensor(self, param, loaded_weight, weight_name, shard_id, expert_id)
+        """As SGLang's model loaders do: the parameter's own loader (the method attached it)."""
+        return param.weight_loader(param, loaded_weight, weight_name, shard_id, expert_id)
 
     def forward(self, x, topk_weights, topk_ids):
         return apply_moe(self, x, topk_weights, topk_ids)
 
     def resident_bytes(self) -> int:
-        return sum(p.data.untyped_storage().nbytes() for p in self.parameters())
+        return sum(t.untyped_storage().nbytes() for t in itertools.chain(self.parameters(), self.buffers()))
 
 
 def expert_prefix(prefix: str, expert: int, proj: str) -> str:
@@ -52,9 +53,9 @@ def expert_prefix(prefix: str, expert: int, proj: str) -> str:
 def check_moe_checkpoint(method: FusedMoEMethod, checkpoint, prefix: str, *, num_experts: int,
                          hidden_size: int, intermediate_size: int, tp_size: int = 1) -> None:
     """Every expert's tensors present with the right shape and dtype, from the headers only."""
-    specs = method.checkpoint_tensors(hidden_size, intermediate_size, tp_size)
     for expert in range(num_experts):
-        for proj, wanted in specs.items():
+        served_by = method.method_of(expert)
+        for proj, wanted in served_by.checkpoint_tensors(hidden_size, intermediate_size, tp_size).items():
             name = expert_prefix(prefix, expert, proj)
             present = checkpoint.with_prefix(name)
             if not present:
@@ -72,7 +73,7 @@ def check_moe_checkpoint(method: FusedMoEMethod, checkpoint, prefix: str, *, num
             for suffix in sorted(set(present) - set(wanted)):
                 info = present[suffix]
                 raise CheckpointError(
-                    f"tensor has no place in this MoE layer ({type(method.w13 if proj != 'down_proj' else method.w2).__name__}"
+                    f"tensor has no place in this MoE layer ({type(served_by.w13 if proj != 'down_proj' else served_by.w2).__name__}"
                     f" expects {', '.join(sorted(wanted))}); the description's scheme does not match the tensors.",
                     file=info.file, tensor=info.name)
             for suffix in sorted(set(wanted) - set(present)):
@@ -89,9 +90,10 @@ def load_moe(layer: MoELayer, checkpoint, prefix: str) -> None:
     check_moe_checkpoint(method, checkpoint, prefix, num_experts=layer.num_experts,
                          hidden_size=layer.hidden_size, intermediate_size=layer.intermediate_size,
                          tp_size=layer.moe_tp_size)
-    specs = method.checkpoint_tensors(layer.hidden_size, layer.intermediate_size, layer.moe_tp_size)
     first = layer.moe_ep_rank * layer.num_local_experts
     for expert in range(first, first + layer.num_local_experts):
+        specs = method.method_of(expert).checkpoint_tensors(layer.hidden_size, layer.intermediate_size,
+                                                            layer.moe_tp_size)
         for proj, (role, shard_id) in PROJECTIONS.items():
             for suffix in specs[proj]:
                 name = f"{expert_prefix(prefix, expert, proj)}.{suffix}"

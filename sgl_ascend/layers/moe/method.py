@@ -54,32 +54,43 @@ class FusedMoEMethod:
         return (self.w13.theoretical_bytes(num_local_experts, 2 * i, hidden_size)
                 + self.w2.theoretical_bytes(num_local_experts, hidden_size, i))
 
+    def method_of(self, expert: int) -> "FusedMoEMethod":
+        """The method serving global expert `expert`: this one for every expert (a composite's differ)."""
+        return self
+
     def apply_moe(self, layer, x, topk_weights, topk_ids):
-        return apply_moe(layer, x, topk_weights, topk_ids)
+        local = layer.num_local_experts
+        return apply_experts(layer, self, layer.moe_routing, x, topk_weights, topk_ids.to(torch.int32),
+                             expert_num=layer.num_experts, first=layer.moe_ep_rank * local, local=local,
+                             subset=layer.moe_ep_size > 1)
 
 
 def apply_moe(layer: torch.nn.Module, x: torch.Tensor, topk_weights: torch.Tensor,
               topk_ids: torch.Tensor) -> torch.Tensor:
+    """The layer's fused-MoE forward, as its method computes it (`FusedMoEMethod.apply_moe`, or a
+    composite's over groups of experts, layers/moe/mixed.py)."""
+    return layer.moe_method.apply_moe(layer, x, topk_weights, topk_ids)
+
+
+def apply_experts(layer: torch.nn.Module, method: FusedMoEMethod, routing: str, x: torch.Tensor,
+                  topk_weights: torch.Tensor, ids: torch.Tensor, *, expert_num: int, first: int, local: int,
+                  subset: bool) -> torch.Tensor:
     """routing -> grouped matmul (gate/up) -> SwiGLU (+ requant for down) -> grouped matmul (down)
     -> finalize routing with the top-k weights, as SGLang's ascend_tp path calls the ops (docs/moe.md).
-    topk_ids are global expert ids; pairs routed to experts this rank does not hold contribute zero.
-    Under tp or ep the result is this rank's partial sum (the caller all-reduces, as SGLang's
+    ids: int32 [T, K] expert ids in [0, expert_num); `layer` holds the parameters of experts
+    [first, first + local) (`subset`: not all of them), and pairs routed to other experts contribute
+    zero. Under tp or ep the result is this rank's partial sum (the caller all-reduces, as SGLang's
     FusedMoE does).
 
     Graph-safe: no host sync and no data-dependent Python branch; every branch below reads the
     layer's static configuration (schemes, routing version, expert parallelism)."""
-    method = layer.moe_method
-    num_tokens, top_k = topk_ids.shape
+    num_tokens, top_k = ids.shape
     pairs = num_tokens * top_k
-    local = layer.num_local_experts
-    expert_parallel = layer.moe_ep_size > 1
-    first = layer.moe_ep_rank * local
-    ids = topk_ids.to(torch.int32)
     probs = topk_weights.to(x.dtype)
     w13_int8 = method.w13.act_dtype == torch.int8
-    if layer.moe_routing == "v2":
+    if routing == "v2":
         rows, row_idx, group_list, row_scale = ops.npu_moe_init_routing_v2(
-            x, ids, active_num=pairs, expert_num=layer.num_experts, expert_tokens_num_type=1,
+            x, ids, active_num=pairs, expert_num=expert_num, expert_tokens_num_type=1,
             expert_tokens_num_flag=True, active_expert_range=[first, first + local],
             quant_mode=1 if w13_int8 else -1)
         # counts (type 1) must not have length 1 (torch_npu docs); one expert's count is its end (type 0)
@@ -87,7 +98,7 @@ def apply_moe(layer: torch.nn.Module, x: torch.Tensor, topk_weights: torch.Tenso
         if not w13_int8:
             row_scale = None
     else:
-        rows, row_idx, group_list, ids = _route_v1(x, ids, local, first, expert_parallel)
+        rows, row_idx, group_list, ids = _route_v1(x, ids, local, first, subset)
         group_list_type, row_scale = 0, None
         if w13_int8:
             rows, row_scale = ops.npu_dynamic_quant(rows)
@@ -96,10 +107,10 @@ def apply_moe(layer: torch.nn.Module, x: torch.Tensor, topk_weights: torch.Tenso
     hidden = method.w13.apply(layer, rows, row_scale, group_list, group_list_type, x.dtype)
     hidden, hidden_scale = _swiglu(hidden, method.w2.act_dtype)
     out_rows = method.w2.apply(layer, hidden, hidden_scale, group_list, group_list_type, x.dtype)
-    if expert_parallel:
+    if subset:
         out_rows = _zero_rows_past_groups(out_rows, group_list, group_list_type)
-    if layer.moe_routing == "v2":
-        if expert_parallel:  # other ranks' pairs (index -1) read the last row, zero whenever such a pair exists
+    if routing == "v2":
+        if subset:  # pairs of experts not held here (index -1) read the last row, zero whenever such a pair exists
             row_idx = torch.where(row_idx < 0, pairs - 1, row_idx)
         return ops.npu_moe_finalize_routing(out_rows, skip1=None, skip2=None, bias=None, scales=probs,
                                             expanded_src_to_dst_row=row_idx, export_for_source_row=ids,
