@@ -17,12 +17,13 @@ MSMODELSLIM_PYTHON = os.environ.get("SGL_ASCEND_MSMODELSLIM_PYTHON",
 TEST_SCHEMES = ("w8a8_dynamic",)
 
 
-def real_model_paths(schemes: Sequence[str] = TEST_SCHEMES) -> Dict[str, str]:
-    """scheme -> checkpoint folder ("bf16" included); builds on a cache miss (cold: minutes)."""
+def real_model_paths(schemes: Sequence[str] = TEST_SCHEMES, fp32: bool = False) -> Dict[str, str]:
+    """scheme -> checkpoint folder ("bf16" included, "fp32" with fp32); builds on a cache miss (cold: minutes)."""
     if not os.path.exists(MSMODELSLIM_PYTHON):
         pytest.skip(f"{MSMODELSLIM_PYTHON} is missing: `source scripts/env.sh && msmodelslim_venv` builds it "
                     "(scripts/test.sh does), or set SGL_ASCEND_MSMODELSLIM_PYTHON")
-    done = subprocess.run([MSMODELSLIM_PYTHON, SCRIPT, "--schemes", ",".join(schemes), "--json"],
+    done = subprocess.run([MSMODELSLIM_PYTHON, SCRIPT, "--schemes", ",".join(schemes), "--json"]
+                          + (["--fp32"] if fp32 else []),
                           capture_output=True, text=True)
     if done.returncode:
         raise RuntimeError(f"scripts/real_model.py failed ({done.returncode}):\n{done.stderr[-4000:]}")
