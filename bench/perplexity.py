@@ -33,7 +33,7 @@ from sgl_ascend.testing import sglang_server  # noqa: E402
 from sgl_ascend.tools.quality import GREEDY_PROMPT, GREEDY_TOKENS, PASSAGE  # noqa: E402
 
 ORDER = ["w8a16", "w8a8_dynamic", "w8a8", "w4a8_dynamic", "w4a4_dynamic", "fp32", "w8a8_smooth",
-         "w4a8_dynamic_smooth"]
+         "w8a8_smooth_float_down", "w4a8_dynamic_smooth"]
 EXTRA_ARGS = {"w4a4_dynamic": ["--quantization", "w4a4_int4"]}
 # a KV budget that other processes' allocations during the load cannot eat (tests/test_sglang_e2e_real_model.py)
 MEM_ARGS = ["--mem-fraction-static", "0.5"]
@@ -41,6 +41,7 @@ LABEL = {"bf16": "bf16", "w8a16": "W8A16", "w8a8_dynamic": "W8A8_DYNAMIC", "w8a8
          "w4a8_dynamic": "W4A8_DYNAMIC (MLP int4)",
          "w4a4_dynamic": "W4A4_DYNAMIC", "fp32": "fp32 export",
          "w8a8_smooth": "W8A8 static + iter_smooth (fp32 export)",
+         "w8a8_smooth_float_down": "W8A8 static + iter_smooth, down_proj float (fp32 export)",
          "w4a8_dynamic_smooth": "W4A8_DYNAMIC + iter_smooth (fp32 export)"}
 
 

@@ -82,12 +82,16 @@ RECIPES = {
         {"qconfig": {"weight": {**W4, "method": "autoround", "ext": {"scale_dtype": "bfloat16"}},
                      "act": {**A4_TOKEN, "ext": {"scale_dtype": "bfloat16"}}}, "include": ["*"]}]}],
 }
+# msmodelslim's default adapter (it has none for SmolLM2) finds only the norm-linear pairs, so iter_smooth
+# smooths qkv and gate_up inputs; o_proj and down_proj inputs (the ov / up-down pairs) stay as they are.
+# w8a8_smooth_float_down also keeps down_proj in float (as msmodelslim's QwQ W8A8 preset excludes it).
 RECIPES.update({
     "w8a8_smooth": [ITER_SMOOTH, *RECIPES["w8a8"]],
+    "w8a8_smooth_float_down": [ITER_SMOOTH, {**_linear(A8_TENSOR, W8), "exclude": ["*down_proj"]}],
     "w4a8_dynamic_smooth": [ITER_SMOOTH, *RECIPES["w4a8_dynamic"]],
 })
 # the export each scheme quantizes (default bf16)
-BASE = {"w8a8_smooth": "fp32", "w4a8_dynamic_smooth": "fp32"}
+BASE = {"w8a8_smooth": "fp32", "w8a8_smooth_float_down": "fp32", "w4a8_dynamic_smooth": "fp32"}
 
 
 def versions() -> dict:
