@@ -9,6 +9,11 @@ scores verify's English passage (sgl_ascend/tools/quality.py PASSAGE): /generate
 return_logprob from position 0 gives every passage token's logprob (perplexity) and the top-1 token
 at each position (agreement with bf16's), and a greedy 16-token continuation of "The capital of
 France is". The machine may be shared: the load average is printed with each row.
+
+No --dtype is passed: SGLang's `--dtype auto` serves a checkpoint in its config's torch_dtype, except
+float32, which it serves in float16. So bf16 and the schemes quantized from the bf16 export run in
+bf16; the fp32 export and the schemes quantized from it (*_smooth) run in fp16, as a user serving
+them would see.
 """
 
 import argparse
@@ -30,13 +35,17 @@ sys.path.insert(0, os.path.join(ROOT, "scripts"))
 import msmodelslim_tool  # noqa: E402
 from sgl_ascend.tools.quality import GREEDY_PROMPT, GREEDY_TOKENS, PASSAGE  # noqa: E402
 
-ORDER = ["w8a16", "w8a8_dynamic", "w8a8", "w4a8_dynamic", "w4a4_dynamic"]
+ORDER = ["w8a16", "w8a8_dynamic", "w8a8", "w4a8_dynamic", "w4a4_dynamic", "fp32", "w8a8_smooth",
+         "w8a8_smooth_float_down", "w4a8_dynamic_smooth"]
 EXTRA_ARGS = {"w4a4_dynamic": ["--quantization", "w4a4_int4"]}
 # a KV budget that other processes' allocations during the load cannot eat (tests/test_sglang_e2e_real_model.py)
 MEM_ARGS = ["--mem-fraction-static", "0.5"]
 LABEL = {"bf16": "bf16", "w8a16": "W8A16", "w8a8_dynamic": "W8A8_DYNAMIC", "w8a8": "W8A8 static",
          "w4a8_dynamic": "W4A8_DYNAMIC (MLP int4)",
-         "w4a4_dynamic": "W4A4_DYNAMIC"}
+         "w4a4_dynamic": "W4A4_DYNAMIC", "fp32": "fp32 export",
+         "w8a8_smooth": "W8A8 static + iter_smooth (fp32 export)",
+         "w8a8_smooth_float_down": "W8A8 static + iter_smooth, down_proj float (fp32 export)",
+         "w4a8_dynamic_smooth": "W4A8_DYNAMIC + iter_smooth (fp32 export)"}
 
 
 def _post(url: str, body: dict) -> dict:
@@ -73,20 +82,29 @@ def measure(model_dir: str, extra_args) -> dict:
     logprobs = [lp for lp, _tok, _ in scored["input_token_logprobs"][1:]]
     top1 = [top[0][1] for top in scored["input_top_logprobs"][:-1] if top] + [scored["output_token_logprobs"][0][1]]
     return {"tokens": len(logprobs) + 1, "perplexity": math.exp(-sum(logprobs) / len(logprobs)),
-            "top1": top1, "greedy": greedy, "seconds": seconds}
+            "top1": top1, "greedy": greedy, "seconds": seconds, "logprobs": logprobs,
+            "ids": [tok for _lp, tok, _ in scored["input_token_logprobs"]]}
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--schemes", default=",".join(ORDER))
+    parser.add_argument("--dump", help="write each scheme's token ids, per-position logprobs and top-1 here (JSON), "
+                        "to compare position by position with verify's twin")
     args = parser.parse_args()
     schemes = [s for s in args.schemes.split(",") if s]
+    quantized = [s for s in schemes if s != "fp32"]
     built = subprocess.run([msmodelslim_tool.python(), os.path.join(ROOT, "scripts", "real_model.py"),
-                            "--schemes", ",".join(schemes), "--json"], check=True, capture_output=True, text=True)
+                            "--schemes", ",".join(quantized), "--json"] + (["--fp32"] if "fp32" in schemes else []),
+                           check=True, capture_output=True, text=True)
     paths = json.loads(built.stdout)["paths"]
-    rows, ref = [], None
+    rows, ref, dump = [], None, {}
     for scheme in ["bf16", *schemes]:
         r = measure(paths[scheme], MEM_ARGS + EXTRA_ARGS.get(scheme, []))
+        dump[scheme] = {k: r[k] for k in ("ids", "logprobs", "top1")}
+        if args.dump:
+            with open(args.dump, "w") as f:
+                json.dump(dump, f)
         ref = ref or r
         agree = sum(a == b for a, b in zip(r["top1"], ref["top1"])) / len(ref["top1"])
         load = os.getloadavg()[0]

@@ -67,9 +67,12 @@ A8_TOKEN = {"scope": "per_token", "dtype": "int8", "symmetric": True, "method": 
 A4_TOKEN = {"scope": "per_token", "dtype": "int4", "symmetric": True, "method": "minmax"}
 A8_TENSOR = {"scope": "per_tensor", "dtype": "int8", "symmetric": False, "method": "minmax"}
 
-# scheme -> msmodelslim (modelslim_v1) process list, all without smoothing. (iter_smooth, as msmodelslim's
-# default W8A8 preset uses it, stops on this bf16 Llama on CPU in 26.1.0: "expected m1 and m2 to have the
-# same dtype, float != BFloat16" inside its calibration forward.)
+ITER_SMOOTH = {"type": "iter_smooth", "include": ["*"]}  # as msmodelslim's default W8A8 preset runs it
+
+# scheme -> msmodelslim (modelslim_v1) process list. The *_smooth schemes run iter_smooth first, as
+# msmodelslim's W8A8 presets do; on the bf16 export it stops on CPU in 26.1.0 ("expected m1 and m2 to
+# have the same dtype, float != BFloat16": its calibration forward feeds an fp32 RMSNorm output into a
+# bf16 linear), so they quantize the fp32 export (BASE).
 RECIPES = {
     "w8a16": [_linear(None, W8)],
     "w8a8_dynamic": [_linear(A8_TOKEN, W8)],
@@ -82,6 +85,16 @@ RECIPES = {
         {"qconfig": {"weight": {**W4, "method": "autoround", "ext": {"scale_dtype": "bfloat16"}},
                      "act": {**A4_TOKEN, "ext": {"scale_dtype": "bfloat16"}}}, "include": ["*"]}]}],
 }
+# msmodelslim's default adapter (it has none for SmolLM2) finds only the norm-linear pairs, so iter_smooth
+# smooths qkv and gate_up inputs; o_proj and down_proj inputs (the ov / up-down pairs) stay as they are.
+# w8a8_smooth_float_down also keeps down_proj in float (as msmodelslim's QwQ W8A8 preset excludes it).
+RECIPES.update({
+    "w8a8_smooth": [ITER_SMOOTH, *RECIPES["w8a8"]],
+    "w8a8_smooth_float_down": [ITER_SMOOTH, {**_linear(A8_TENSOR, W8), "exclude": ["*down_proj"]}],
+    "w4a8_dynamic_smooth": [ITER_SMOOTH, *RECIPES["w4a8_dynamic"]],
+})
+# the export each scheme quantizes (default bf16)
+BASE = {"w8a8_smooth": "fp32", "w8a8_smooth_float_down": "fp32", "w4a8_dynamic_smooth": "fp32"}
 
 
 def versions() -> dict:
@@ -106,10 +119,17 @@ def cache_key() -> str:
     return _digest(versions(), inspect.getsource(download), inspect.getsource(convert))
 
 
+def base_dir(base: str) -> str:
+    """bf16 is the conversion itself (keyed by cache_key); the fp32 export is keyed by its own code too."""
+    return base if base == "bf16" else f"{base}-{_digest(inspect.getsource(export_fp32))[:8]}"
+
+
 def scheme_dir(scheme: str) -> str:
     """One folder per scheme and recipe, so a changed recipe rebuilds only its scheme."""
-    recipe = _digest(recipe_text(scheme, "CALIB"), CALIBRATION, inspect.getsource(quantize))
-    return f"{scheme.replace('_', '-')}-{recipe[:8]}"
+    parts = [recipe_text(scheme, "CALIB"), CALIBRATION, inspect.getsource(quantize)]
+    if BASE.get(scheme, "bf16") != "bf16":  # (the bf16 schemes' keys predate the other bases)
+        parts.append(base_dir(BASE[scheme]))
+    return f"{scheme.replace('_', '-')}-{_digest(*parts)[:8]}"
 
 
 class Timings:
@@ -189,6 +209,22 @@ def convert(gguf_dir: str, out: str) -> None:
     tokenizer.save_pretrained(out)
 
 
+def export_fp32(gguf_dir: str, bf16: str, out: str) -> None:
+    """The GGUF dequantized to fp32, with the bf16 export's fixed config, tokenizer and generation config:
+    only the weights' dtype differs (bf16 rounds the dequantized Q4_1 values; fp32 keeps them)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(bf16)
+    config.torch_dtype = torch.float32
+    model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=GGUF_NAME, config=config,
+                                                 torch_dtype=torch.float32)
+    model.save_pretrained(out, safe_serialization=True)
+    for name in os.listdir(bf16):
+        if name not in ("config.json", "model.safetensors"):
+            shutil.copy(os.path.join(bf16, name), out)
+
+
 def quantize(scheme: str, bf16: str, root: str, out: str) -> None:
     calib = os.path.join(root, "calibration.jsonl")
     with open(calib, "w") as f:
@@ -202,7 +238,7 @@ def quantize(scheme: str, bf16: str, root: str, out: str) -> None:
         raise RuntimeError(f"msmodelslim failed for {scheme} (exit {code}); see {log}")
 
 
-def build(schemes, cache: str = CACHE) -> dict:
+def build(schemes, cache: str = CACHE, with_fp32: bool = False) -> dict:
     root = os.path.join(cache, cache_key())
     os.makedirs(root, exist_ok=True)
     with open(os.path.join(root, "versions.json"), "w") as f:
@@ -210,9 +246,14 @@ def build(schemes, cache: str = CACHE) -> dict:
     timings = Timings(root)
     gguf_dir = timings.step("download", download, os.path.join(root, "gguf"))
     paths = {"bf16": timings.step("convert", lambda out: convert(gguf_dir, out), os.path.join(root, "bf16"))}
+    bases = {BASE.get(s, "bf16") for s in schemes} - {"bf16"}
+    if with_fp32 or "fp32" in bases:
+        paths["fp32"] = timings.step("export fp32", lambda out: export_fp32(gguf_dir, paths["bf16"], out),
+                                     os.path.join(root, base_dir("fp32")))
     for scheme in schemes:
+        # (quantize's `bf16` argument is the base export: its name stays, as its source keys the cache)
         paths[scheme] = timings.step(f"quantize {scheme}",
-                                     lambda out, s=scheme: quantize(s, paths["bf16"], root, out),
+                                     lambda out, s=scheme: quantize(s, paths[BASE.get(s, "bf16")], root, out),
                                      os.path.join(root, scheme_dir(scheme)))
     return {"paths": paths, "timings": timings.data, "versions": versions()}
 
@@ -222,6 +263,7 @@ def main(argv=None) -> int:
     parser.add_argument("--schemes", default=",".join(DEFAULT_SCHEMES),
                         help=f"comma-separated, of: {', '.join(RECIPES)} (bf16 is always built)")
     parser.add_argument("--all", action="store_true", help="every scheme")
+    parser.add_argument("--fp32", action="store_true", help="also the fp32 export (built anyway when a scheme needs it)")
     parser.add_argument("--cache", default=CACHE)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
@@ -229,7 +271,7 @@ def main(argv=None) -> int:
     unknown = [s for s in schemes if s not in RECIPES]
     if unknown:
         parser.error(f"unknown scheme(s) {unknown}; known: {', '.join(RECIPES)}")
-    result = build(schemes, args.cache)
+    result = build(schemes, args.cache, args.fp32)
     if args.json:
         print(json.dumps(result, indent=1))
     else:

@@ -25,6 +25,16 @@ def test_static_w8a8_activation_loss_is_sent_to_smoothing():
     assert "smooth_quant" in advice and "W8A8_DYNAMIC" in advice
 
 
+def test_outliers_left_in_down_proj_inputs_are_sent_to_the_up_down_subgraph():
+    """After norm-linear smoothing (SmolLM2, iter_smooth via msmodelslim's default adapter) only down_proj
+    inputs keep outliers; smoothing them needs the up-down pair, which a norm cannot give."""
+    down = [OutlierLayer(f"model.layers.{i}.mlp.down_proj", "W8A8", r, 1) for i, r in ((11, 3115.6), (28, 607.0))]
+    advice = " ".join(advise(_report(0.017, 0.495, down), {o.prefix: "W8A8" for o in down}))
+    assert "up-down" in advice and "exclude" in advice
+    mixed = " ".join(advise(_report(0.01, 0.7, [OUTLIER, *down]), {OUTLIER.prefix: "W8A8"}))
+    assert "up-down" not in mixed  # a qkv input: its norm can smooth it
+
+
 def test_int4_activation_loss_is_sent_to_rotation():
     advice = " ".join(advise(_report(0.05, 100.0, [OUTLIER]), {OUTLIER.prefix: "W4A4_DYNAMIC"}))
     assert "QuaRot" in advice

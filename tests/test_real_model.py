@@ -5,8 +5,14 @@ verify loads it through the serving layers on CPU: every quantized layer is comp
 model it came from, and the model's perplexity on verify's English passage with the bf16 model's.
 """
 
-import pytest
+import json
+import os
 
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from helpers.real_model import real_model_paths
 from sgl_ascend.tools.verify import verify_checkpoint
 
 # Measured on this model (CPU twin, verify --perplexity): perplexity 19.89 -> 20.29 (+2.05%; weight error
@@ -44,3 +50,18 @@ def test_w8a8_dynamic_perplexity_close_to_bf16(report):
     assert q.loss <= PPL_BOUND
     assert q.top1_agreement >= MIN_TOP1
     assert q.greedy["reference"].startswith(" Paris") and q.greedy["served"].startswith(" Paris")
+
+
+def test_fp32_export_is_the_bf16_export_unrounded():
+    """The fp32 export (what the iter_smooth schemes quantize, scripts/real_model.py) is the same model: same
+    config but torch_dtype, same tokenizer files, and each tensor rounds to the bf16 export's exactly."""
+    paths = real_model_paths(fp32=True)
+    configs = [json.load(open(os.path.join(paths[k], "config.json"))) for k in ("bf16", "fp32")]
+    assert configs[1].pop("torch_dtype") == "float32" and configs[0].pop("torch_dtype") == "bfloat16"
+    assert configs[0] == configs[1]
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        assert open(os.path.join(paths["bf16"], name)).read() == open(os.path.join(paths["fp32"], name)).read()
+    bf16, fp32 = (load_file(os.path.join(paths[k], "model.safetensors")) for k in ("bf16", "fp32"))
+    assert bf16.keys() == fp32.keys()
+    for name, t in fp32.items():
+        assert t.dtype == torch.float32 and torch.equal(t.to(torch.bfloat16), bf16[name]), name

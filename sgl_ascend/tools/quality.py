@@ -168,6 +168,11 @@ def _activation_kind(scheme: str) -> str:
     return "per_token" if "DYNAMIC" in s else "per_tensor"
 
 
+# linear layer -> (its name, the msmodelslim smoothing subgraph that moves its input's scales into the layer
+# before it): the inputs an RMSNorm cannot smooth
+_SMOOTH_PAIR = {"down_proj": ("down_proj", "up-down"), "o_proj": ("o_proj", "ov")}
+
+
 def advise(q: QualityReport, schemes: Dict[str, str]) -> List[str]:
     """Which msmodelslim algorithm addresses the larger part of the loss."""
     advice = []
@@ -186,6 +191,15 @@ def advise(q: QualityReport, schemes: Dict[str, str]) -> List[str]:
             advice.append("static W8A8 has one activation scale per tensor: smooth the outliers into the weights "
                           "(msmodelslim smooth_quant / iter_smooth / flex_smooth), or use per-token activations "
                           "(W8A8_DYNAMIC).")
+            pairs = {_SMOOTH_PAIR.get(o.prefix.rsplit(".", 1)[-1]) for o in q.outliers}
+            if pairs and None not in pairs:
+                # seen on SmolLM2 after iter_smooth through msmodelslim's default adapter: only down_proj
+                # inputs kept their outliers, and the loss barely moved
+                advice.append(f"every listed input feeds {' / '.join(sorted(p[0] for p in pairs))}, which a norm "
+                              f"cannot smooth: only the {' / '.join(sorted(p[1] for p in pairs))} subgraph does "
+                              "(iter_smooth / flex_smooth enable_subgraph_type, through a model adapter that maps "
+                              "it; msmodelslim's default adapter finds norm-linear pairs only), or keep these "
+                              "layers out of static W8A8 (the recipe's exclude).")
         if kinds & {"per_token"} and not kinds & {"int4", "per_tensor"}:
             advice.append("per-token int8 activations still share one scale across channels: smooth_quant / "
                           "iter_smooth, or keep the listed layers weight-only (W8A16) through the recipe's exclude.")

@@ -16,11 +16,12 @@ SCRIPT = os.path.join(ROOT, "scripts", "real_model.py")
 TEST_SCHEMES = ("w8a8_dynamic",)
 
 
-def real_model_paths(schemes: Sequence[str] = TEST_SCHEMES) -> Dict[str, str]:
-    """scheme -> checkpoint folder ("bf16" included); builds on a cache miss (cold: minutes)."""
+def real_model_paths(schemes: Sequence[str] = TEST_SCHEMES, fp32: bool = False) -> Dict[str, str]:
+    """scheme -> checkpoint folder ("bf16" included, "fp32" with fp32); builds on a cache miss (cold: minutes)."""
     if not msmodelslim_tool.ready():
         pytest.skip(msmodelslim_tool.missing())
-    done = subprocess.run([msmodelslim_tool.python(), SCRIPT, "--schemes", ",".join(schemes), "--json"],
+    done = subprocess.run([msmodelslim_tool.python(), SCRIPT, "--schemes", ",".join(schemes), "--json"]
+                          + (["--fp32"] if fp32 else []),
                           capture_output=True, text=True)
     if done.returncode:
         raise RuntimeError(f"scripts/real_model.py failed ({done.returncode}):\n{done.stderr[-4000:]}")
