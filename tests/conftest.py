@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+import sgl_ascend.ops.contract as contract
 from helpers import msmodelslim_matrix as matrix_helpers
 from helpers.moe_cases import build_case
 from helpers.real_model import real_model_paths
@@ -11,6 +12,20 @@ from helpers.real_model import real_model_paths
 @pytest.fixture
 def gen():
     return torch.Generator().manual_seed(0)
+
+
+@pytest.fixture
+def violations(monkeypatch):
+    """Every NpuContractError raised during the test, as "op: rule" (even one the code swallows)."""
+    seen = []
+    init = contract.NpuContractError.__init__
+
+    def record(self, op, rule, source):
+        seen.append(f"{op}: {rule}")
+        init(self, op, rule, source)
+
+    monkeypatch.setattr(contract.NpuContractError, "__init__", record)
+    return seen
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from helpers.common import rel_err
-from helpers.moe_checkpoints import E, GROUP, H, I, PREFIX, ct_w4a16_checkpoint, w4a16_scheme
+from helpers.moe_checkpoints import E, GROUP, H, I, PREFIX, ct_w4a16_checkpoint, run_ct_experts, w4a16_scheme
 from helpers.moe_reference import moe_reference, routing
 from sgl_ascend.errors import CheckpointError
 from sgl_ascend.layers.moe import build_moe, moe_method_for_compressed_tensors
@@ -24,17 +24,6 @@ from sgl_ascend.quant.checkpoint import SafetensorsCheckpoint
 TOLERANCE = 2e-3
 SCHEMES = {"group": w4a16_scheme(GROUP), "channel": w4a16_scheme(0),
            "group-asym": w4a16_scheme(GROUP, symmetric=False), "channel-asym": w4a16_scheme(0, symmetric=False)}
-
-
-def _run(qconfig, ckpt, x, w, ids, tp, ep, dtype=torch.bfloat16):
-    total = None
-    for rank in range(max(tp, ep)):
-        layer = build_moe(moe_method_for_compressed_tensors(qconfig, PREFIX, dtype), ckpt, PREFIX, num_experts=E,
-                          hidden_size=H, intermediate_size=I, tp_rank=rank if tp > 1 else 0, tp_size=tp,
-                          ep_rank=rank if ep > 1 else 0, ep_size=ep, params_dtype=dtype)
-        out = layer(x, w, ids).float()
-        total = out if total is None else total + out
-    return total, layer
 
 
 @pytest.mark.parametrize("name", sorted(SCHEMES))
@@ -48,7 +37,7 @@ def test_ct_w4a16_experts_match_the_library(tmp_path, gen, name):
     w, ids = routing(16, E, 2, gen)
     group = scheme.weights.group_size or 0
     for tp, ep in [(1, 1), (2, 1), (1, 2)]:
-        out, layer = _run(qconfig, ckpt, x, w, ids, tp, ep)
+        out, layer = run_ct_experts(qconfig, ckpt, x, w, ids, tp, ep)
         ref = moe_reference(x, w, ids, experts, act_bits=(None, None), tp=tp, ep=ep)
         assert rel_err(out, ref) <= TOLERANCE, (tp, ep, rel_err(out, ref))
         local = layer.num_local_experts
@@ -62,7 +51,7 @@ def test_ct_w4a16_experts_match_the_library(tmp_path, gen, name):
                for s in ("scale", "offset")}}
         assert layer.resident_bytes() == layer.moe_method.theoretical_bytes(local, H, I // tp)
     if not scheme.weights.symmetric:  # the zero points matter: dropping them changes the output
-        layer = _run(qconfig, ckpt, x, w, ids, 1, 1)[1]
+        layer = run_ct_experts(qconfig, ckpt, x, w, ids, 1, 1)[1]
         assert layer.w13_weight_offset.abs().sum() > 0
         layer.w13_weight_offset.data.zero_()
         assert rel_err(layer(x, w, ids), moe_reference(x, w, ids, experts, act_bits=(None, None))) > 10 * TOLERANCE
@@ -72,7 +61,7 @@ def test_group_scales_in_the_wrong_k_order_are_caught(tmp_path, gen):
     qconfig, experts = ct_w4a16_checkpoint(tmp_path, gen)
     x = torch.randn(16, H, generator=gen).to(torch.bfloat16)
     w, ids = routing(16, E, 2, gen)
-    layer = _run(qconfig, SafetensorsCheckpoint(str(tmp_path)), x, w, ids, 1, 1)[1]
+    layer = run_ct_experts(qconfig, SafetensorsCheckpoint(str(tmp_path)), x, w, ids, 1, 1)[1]
     layer.w13_weight_scale.data = layer.w13_weight_scale.data.flip(1)
     assert rel_err(layer(x, w, ids), moe_reference(x, w, ids, experts, act_bits=(None, None))) > 10 * TOLERANCE
 
@@ -83,7 +72,7 @@ def test_fp16_model(tmp_path, gen):
     qconfig, experts = ct_w4a16_checkpoint(tmp_path, gen)
     x = torch.randn(16, H, generator=gen).to(torch.float16)
     w, ids = routing(16, E, 2, gen)
-    out, layer = _run(qconfig, SafetensorsCheckpoint(str(tmp_path)), x, w, ids, 1, 1, torch.float16)
+    out, layer = run_ct_experts(qconfig, SafetensorsCheckpoint(str(tmp_path)), x, w, ids, 1, 1, torch.float16)
     assert layer.w13_weight_scale.dtype == torch.float16 and layer.w2_weight_offset.dtype == torch.float16
     ref = moe_reference(x, w, ids, experts, act_bits=(None, None), dtype=torch.float16)
     assert rel_err(out, ref) <= TOLERANCE, rel_err(out, ref)

@@ -11,26 +11,15 @@ import pytest
 import torch
 
 from helpers.common import rel_err
-from helpers.moe_checkpoints import E, H, I, PREFIX, ct_w8a8_dynamic_checkpoint
+from helpers.moe_checkpoints import E, H, I, PREFIX, ct_w8a8_dynamic_checkpoint, run_ct_experts
 from helpers.moe_reference import moe_reference, routing
 from sgl_ascend.errors import CheckpointError
-from sgl_ascend.layers.moe import build_moe, moe_method_for_compressed_tensors
+from sgl_ascend.layers.moe import moe_method_for_compressed_tensors
 from sgl_ascend.layers.moe.ct_w8a8_dynamic import CTW8A8DynamicExperts
 from sgl_ascend.layers.registry import served_table
 from sgl_ascend.quant.checkpoint import SafetensorsCheckpoint
 
 TOLERANCE = 1e-2
-
-
-def _run(qconfig, ckpt, x, w, ids, tp, ep, dtype=torch.bfloat16):
-    total = None
-    for rank in range(max(tp, ep)):
-        layer = build_moe(moe_method_for_compressed_tensors(qconfig, PREFIX, dtype), ckpt, PREFIX, num_experts=E,
-                          hidden_size=H, intermediate_size=I, tp_rank=rank if tp > 1 else 0, tp_size=tp,
-                          ep_rank=rank if ep > 1 else 0, ep_size=ep, params_dtype=dtype)
-        out = layer(x, w, ids).float()
-        total = out if total is None else total + out
-    return total, layer
 
 
 def test_ct_w8a8_dynamic_experts_match_the_library(tmp_path, gen):
@@ -41,7 +30,7 @@ def test_ct_w8a8_dynamic_experts_match_the_library(tmp_path, gen):
     x = torch.randn(16, H, generator=gen).to(torch.bfloat16)
     w, ids = routing(16, E, 2, gen)
     for tp, ep in [(1, 1), (2, 1), (1, 2)]:
-        out, layer = _run(qconfig, ckpt, x, w, ids, tp, ep)
+        out, layer = run_ct_experts(qconfig, ckpt, x, w, ids, tp, ep)
         ref = moe_reference(x, w, ids, experts, tp=tp, ep=ep)
         assert rel_err(out, ref) <= TOLERANCE, (tp, ep, rel_err(out, ref))
         assert layer.resident_bytes() == layer.moe_method.theoretical_bytes(layer.num_local_experts, H, I // tp)
@@ -54,7 +43,7 @@ def test_fp16_model_holds_an_fp32_scale(tmp_path, gen):
     qconfig, experts = ct_w8a8_dynamic_checkpoint(tmp_path, gen)
     x = torch.randn(16, H, generator=gen).to(torch.float16)
     w, ids = routing(16, E, 2, gen)
-    out, layer = _run(qconfig, SafetensorsCheckpoint(str(tmp_path)), x, w, ids, 1, 1, torch.float16)
+    out, layer = run_ct_experts(qconfig, SafetensorsCheckpoint(str(tmp_path)), x, w, ids, 1, 1, torch.float16)
     assert layer.w13_weight_scale.dtype == torch.float32 and layer.w2_weight_scale.dtype == torch.float32
     ref = moe_reference(x, w, ids, experts, dtype=torch.float16)
     assert rel_err(out, ref) <= TOLERANCE, rel_err(out, ref)

@@ -9,6 +9,7 @@ from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig
 from compressed_tensors.quantization.utils import calculate_qparams
 
 from helpers.common import msmodelslim_fixture, rewrite_modelslim
+from sgl_ascend.layers.moe import build_moe, moe_method_for_compressed_tensors
 from sgl_ascend.ops.scales import encode_fp32_as_int64
 from sgl_ascend.quant.checkpoint import SafetensorsCheckpoint
 from sgl_ascend.testing import synthetic
@@ -189,3 +190,16 @@ def ct_w4a16_checkpoint(path, gen, scheme=None):
                                  ignore=["lm_head"]).model_dump(exclude_none=True)
     synthetic.write_ct_folder(str(path), tensors, qconfig)
     return qconfig, experts
+
+
+def run_ct_experts(qconfig, ckpt, x, w, ids, tp, ep, dtype=torch.bfloat16):
+    """A compressed-tensors expert block built from `ckpt` once per rank of tp (or ep) and run on the same
+    routed tokens: (the ranks' outputs summed in fp32, as the all-reduce does; the last rank's layer)."""
+    total = None
+    for rank in range(max(tp, ep)):
+        layer = build_moe(moe_method_for_compressed_tensors(qconfig, PREFIX, dtype), ckpt, PREFIX, num_experts=E,
+                          hidden_size=H, intermediate_size=I, tp_rank=rank if tp > 1 else 0, tp_size=tp,
+                          ep_rank=rank if ep > 1 else 0, ep_size=ep, params_dtype=dtype)
+        out = layer(x, w, ids).float()
+        total = out if total is None else total + out
+    return total, layer
